@@ -1,0 +1,51 @@
+# diffusion_np: every target sets itself up; `make test` is what CI checks.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+# A CPU wheel of this exact version is what the cross-checks are pinned to.
+TORCH  := torch==2.13.0
+
+.PHONY: help install test crosscheck demo bench fixtures lint clean
+
+help:
+	@echo "make test        ruff + the test suite (sets up .venv on first use)"
+	@echo "make crosscheck  parity tests against live torch/diffusers"
+	@echo "make demo        the main demo on built-in data"
+	@echo "make bench       NumPy vs PyTorch CPU benchmark ratios"
+	@echo "make fixtures    regenerate the golden torch/diffusers fixtures"
+
+$(VENV)/.installed-dev: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+$(VENV)/.installed-crosscheck: $(VENV)/.installed-dev
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev,crosscheck]"
+	touch $@
+
+install: $(VENV)/.installed-dev
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	$(PY) -m pytest -m "not crosscheck" -q
+
+crosscheck: $(VENV)/.installed-crosscheck
+	$(PY) -m pytest -m crosscheck -q
+
+fixtures: $(VENV)/.installed-crosscheck
+	cd tests && ../$(PY) fixtures/make_fixtures.py
+
+demo: install
+	$(PY) -m diffusion_np demo
+
+bench: $(VENV)/.installed-crosscheck
+	$(PY) -m benchmarks.ops --json bench-ops.json
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m benchmarks.ops --json bench-ops-unset.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site .cache

@@ -1,0 +1,78 @@
+"""Linear (fully connected) layer: y = x W^T + b.
+
+Forward and backward side by side. Weights use PyTorch's layout ``(out, in)``,
+so a diffusers/PyTorch ``state_dict`` loads without a transpose; ``x @ W.T``
+costs nothing extra (BLAS reads the transposed operand in place).
+
+Works on any number of leading dimensions: ``(..., in) -> (..., out)``, e.g.
+tokens ``(B, L, C)`` or channels-last pixels ``(B, H, W, C)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from diffusion_np.backend import DEFAULT_DTYPE
+from diffusion_np.nn.module import Module, init_uniform
+from diffusion_np.nn.validate import check_features, check_finite
+
+
+class LinearCache(NamedTuple):
+    x: object  # (..., in) the input, needed for dW
+    w: object  # (out, in) the weight, needed for dx
+    has_bias: bool
+
+
+def linear_forward(x, w, b=None):
+    """y = x W^T + b.
+
+    Shapes: x (..., in), w (out, in), b (out,) or None -> y (..., out).
+    """
+    y = x @ w.T  # (..., in) @ (in, out) -> (..., out)
+    if b is not None:
+        y += b
+    return y, LinearCache(x, w, b is not None)
+
+
+def linear_backward(dy, cache: LinearCache):
+    """Gradients of y = x W^T + b.
+
+    dx = dy W              (..., out) @ (out, in) -> (..., in)
+    dW = sum over rows of dy^T x   (out, N) @ (N, in) -> (out, in)
+    db = sum over rows of dy       (out,)
+    """
+    x, w, has_bias = cache
+    n_in, n_out = x.shape[-1], dy.shape[-1]
+    dx = dy @ w
+    dy2 = dy.reshape(-1, n_out)  # (N, out) with N = product of leading dims
+    dw = dy2.T @ x.reshape(-1, n_in)  # (out, N) @ (N, in) -> (out, in)
+    db = dy2.sum(axis=0) if has_bias else None
+    return dx, dw, db
+
+
+class Linear(Module):
+    """``y = x W^T + b`` on the last axis. Parameters: ``weight`` (out, in), ``bias`` (out,)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rng=None, dtype=DEFAULT_DTYPE):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.in_features, self.out_features = in_features, out_features
+        self.add_param("weight", init_uniform(rng, (out_features, in_features), in_features, dtype))
+        if bias:
+            self.add_param("bias", init_uniform(rng, (out_features,), in_features, dtype))
+
+    def forward(self, x):
+        check_features(self, x, self.in_features, min_ndim=2)
+        check_finite(self, x)
+        y, cache = linear_forward(x, self.weight, self.params.get("bias"))
+        self._set_cache(cache)
+        return y
+
+    def backward(self, dy):
+        dx, dw, db = linear_backward(dy, self._pop_cache())
+        self.grads["weight"] += dw
+        if db is not None:
+            self.grads["bias"] += db
+        return dx

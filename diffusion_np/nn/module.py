@@ -1,0 +1,223 @@
+"""The Module base class: named parameters, their gradients, and nothing hidden.
+
+A Module is a container for parameters (``self.params``), their gradients
+(``self.grads``, same names and shapes) and child modules. It does two things
+with data:
+
+* ``forward(*inputs)`` computes the output and keeps what the backward pass will
+  need in ``self._cache`` (one cache: the module remembers its *last* call);
+* ``backward(dout)`` turns the gradient of the loss w.r.t. the output into the
+  gradient w.r.t. the inputs, and **adds** the parameter gradients into
+  ``self.grads`` (``+=``). Zeroing is explicit: call ``zero_grad()`` once per step.
+
+There is no tape and no autograd: composite modules write their backward by
+hand, in the reverse order of their forward.
+
+Names are dotted paths built from attribute names, exactly as PyTorch builds
+``state_dict`` keys, so ``unet.down_blocks[0].resnets[1].conv1`` owns the
+parameter ``down_blocks.0.resnets.1.conv1.weight`` as in diffusers.
+
+Left out on purpose: hooks, buffers that are not parameters, parameter sharing
+between modules (a module used twice in one forward would overwrite its cache;
+composite modules that need that must handle it explicitly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from diffusion_np.backend import DEFAULT_DTYPE, asnumpy, device_of, to_device
+
+
+class Module:
+    """Base class of every layer and model. See the module docstring."""
+
+    def __init__(self) -> None:
+        # object.__setattr__ avoids our own __setattr__ before these exist
+        object.__setattr__(self, "params", {})
+        object.__setattr__(self, "grads", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_cache", None)
+
+    # ------------------------------------------------------------------ structure
+    def add_param(self, name: str, value) -> None:
+        """Register a parameter and a zero gradient of the same shape."""
+        if "." in name:
+            raise ValueError(f"parameter names must not contain '.', got {name!r}")
+        self.params[name] = value
+        self.grads[name] = value * 0  # same shape, dtype and device as the value
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, Module):
+            self._modules[name] = value
+        elif name in self.__dict__.get("params", {}):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is a parameter; change it with "
+                f"load_state_dict or in place (self.{name}[...] = ...)"
+            )
+        object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str):
+        # only called when normal lookup fails: expose parameters as attributes,
+        # so a layer can write `self.weight` for `self.params["weight"]`.
+        params = self.__dict__.get("params", {})
+        if name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """All modules below this one (itself first), with their dotted names."""
+        yield prefix, self
+        for child_name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}{child_name}.")
+
+    def named_parameters(self) -> Iterator[tuple[str, object]]:
+        """(dotted name, parameter array) for every parameter, in registration order."""
+        for prefix, module in self.named_modules():
+            for name, value in module.params.items():
+                yield prefix + name, value
+
+    def named_grads(self) -> Iterator[tuple[str, object]]:
+        """(dotted name, gradient array), aligned with :meth:`named_parameters`."""
+        for prefix, module in self.named_modules():
+            for name, value in module.grads.items():
+                yield prefix + name, value
+
+    def parameters_and_grads(self) -> Iterator[tuple[str, object, object]]:
+        """(name, parameter, gradient) triples: what an optimizer walks over."""
+        for prefix, module in self.named_modules():
+            for name, value in module.params.items():
+                yield prefix + name, value, module.grads[name]
+
+    def num_parameters(self) -> int:
+        """Total number of scalar parameters."""
+        return int(sum(int(np.prod(p.shape)) for _, p in self.named_parameters()))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """{dotted name: parameter} (the arrays themselves, not copies)."""
+        return dict(self.named_parameters())
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy parameters from ``state`` (arrays of any device; cast to each
+        parameter's dtype and device).
+
+        With ``strict=True`` (the default) the names must match exactly; every
+        missing, unexpected and mis-shaped key is listed in one ValueError.
+        """
+        own = dict(self.named_parameters())
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        mismatched = [
+            f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}"
+            for k in own
+            if k in state and tuple(own[k].shape) != tuple(state[k].shape)
+        ]
+        problems = []
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if mismatched:
+            problems.append("shape mismatches: " + "; ".join(mismatched))
+        if problems:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: " + " | ".join(problems))
+        for prefix, module in self.named_modules():
+            for name, value in module.params.items():
+                key = prefix + name
+                if key in state:
+                    src = to_device(asnumpy(state[key]), device_of(value))
+                    module.params[name] = src.astype(value.dtype, copy=True)
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> Module:
+        """Training mode (dropout active) for this module and all children."""
+        for _, module in self.named_modules():
+            object.__setattr__(module, "training", mode)
+        return self
+
+    def eval(self) -> Module:
+        """Evaluation mode: ``train(False)``."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Set every gradient to zero, in place."""
+        for _, g in self.named_grads():
+            g[...] = 0
+
+    def to(self, device: str = "numpy", dtype=None) -> Module:
+        """Move (and optionally cast) every parameter and gradient.
+
+        ``device`` is "numpy" or "cupy"; ``dtype`` e.g. ``np.float64`` for
+        gradient checks. Caches of previous forwards are dropped.
+        """
+        for _, module in self.named_modules():
+            for store in (module.params, module.grads):
+                for name, value in store.items():
+                    value = to_device(value, device)
+                    if dtype is not None:
+                        value = value.astype(dtype)
+                    store[name] = value
+            object.__setattr__(module, "_cache", None)
+        return self
+
+    # ------------------------------------------------------------------ calling
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def backward(self, dout):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} does not implement backward")
+
+    def _pop_cache(self):
+        """The cache of the last forward; a clear error if there was none.
+
+        Backward consumes the cache so that calling backward twice for one
+        forward (which would add the parameter gradients twice) fails loudly.
+        """
+        cache = self._cache
+        if cache is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called without a preceding forward "
+                "(or twice for one forward)"
+            )
+        object.__setattr__(self, "_cache", None)
+        return cache
+
+    def _set_cache(self, cache) -> None:
+        object.__setattr__(self, "_cache", cache)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.num_parameters():,} parameters)"
+
+
+class ModuleList(Module):
+    """An indexable list of modules whose names are their positions: ``resnets.0``."""
+
+    def __init__(self, modules=()) -> None:
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, module: Module) -> None:
+        self._modules[str(len(self._modules))] = module
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._modules.values())[i]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+def init_uniform(rng: np.random.Generator, shape: tuple, fan_in: int, dtype=DEFAULT_DTYPE):
+    """PyTorch's default init for Linear/Conv: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)

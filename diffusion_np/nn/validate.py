@@ -1,0 +1,61 @@
+"""Input checks shared by every layer, so that a mistake gives a sentence, not
+an IndexError from deep inside a matmul (STYLE.md, rule 11).
+
+Each check names the layer, what it expected and what it got::
+
+    ValueError: Conv2d expects x of shape (B, H, W, C) with C=4, got (2, 3, 32, 32)
+
+:func:`check_finite` is cheap enough for every forward: one sum (a fast
+reduction with no temporary array) is NaN/Inf exactly when an entry is, or when
+the sum overflows; only then is the exact elementwise test run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffusion_np.backend import get_xp
+
+
+def _name(layer) -> str:
+    return layer if isinstance(layer, str) else type(layer).__name__
+
+
+def check_float(layer, x, what: str = "x") -> None:
+    """TypeError unless ``x`` is an array of floating dtype."""
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{_name(layer)} expects {what} to be an array, got {type(x).__name__}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(
+            f"{_name(layer)} expects {what} with a floating dtype (float32 or float64), got {x.dtype}"
+        )
+
+
+def check_features(layer, x, features: int, min_ndim: int = 2, what: str = "x") -> None:
+    """x must be float, have at least ``min_ndim`` dims, and ``features`` on the last axis."""
+    check_float(layer, x, what)
+    if x.ndim < min_ndim or x.shape[-1] != features:
+        raise ValueError(
+            f"{_name(layer)} expects {what} of shape (..., {features}) with at least {min_ndim} dims, "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def check_image(layer, x, channels: int | None = None, what: str = "x") -> None:
+    """x must be a float (B, H, W, C) array, channels-last, with C == channels if given."""
+    check_float(layer, x, what)
+    if x.ndim != 4 or (channels is not None and x.shape[-1] != channels):
+        want = f"C={channels}" if channels is not None else "any C"
+        raise ValueError(
+            f"{_name(layer)} expects {what} of shape (B, H, W, C) with {want} (channels last), "
+            f"got {tuple(x.shape)}"
+        )
+
+
+def check_finite(layer, x, what: str = "x") -> None:
+    """ValueError if ``x`` holds NaN or Inf."""
+    xp = get_xp(x)
+    if bool(xp.isfinite(x.sum())):  # NaN and Inf propagate through a sum
+        return
+    if not bool(xp.isfinite(x).all()):  # the sum may only have overflowed
+        raise ValueError(f"{_name(layer)} got a non-finite value (NaN or Inf) in {what}")

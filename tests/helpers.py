@@ -1,0 +1,54 @@
+"""Test helpers: golden/live torch reference cases and comparisons.
+
+Reference cases are made by ``tests/fixtures/cases_<area>.py`` (each has a
+``cases()`` function that runs PyTorch/diffusers). ``python
+tests/fixtures/make_fixtures.py`` stores them as ``tests/fixtures/<area>.npz``
+(with the torch version) for ``make test``; tests marked ``crosscheck`` call
+``cases()`` live instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_golden(area: str) -> dict[str, dict[str, np.ndarray]]:
+    """{case name: {array name: array}} from tests/fixtures/<area>.npz."""
+    path = FIXTURES / f"{area}.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `python tests/fixtures/make_fixtures.py {area}`")
+    cases: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as data:
+        for key in data.files:
+            case, _, name = key.partition("/")
+            if case == "__meta__":
+                continue
+            cases.setdefault(case, {})[name] = data[key]
+    return cases
+
+
+def live_cases(area: str) -> dict[str, dict[str, np.ndarray]]:
+    """The same cases, recomputed now with the installed torch/diffusers."""
+    module = importlib.import_module(f"fixtures.cases_{area}")
+    return {name: {k: np.asarray(v) for k, v in case.items()} for name, case in module.cases().items()}
+
+
+def reference(area: str, source: str):
+    return load_golden(area) if source == "golden" else live_cases(area)
+
+
+#: parametrise a fixture over both sources; "live" only runs under `make crosscheck`
+SOURCES = ["golden", pytest.param("live", marks=pytest.mark.crosscheck)]
+
+
+def assert_close(ours, ref, atol: float = 1e-5, rtol: float = 1e-4, what: str = "") -> None:
+    """np.testing.assert_allclose with a message naming what is compared."""
+    from diffusion_np.backend import asnumpy
+
+    np.testing.assert_allclose(asnumpy(ours), ref, atol=atol, rtol=rtol, err_msg=what)
