@@ -1,0 +1,1 @@
+"""Speed benchmarks: NumPy (and CuPy) against PyTorch in the same process."""
