@@ -1,0 +1,413 @@
+"""2-D convolution, channels-last, with a hand-written backward, and the Conv2d layer.
+
+Shapes: x ``(B, H, W, C_in)``, weight ``(kh, kw, C_in, C_out)``, bias ``(C_out,)``,
+output ``(B, Ho, Wo, C_out)``. ``x_pad`` is x with zeros added around H and W
+(``padding`` = top, bottom, left, right), ``s`` the stride.
+
+Forward (a cross-correlation, as PyTorch's ``conv2d``: the kernel is not flipped)::
+
+    y[b, i, j, o] = bias[o] + sum_{p, q, c} x_pad[b, s*i + p, s*j + q, c] * w[p, q, c, o]
+    Ho = (H + top + bottom - kh) // s + 1,   Wo = (W + left + right - kw) // s + 1
+
+Backward, for the upstream gradient ``dy = dL/dy``::
+
+    dbias[o]     = sum_{b, i, j} dy[b, i, j, o]
+    dw[p, q, c, o] = sum_{b, i, j} x_pad[b, s*i + p, s*j + q, c] * dy[b, i, j, o]
+    dx_pad[b, u, v, c] = sum over (i, p) with s*i + p = u and (j, q) with s*j + q = v
+                         of dy[b, i, j, o] * w[p, q, c, o]
+    dx = dx_pad without its padding rows and columns
+
+The last line is itself a convolution: put ``s - 1`` zeros between the rows and
+columns of dy ("dilate" it), pad it with ``kh - 1`` zeros, and correlate it with
+the kernel flipped in both spatial axes and with C_in and C_out swapped
+(``w[::-1, ::-1].transpose(0, 1, 3, 2)``). That turns the scatter of the
+definition into a gather, which is what a fast implementation wants.
+
+Four formulations compute the same numbers; :func:`conv2d_forward` picks one per
+shape with :func:`choose_method` (or takes ``method=`` to force one):
+
+``"reference"``
+    im2col + one matmul; backward scatters the column gradients back (col2im).
+    The plainest code, and the one the others are tested against.
+``"im2col"``
+    Same forward; backward computes dx as the flipped-kernel convolution of the
+    dilated dy (a gather and one matmul, no scatter). Fastest for small images.
+``"shifted"``
+    Stride 1 only. No im2col copy: a kernel offset ``(p, q)`` is a row offset
+    ``p * Wp + q`` in the padded image flattened to ``(B * Hp * Wp, C_in)`` rows,
+    so the convolution is ``kh * kw`` matmuls of contiguous row slices,
+    accumulated into one output buffer. Fastest for 16x16 images and up.
+``"matmul"``
+    A 1x1 convolution with stride 1 and no padding is a Linear layer on the
+    channel axis: one matmul.
+
+Left out on purpose: groups, dilation of the kernel, padding modes other than
+zeros, transposed convolution.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from diffusion_np.backend import DEFAULT_DTYPE, get_xp
+from diffusion_np.nn.module import Module, init_uniform
+from diffusion_np.nn.validate import check_finite, check_image
+
+METHODS = ("reference", "im2col", "shifted", "matmul")
+
+
+class Conv2dCache(NamedTuple):
+    method: str  # which formulation ran the forward (its backward must match)
+    saved: object  # im2col/reference: columns (B*Ho*Wo, kh*kw*C_in); shifted: x_pad; matmul: x
+    w: object  # (kh, kw, C_in, C_out)
+    x_shape: tuple  # (B, H, W, C_in) of the unpadded input
+    stride: int
+    padding: tuple  # (top, bottom, left, right)
+    has_bias: bool
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _padding4(padding) -> tuple:
+    """An int ``p`` or a 4-tuple (top, bottom, left, right) -> a 4-tuple of ints >= 0."""
+    if isinstance(padding, (int, np.integer)):
+        padding = (padding,) * 4
+    padding = tuple(int(p) for p in padding)
+    if len(padding) != 4 or min(padding) < 0:
+        raise ValueError(f"padding must be an int >= 0 or (top, bottom, left, right), got {padding}")
+    return padding
+
+
+def _out_size(x_shape: tuple, w_shape: tuple, stride: int, padding: tuple) -> tuple:
+    """(Ho, Wo), with a sentence if the kernel does not fit."""
+    (_, H, W, _), (kh, kw) = x_shape, w_shape[:2]
+    top, bottom, left, right = padding
+    Ho = (H + top + bottom - kh) // stride + 1
+    Wo = (W + left + right - kw) // stride + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"conv2d: a {kh}x{kw} kernel does not fit an {H}x{W} image with padding {padding}"
+        )
+    return Ho, Wo
+
+
+def _pad_hw(x, top: int, bottom: int, left: int, right: int, stride: int = 1):
+    """Zero-pad axes 1 and 2 of x (B, H, W, C); with ``stride > 1`` first put
+    ``stride - 1`` zeros between neighbouring rows and columns (dilation).
+
+    A negative amount crops instead. One allocation and one strided copy (xp.pad
+    cannot dilate, and this is the same code on NumPy and CuPy).
+    """
+    xp = get_xp(x)
+    B, H, W, C = x.shape
+    Hd, Wd = stride * (H - 1) + 1, stride * (W - 1) + 1  # size after dilation
+    t, b, l, r = (max(a, 0) for a in (top, bottom, left, right))
+    out = xp.zeros((B, t + Hd + b, l + Wd + r, C), dtype=x.dtype)
+    out[:, t : t + Hd : stride, l : l + Wd : stride] = x
+    if min(top, bottom, left, right) < 0:  # crop where an amount was negative
+        out = out[:, max(-top, 0) : out.shape[1] - max(-bottom, 0), max(-left, 0) : out.shape[2] - max(-right, 0)]
+    return out
+
+
+def _sliding_window_view(x, window_shape: tuple, axis: tuple):
+    """``xp.lib.stride_tricks.sliding_window_view``; for a CuPy that lacks it, the
+    same view built with ``as_strided`` (x is (B, H, W, C), axis (1, 2))."""
+    xp = get_xp(x)
+    tricks = xp.lib.stride_tricks
+    if hasattr(tricks, "sliding_window_view"):
+        return tricks.sliding_window_view(x, window_shape, axis=axis)
+    B, H, W, C = x.shape
+    kh, kw = window_shape
+    sB, sH, sW, sC = x.strides
+    return tricks.as_strided(x, (B, H - kh + 1, W - kw + 1, C, kh, kw), (sB, sH, sW, sC, sH, sW))
+
+
+def _im2col(x_pad, kh: int, kw: int, stride: int, Ho: int, Wo: int):
+    """Columns of a padded image: row ``(b, i, j)`` holds the ``kh x kw x C`` patch
+    that output pixel (i, j) sees, flattened in the weight's (p, q, c) order.
+
+    x_pad (B, Hp, Wp, C) -> (B * Ho * Wo, kh * kw * C), a contiguous copy.
+    """
+    B, C = x_pad.shape[0], x_pad.shape[3]
+    windows = _sliding_window_view(x_pad, (kh, kw), axis=(1, 2))  # (B, Hp-kh+1, Wp-kw+1, C, kh, kw), a view
+    windows = windows[:, : stride * (Ho - 1) + 1 : stride, : stride * (Wo - 1) + 1 : stride]  # (B, Ho, Wo, C, kh, kw)
+    windows = windows.transpose(0, 1, 2, 4, 5, 3)  # (B, Ho, Wo, kh, kw, C), still a view
+    return windows.reshape(B * Ho * Wo, kh * kw * C)  # the one copy
+
+
+def _flipped(w):
+    """The kernel of the input-gradient convolution: flipped in space, C_in and
+    C_out swapped. (kh, kw, C_in, C_out) -> (kh, kw, C_out, C_in)."""
+    return w[::-1, ::-1].transpose(0, 1, 3, 2)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def choose_method(x_shape: tuple, w_shape: tuple, stride: int = 1, padding=0) -> str:
+    """The fastest formulation for this shape (measured on a CPU with NumPy/OpenBLAS).
+
+    * 1x1, stride 1, no padding: a plain matmul, nothing to gather.
+    * stride 1 and at least 16x16 outputs: "shifted". Its matmuls also run over the
+      padding rows/columns of the flattened grid (wasted work ``Hp*Wp / (Ho*Wo)``,
+      1.27x at 16x16 with pad 1), which is cheaper than the im2col copy, whose
+      size is ``kh*kw`` times the input.
+    * everything else (4x4, 8x8, stride 2): "im2col". At 4x4 the shifted grid would
+      waste 2.25x, and with stride 2 it would compute every stride-1 output.
+    """
+    kh, kw = w_shape[:2]
+    padding = _padding4(padding)
+    if kh == kw == 1 and stride == 1 and padding == (0, 0, 0, 0):
+        return "matmul"
+    Ho, Wo = _out_size(tuple(x_shape), tuple(w_shape), stride, padding)
+    if stride == 1 and Ho * Wo >= 256:
+        return "shifted"
+    return "im2col"
+
+
+# ----------------------------------------------------------------------------- the op pair
+def conv2d_forward(x, w, b=None, stride: int = 1, padding=0, method: str | None = None):
+    """y = conv2d(x, w) + b, channels-last (see the module docstring for the math).
+
+    Parameters
+    ----------
+    x : (B, H, W, C_in) array.
+    w : (kh, kw, C_in, C_out) array.
+    b : (C_out,) array or None.
+    stride : int, the same in both directions.
+    padding : int, or (top, bottom, left, right) for asymmetric zero padding
+        (the VAE's downsampler uses (0, 1, 0, 1)).
+    method : force a formulation ("reference", "im2col", "shifted", "matmul");
+        None picks one with :func:`choose_method`.
+
+    Returns
+    -------
+    y : (B, Ho, Wo, C_out) array, and the cache for :func:`conv2d_backward`.
+    """
+    padding = _padding4(padding)
+    if x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[2]:
+        raise ValueError(
+            f"conv2d expects x (B, H, W, C_in) and w (kh, kw, C_in, C_out) with the same C_in, "
+            f"got x {tuple(x.shape)} and w {tuple(w.shape)}"
+        )
+    method = method or choose_method(x.shape, w.shape, stride, padding)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    kh, kw, C_in, C_out = w.shape
+    B = x.shape[0]
+    Ho, Wo = _out_size(x.shape, w.shape, stride, padding)
+
+    if method == "matmul":
+        if (kh, kw, stride, padding) != (1, 1, 1, (0, 0, 0, 0)):
+            raise ValueError("method 'matmul' is for 1x1 convolutions with stride 1 and no padding")
+        y = x.reshape(-1, C_in) @ w.reshape(C_in, C_out)  # (B*H*W, C_in) @ (C_in, C_out)
+        saved = x
+    elif method == "shifted":
+        if stride != 1:
+            raise ValueError("method 'shifted' needs stride 1")
+        saved = _pad_hw(x, *padding)  # (B, Hp, Wp, C_in), contiguous
+        y = _conv_shifted(saved, w)[:, :Ho, :Wo]  # (B, Ho, Wo, C_out), a view of the grid
+    else:  # "reference" and "im2col" share the forward
+        saved = _im2col(_pad_hw(x, *padding), kh, kw, stride, Ho, Wo)  # (B*Ho*Wo, kh*kw*C_in)
+        y = saved @ w.reshape(kh * kw * C_in, C_out)  # (B*Ho*Wo, K) @ (K, C_out)
+
+    y = y.reshape(B, Ho, Wo, C_out)
+    # the bias add also makes the strided "shifted" view a new contiguous array
+    y = y + b if b is not None else get_xp(y).ascontiguousarray(y)
+    return y, Conv2dCache(method, saved, w, tuple(x.shape), stride, padding, b is not None)
+
+
+def conv2d_backward(dy, cache: Conv2dCache):
+    """Gradients of :func:`conv2d_forward`: ``(dx, dw, db)``, db None without bias.
+
+    Each formulation has its own backward (below), all computing the formulas in
+    the module docstring.
+    """
+    method, saved, w, x_shape, stride, padding, has_bias = cache
+    kh, kw, C_in, C_out = w.shape
+    B, H, W, _ = x_shape
+    dy2 = dy.reshape(-1, C_out)  # (B*Ho*Wo, C_out)
+    db = dy2.sum(axis=0) if has_bias else None
+
+    if method == "matmul":
+        x2 = saved.reshape(-1, C_in)  # (B*H*W, C_in)
+        dw = (x2.T @ dy2).reshape(w.shape)  # (C_in, N) @ (N, C_out)
+        dx = (dy2 @ w.reshape(C_in, C_out).T).reshape(x_shape)  # (N, C_out) @ (C_out, C_in)
+    elif method == "shifted":
+        dw = _dw_shifted(saved, dy, kh, kw)
+        dx = _dx_gather(dy, w, stride, padding, H, W, shifted=True)
+    else:
+        cols = saved  # (B*Ho*Wo, kh*kw*C_in)
+        dw = (cols.T @ dy2).reshape(w.shape)  # (K, B*Ho*Wo) @ (B*Ho*Wo, C_out) -> (K, C_out)
+        if method == "reference":
+            dx = _dx_col2im(dy, w, stride, padding, H, W)
+        else:
+            dx = _dx_gather(dy, w, stride, padding, H, W, shifted=False)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- the formulations
+def _dx_col2im(dy, w, stride: int, padding: tuple, H: int, W: int):
+    """Reference input gradient: the definition of dx_pad, tap by tap.
+
+    Column gradients ``dcols = dy @ W^T`` hold, for each output pixel, what it
+    sends back to each pixel of its patch; pixel (i, j) with tap (p, q) lands at
+    ``x_pad[s*i + p, s*j + q]``. Overlapping patches add up (col2im).
+    """
+    xp = get_xp(dy)
+    B, Ho, Wo, C_out = dy.shape
+    kh, kw, C_in, _ = w.shape
+    top, bottom, left, right = padding
+    dcols = dy.reshape(-1, C_out) @ w.reshape(kh * kw * C_in, C_out).T  # (B*Ho*Wo, C_out) @ (C_out, K)
+    dcols = dcols.reshape(B, Ho, Wo, kh, kw, C_in)
+    dx_pad = xp.zeros((B, H + top + bottom, W + left + right, C_in), dtype=dy.dtype)
+    for p in range(kh):  # a loop over the kh*kw kernel taps, not over pixels
+        for q in range(kw):
+            dx_pad[:, p : p + stride * (Ho - 1) + 1 : stride, q : q + stride * (Wo - 1) + 1 : stride] += dcols[
+                :, :, :, p, q
+            ]
+    return xp.ascontiguousarray(dx_pad[:, top : top + H, left : left + W])  # drop the padding
+
+
+def _dx_gather(dy, w, stride: int, padding: tuple, H: int, W: int, shifted: bool):
+    """Input gradient as a stride-1 convolution (a gather, no scatter).
+
+    dx[u] = sum_p dy_d[u + top - p] w[p] with dy_d the dilated dy; substituting
+    p' = kh - 1 - p makes it a correlation with the flipped kernel of dy_d padded
+    by ``kh - 1 - top`` before and ``H + top - (s*(Ho-1) + 1)`` after (so that
+    exactly H outputs come out); negative amounts crop. The same along W.
+    """
+    B, Ho, Wo, C_out = dy.shape
+    kh, kw, C_in, _ = w.shape
+    top, bottom, left, right = padding
+    dy_pad = _pad_hw(
+        dy,
+        kh - 1 - top,
+        H + top - (stride * (Ho - 1) + 1),
+        kw - 1 - left,
+        W + left - (stride * (Wo - 1) + 1),
+        stride=stride,
+    )  # (B, H + kh - 1, W + kw - 1, C_out)
+    w_flip = _flipped(w)  # (kh, kw, C_out, C_in)
+    if shifted:
+        dy_pad = get_xp(dy_pad).ascontiguousarray(dy_pad)  # a crop above may have left a view
+        return get_xp(dy).ascontiguousarray(_conv_shifted(dy_pad, w_flip)[:, :H, :W])
+    cols = _im2col(dy_pad, kh, kw, 1, H, W)  # (B*H*W, kh*kw*C_out)
+    dx = cols @ w_flip.reshape(kh * kw * C_out, C_in)  # (B*H*W, K') @ (K', C_in)
+    return dx.reshape(B, H, W, C_in)
+
+
+def _conv_shifted(x_pad, w):
+    """Stride-1 valid correlation of a padded image by shifted row slices.
+
+    Flatten x_pad (B, Hp, Wp, C_in) to rows ``r = (b*Hp + u)*Wp + v``. Output
+    pixel (b, i, j) sits at row ``r = (b*Hp + i)*Wp + j`` of a grid of the same
+    size, and its tap (p, q) reads input row ``r + p*Wp + q``. So for each tap
+    one matmul of a contiguous slice of rows, added into the grid:
+
+        grid[0:M] += x_flat[off : off + M] @ w[p, q],   off = p*Wp + q
+
+    with ``M = rows - max offset``. Grid rows with ``i >= Ho`` or ``j >= Wo`` mix
+    pixels across a row end or an image end: they are computed and thrown away
+    (that is the price of no im2col copy).
+
+    Returns the grid (B, Hp, Wp, C_out); the caller keeps ``[:, :Ho, :Wo]``.
+    """
+    xp = get_xp(x_pad)
+    B, Hp, Wp, C_in = x_pad.shape
+    kh, kw, _, C_out = w.shape
+    x_flat = x_pad.reshape(B * Hp * Wp, C_in)  # a view: x_pad is contiguous
+    M = B * Hp * Wp - ((kh - 1) * Wp + (kw - 1))
+    grid = xp.empty((B * Hp * Wp, C_out), dtype=x_pad.dtype)  # rows >= M are never valid outputs
+    acc, tmp = grid[:M], xp.empty((M, C_out), dtype=x_pad.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            off = p * Wp + q
+            if p == 0 and q == 0:
+                xp.matmul(x_flat[off : off + M], w[p, q], out=acc)  # (M, C_in) @ (C_in, C_out)
+            else:
+                xp.matmul(x_flat[off : off + M], w[p, q], out=tmp)
+                acc += tmp
+    return grid.reshape(B, Hp, Wp, C_out)
+
+
+def _dw_shifted(x_pad, dy, kh: int, kw: int):
+    """Weight gradient on the flattened grid: ``dw[p, q] = x_flat[off:off+M]^T @ dy_grid[:M]``.
+
+    dy_grid is dy placed on the (B, Hp, Wp) grid with zeros at the thrown-away
+    positions, so those rows contribute nothing.
+    """
+    xp = get_xp(x_pad)
+    B, Hp, Wp, C_in = x_pad.shape
+    _, Ho, Wo, C_out = dy.shape
+    dy_grid = xp.zeros((B, Hp, Wp, C_out), dtype=dy.dtype)
+    dy_grid[:, :Ho, :Wo] = dy
+    x_flat = x_pad.reshape(B * Hp * Wp, C_in)
+    M = B * Hp * Wp - ((kh - 1) * Wp + (kw - 1))
+    dy_rows = dy_grid.reshape(B * Hp * Wp, C_out)[:M]
+    dw = xp.empty((kh, kw, C_in, C_out), dtype=dy.dtype)
+    for p in range(kh):
+        for q in range(kw):
+            off = p * Wp + q
+            xp.matmul(x_flat[off : off + M].T, dy_rows, out=dw[p, q])  # (C_in, M) @ (M, C_out)
+    return dw
+
+
+# ----------------------------------------------------------------------------- the layer
+def _kernel2(kernel_size) -> tuple:
+    if isinstance(kernel_size, (int, np.integer)):
+        return int(kernel_size), int(kernel_size)
+    kh, kw = kernel_size
+    return int(kh), int(kw)
+
+
+class Conv2d(Module):
+    """2-D convolution on channels-last images.
+
+    Parameters: ``weight`` (kh, kw, C_in, C_out) and ``bias`` (C_out,), initialised
+    as PyTorch does: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = C_in * kh * kw.
+    A PyTorch weight (C_out, C_in, kh, kw) maps onto ours by ``.transpose(2, 3, 1, 0)``.
+
+    ``padding`` is an int or (top, bottom, left, right).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride: int = 1,
+        padding=0,
+        bias: bool = True,
+        rng=None,
+        dtype=DEFAULT_DTYPE,
+    ):
+        super().__init__()
+        rng = rng if rng is not None else np.random.default_rng(0)
+        kh, kw = _kernel2(kernel_size)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = (kh, kw), int(stride), _padding4(padding)
+        fan_in = in_channels * kh * kw
+        self.add_param("weight", init_uniform(rng, (kh, kw, in_channels, out_channels), fan_in, dtype))
+        if bias:
+            self.add_param("bias", init_uniform(rng, (out_channels,), fan_in, dtype))
+
+    def forward(self, x):
+        check_image(self, x, self.in_channels)
+        check_finite(self, x)
+        y, cache = conv2d_forward(x, self.weight, self.params.get("bias"), self.stride, self.padding)
+        self._set_cache(cache)
+        return y
+
+    def backward(self, dy):
+        dx, dw, db = conv2d_backward(dy, self._pop_cache())
+        self.grads["weight"] += dw
+        if db is not None:
+            self.grads["bias"] += db
+        return dx
+
+    def __repr__(self) -> str:
+        kh, kw = self.kernel_size
+        return (
+            f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size=({kh}, {kw}), "
+            f"stride={self.stride}, padding={self.padding})"
+        )
