@@ -25,22 +25,10 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp, scatter_add
+from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
 from diffusion_np.nn.validate import check_features, check_finite
-
-
-# --------------------------------------------------------------------------- SiLU
-# TODO: use nn.activation.silu once it lands
-def _silu(x):
-    """silu(x) = x * sigmoid(x); sigmoid written as (1 + tanh(x/2)) / 2, which never overflows."""
-    return x * (0.5 * (1.0 + get_xp(x).tanh(0.5 * x)))
-
-
-def _silu_backward(dy, x):
-    """d silu / dx = sigmoid(x) * (1 + x * (1 - sigmoid(x)))."""
-    sig = 0.5 * (1.0 + get_xp(x).tanh(0.5 * x))
-    return dy * sig * (1.0 + x * (1.0 - sig))
 
 
 # --------------------------------------------------------------------------- timesteps
@@ -161,13 +149,14 @@ class TimestepEmbedding(Module):
         check_features(self, x, self.in_channels, min_ndim=2)
         check_finite(self, x)
         h = self.linear_1(x)  # (B, in) -> (B, time_embed_dim)
-        y = self.linear_2(_silu(h))  # (B, time_embed_dim) -> (B, time_embed_dim)
-        self._set_cache(h)
+        a, silu_cache = silu_forward(h)
+        y = self.linear_2(a)  # (B, time_embed_dim) -> (B, time_embed_dim)
+        self._set_cache(silu_cache)
         return y
 
     def backward(self, dout):
-        h = self._pop_cache()
-        dh = _silu_backward(self.linear_2.backward(dout), h)
+        silu_cache = self._pop_cache()
+        dh = silu_backward(self.linear_2.backward(dout), silu_cache)
         return self.linear_1.backward(dh)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from diffusion_np.cli import main
+
+sys.exit(main())
