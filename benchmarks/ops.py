@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import median_time, print_table, row, threads, write_json
+from benchmarks.common import median_time, print_table, row, threads, tune_malloc, write_json
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.attention import sdpa_backward, sdpa_forward
 from diffusion_np.nn.conv import conv2d_backward, conv2d_forward
@@ -98,14 +98,18 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", help="run only cases whose name contains this")
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc thresholds")
     args = parser.parse_args(argv)
+    malloc = "default" if args.default_malloc or not tune_malloc() else "tuned"
     rows = []
     for n in args.threads:
         with threads(n):
             for name, np_fn, torch_fn in cases(np.random.default_rng(0)):
                 if args.only and args.only not in name:
                     continue
-                rows.append(row(name, n, median_time(np_fn, args.repeats), median_time(torch_fn, args.repeats)))
+                rows.append(
+                    row(name, n, median_time(np_fn, args.repeats), median_time(torch_fn, args.repeats), malloc=malloc)
+                )
     print_table(rows, "ops: forward + backward, numpy / torch CPU")
     if args.json:
         write_json(args.json, rows)
