@@ -225,6 +225,7 @@ class Attention(Module):
     ``forward(x, context=None)``::
 
         q = x W_q^T,  k = c W_k^T,  v = c W_v^T       c = context, or x itself when context is None
+                                                      (+ b_q, b_k, b_v with ``bias=True``)
         out = concat_h(softmax(q_h k_h^T / sqrt(d) [+ causal mask]) v_h) W_out^T + b_out
 
     Parameters
@@ -232,7 +233,9 @@ class Attention(Module):
     query_dim : channels of x.
     cross_attention_dim : channels of ``context``; None means the same as ``query_dim``.
     heads, dim_head : number of heads and channels per head (inner width heads * dim_head).
-    out_bias : whether ``to_out.0`` has a bias (to_q/to_k/to_v never do, as in Stable Diffusion).
+    out_bias : whether ``to_out.0`` has a bias.
+    bias : whether ``to_q``/``to_k``/``to_v`` have biases (diffusers' ``bias``). Off by default,
+        as in Stable Diffusion's U-Net; CLIP's text encoder has them.
     causal : attend only to earlier tokens (self-attention only; the CLIP text encoder).
 
     Shapes: x (B, N, query_dim), context (B, L, cross_attention_dim) -> (B, N, query_dim).
@@ -250,6 +253,7 @@ class Attention(Module):
         dim_head: int = 64,
         out_bias: bool = True,
         causal: bool = False,
+        bias: bool = False,
         rng=None,
         dtype=DEFAULT_DTYPE,
     ):
@@ -259,9 +263,9 @@ class Attention(Module):
         self.cross_attention_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.heads, self.dim_head, self.causal = heads, dim_head, causal
         inner = heads * dim_head
-        self.to_q = Linear(query_dim, inner, bias=False, rng=rng, dtype=dtype)
-        self.to_k = Linear(self.cross_attention_dim, inner, bias=False, rng=rng, dtype=dtype)
-        self.to_v = Linear(self.cross_attention_dim, inner, bias=False, rng=rng, dtype=dtype)
+        self.to_q = Linear(query_dim, inner, bias=bias, rng=rng, dtype=dtype)
+        self.to_k = Linear(self.cross_attention_dim, inner, bias=bias, rng=rng, dtype=dtype)
+        self.to_v = Linear(self.cross_attention_dim, inner, bias=bias, rng=rng, dtype=dtype)
         # a list holding one Linear, so the parameters are named to_out.0.* as in diffusers
         # (diffusers' to_out.1 is a Dropout, which has no parameters and is left out)
         self.to_out = ModuleList([Linear(inner, query_dim, bias=out_bias, rng=rng, dtype=dtype)])

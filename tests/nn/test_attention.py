@@ -114,6 +114,69 @@ def test_self_attention_returns_dx_cross_returns_pair():
     assert isinstance(result, tuple) and len(result) == 2
 
 
+# ---------------------------------------------------------------------------- q/k/v biases
+@pytest.mark.parametrize("cross", [False, True])
+def test_attention_with_qkv_bias_gradcheck(cross):
+    layer = Attention(6, 5 if cross else None, heads=2, dim_head=3, bias=True, rng=np.random.default_rng(9))
+    layer.to(dtype=np.float64)
+    rng = np.random.default_rng(10)
+    inputs = (rng.standard_normal((2, 4, 6)),) + ((rng.standard_normal((2, 3, 5)),) if cross else ())
+    errors = check_module(layer, *inputs)
+    assert {"to_q.bias", "to_k.bias", "to_v.bias"} <= set(errors)
+    # The key bias adds q_i . b_k to every score of row i: the same shift for all keys, which the
+    # softmax ignores. Its true gradient is 0, so both sides are rounding noise and the relative
+    # error means nothing: check that the analytic gradient is 0 instead.
+    assert np.abs(layer.to_k.grads["bias"]).max() < 1e-12
+    del errors["to_k.bias"]
+    assert max(errors.values()) < 1e-7, errors
+
+
+def test_qkv_bias_is_off_by_default_and_named_like_diffusers():
+    default = [name for name, _ in Attention(4, heads=1, dim_head=4).named_parameters()]
+    assert not any(n.startswith(("to_q.bias", "to_k.bias", "to_v.bias")) for n in default)
+    names = [name for name, _ in Attention(4, 6, heads=1, dim_head=4, bias=True).named_parameters()]
+    assert names == ["to_q.weight", "to_q.bias", "to_k.weight", "to_k.bias", "to_v.weight", "to_v.bias",
+                     "to_out.0.weight", "to_out.0.bias"]
+
+
+def test_qkv_bias_is_added_to_the_projections():
+    # written out with the op pair, so the test fails if a bias is dropped or applied twice
+    layer = Attention(4, heads=2, dim_head=3, bias=True, causal=True, rng=np.random.default_rng(11))
+    x = np.random.default_rng(12).standard_normal((2, 5, 4)).astype(np.float32)
+    p = layer.state_dict()
+    q, k, v = ((x @ p[f"to_{n}.weight"].T + p[f"to_{n}.bias"]).reshape(2, 5, 2, 3).transpose(0, 2, 1, 3)
+               for n in "qkv")
+    out, _ = sdpa_forward(q, k, v, mask=causal_mask(5))
+    expected = out.transpose(0, 2, 1, 3).reshape(2, 5, 6) @ p["to_out.0.weight"].T + p["to_out.0.bias"]
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(p["to_q.bias"]).max() > 0.1  # non-trivial biases
+
+
+@pytest.mark.crosscheck
+def test_attention_with_qkv_bias_matches_diffusers_live():
+    torch = pytest.importorskip("torch")
+    from diffusers.models.attention_processor import Attention as DiffusersAttention
+
+    rng = np.random.default_rng(13)
+    ref = DiffusersAttention(6, cross_attention_dim=5, heads=2, dim_head=4, bias=True, out_bias=True)
+    weights = {k: (0.5 * rng.standard_normal(tuple(t.shape))).astype(np.float32) for k, t in ref.state_dict().items()}
+    ref.load_state_dict({k: torch.tensor(w) for k, w in weights.items()})
+    x, context = rng.standard_normal((2, 3, 6)).astype(np.float32), rng.standard_normal((2, 4, 5)).astype(np.float32)
+    dout = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    tx, tc = torch.tensor(x, requires_grad=True), torch.tensor(context, requires_grad=True)
+    y_ref = ref(tx, encoder_hidden_states=tc)
+    (y_ref * torch.tensor(dout)).sum().backward()
+    layer = Attention(6, 5, heads=2, dim_head=4, bias=True)
+    layer.load_state_dict(weights)
+    assert_close(layer(x, context), y_ref.detach().numpy(), what="out")
+    dx, dcontext = layer.backward(dout)
+    assert_close(dx, tx.grad.numpy(), what="dx")
+    assert_close(dcontext, tc.grad.numpy(), what="dcontext")
+    ref_grads = dict(ref.named_parameters())
+    for name, grad in layer.named_grads():
+        assert_close(grad, ref_grads[name].grad.numpy(), what=name)
+
+
 # ---------------------------------------------------------------------------- torch parity
 @pytest.fixture(params=SOURCES, scope="module")
 def torch_cases(request):
