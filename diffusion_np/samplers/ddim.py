@@ -1,0 +1,198 @@
+"""DDIM sampling: the non-Markovian reverse step of Song et al. 2021.
+
+Implements "Denoising Diffusion Implicit Models" (DDIM), Eq. 12 with the noise
+level of Eq. 16, with diffusers' ``DDIMScheduler`` keywords and defaults.
+eta = 0 gives the deterministic DDIM sampler; eta = 1 the DDPM ancestral sampler
+with its "fixed_small" posterior variance (REFERENCE pitfall 9; not "fixed_large").
+
+DDIM Eq. 12, from x_t to x_prev (prev = the next entry of the timestep sequence)::
+
+    x_prev = sqrt(alpha_bar_prev) * x0_pred                          "predicted x_0"
+           + sqrt(1 - alpha_bar_prev - sigma_t^2) * eps_pred         "direction pointing to x_t"
+           + sigma_t * z                                              "random noise", z ~ N(0, I)
+
+    x0_pred = (x_t - sqrt(1 - alpha_bar_t) eps_pred) / sqrt(alpha_bar_t)
+
+DDIM Eq. 16, the noise level that interpolates between DDIM (eta = 0) and DDPM (eta = 1)::
+
+    sigma_t(eta) = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
+
+After the last step, alpha_bar_prev is 1 with ``set_alpha_to_one=True`` (x_0 is
+clean, sigma = 0, so no noise is added), or alpha_bar[0] with False (Stable
+Diffusion's config). In the second case Eq. 16 gives sigma > 0 on the last step
+and, like diffusers, we add that noise when eta > 0: the step lands on the noise
+level of timestep 0, not on clean data.
+
+The previous timestep is the next entry of ``self.timesteps``. diffusers' DDIM
+uses ``t - T // N`` instead (REFERENCE pitfall 1). The two agree when every gap
+of the sequence is T // N ("leading" spacing, "trailing" when N divides T) and
+disagree otherwise ("linspace", "trailing" with N not dividing T), where
+diffusers jumps to a timestep the sequence never visits. Our numbers equal
+diffusers' exactly where the gaps are uniform.
+
+``clip_sample=True`` (the diffusers default) is right for pixels in [-1, 1] and
+wrong for latents (REFERENCE pitfall 6). With ``prediction_type="sample"`` or
+``"v_prediction"`` eps_pred is recomputed from the prediction (pitfall 11);
+``use_clipped_model_output=True`` recomputes it from the clipped x0_pred (GLIDE).
+
+Code -> paper notation (as in diffusers' DDIM ``step``)::
+
+    eps_pred        epsilon_theta^(t)(x_t)
+    x0_pred         f_theta^(t)(x_t), "predicted x_0"
+    std             sigma_t(eta)
+    eta             eta
+    direction       "direction pointing to x_t"
+    prev_sample     x_{t-1} (x at the previous timestep of the sequence)
+
+Left out: DDIM inversion, custom timestep lists, per-sample timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from diffusion_np.diffusion import x0_and_eps
+from diffusion_np.samplers.base import Sampler, StepOutput
+from diffusion_np.samplers.ddpm import check_clip_config, clip_x0
+
+
+def ddim_variance(alpha_bar_t: float, alpha_bar_prev: float) -> float:
+    """sigma_t^2 / eta^2 of DDIM Eq. 16: (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev).
+
+    Equal to DDPM's posterior variance beta tilde for the jump t -> prev (DDPM Eq. 7).
+    """
+    return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)
+
+
+class DDIMSampler(Sampler):
+    """DDIM sampler (Song et al. 2021, Eq. 12 and 16), diffusers ``DDIMScheduler`` keywords.
+
+    Parameters beyond :class:`~diffusion_np.samplers.base.Sampler`'s
+    ----------------------------------------------------------------
+    clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+        As in :class:`~diffusion_np.samplers.ddpm.DDPMSampler`.
+    set_alpha_to_one : bool
+        alpha_bar after the last step: 1 (True, the paper) or alpha_bar[0] (False, Stable Diffusion).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas=None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ) -> None:
+        super().__init__(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+            prediction_type, timestep_spacing, steps_offset, rescale_betas_zero_snr,
+        )  # fmt: skip
+        check_clip_config(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
+        self.clip_sample = clip_sample
+        self.set_alpha_to_one = set_alpha_to_one
+        self.clip_sample_range = clip_sample_range
+        self.thresholding = thresholding
+        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
+        self.sample_max_value = sample_max_value
+
+    @property
+    def final_alpha_bar(self) -> float:
+        """alpha_bar after the last step: 1 or alpha_bar[0], by ``set_alpha_to_one``."""
+        return 1.0 if self.set_alpha_to_one else float(self.alpha_bar[0])
+
+    def alpha_bar_prev(self, t) -> float:
+        """alpha_bar at the next entry of the sequence after t, or ``final_alpha_bar`` after the last."""
+        prev_t = self.previous_timestep(t)
+        return float(self.alpha_bar[prev_t]) if prev_t >= 0 else self.final_alpha_bar
+
+    def variance(self, t) -> float:
+        """sigma_t^2 at eta = 1 for the step t -> prev (DDIM Eq. 16; equals DDPM fixed_small)."""
+        return ddim_variance(float(self.alpha_bar[int(t)]), self.alpha_bar_prev(t))
+
+    def step(
+        self,
+        model_output,
+        t,
+        sample,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        noise=None,
+        rng: np.random.Generator | None = None,
+    ) -> StepOutput:
+        """One DDIM step x_t -> x_prev (Eq. 12).
+
+        Parameters
+        ----------
+        model_output : array (B, ..., C)
+            The network's output at (sample, t), of this sampler's ``prediction_type``.
+        t : int
+            The current timestep, an entry of ``self.timesteps``.
+        sample : array (B, ..., C)
+            x_t.
+        eta : float >= 0
+            Noise weight of Eq. 16: 0 deterministic DDIM, 1 DDPM-like.
+        use_clipped_model_output : bool
+            Recompute eps_pred from the clipped x0_pred.
+        noise : array like ``sample``, optional
+            z; drawn from ``rng`` (host side) when not given. Used only when sigma_t > 0.
+        rng : numpy Generator, optional
+
+        Returns
+        -------
+        StepOutput(prev_sample=x_prev, pred_original_sample=x0_pred after clipping)
+        """
+        self._require_timesteps()
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if tuple(model_output.shape) != tuple(sample.shape):
+            raise ValueError(
+                f"DDIMSampler.step: model_output must have the sample's shape {tuple(sample.shape)}, "
+                f"got {tuple(model_output.shape)}"
+            )
+        t = int(t)
+
+        # 1. the previous timestep: the next entry of the sequence (not t - T // N: pitfall 1)
+        ab_t = float(self.alpha_bar[t])
+        ab_prev = self.alpha_bar_prev(t)
+
+        # 2. x0_pred and eps_pred from the model output (eps recomputed for "sample"/v: pitfall 11)
+        x0_pred, eps_pred = x0_and_eps(model_output, sample, t, self.alpha_bar, self.prediction_type)
+
+        # 3. clip or threshold x0_pred (wrong for latents: pitfall 6)
+        x0_pred = clip_x0(
+            x0_pred, self.clip_sample, self.clip_sample_range,
+            self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
+        )  # fmt: skip
+
+        # 4. sigma_t(eta), Eq. 16
+        std = eta * math.sqrt(ddim_variance(ab_t, ab_prev))
+        if use_clipped_model_output:  # eps consistent with the clipped x0 (GLIDE)
+            eps_pred = (sample - math.sqrt(ab_t) * x0_pred) / math.sqrt(1.0 - ab_t)
+
+        # 5. "direction pointing to x_t", Eq. 12; its coefficient is real for eta <= 1
+        dir_var = 1.0 - ab_prev - std**2
+        if dir_var < -1e-12:  # beyond rounding (eta = 1 with alpha_bar_t = 0 gives 0 up to ~1e-16)
+            raise ValueError(
+                f"eta={eta} is too large at t={t}: 1 - alpha_bar_prev - sigma_t^2 = {dir_var:.3g} < 0 (use eta <= 1)"
+            )
+        direction = math.sqrt(max(dir_var, 0.0)) * eps_pred
+
+        # 6. x_prev without noise, Eq. 12
+        prev_sample = math.sqrt(ab_prev) * x0_pred + direction
+
+        # 7. add sigma_t z (none when sigma_t = 0: eta = 0, or the last step with set_alpha_to_one)
+        if std > 0:
+            prev_sample = prev_sample + std * self._noise_like(sample, noise, rng)
+        return StepOutput(prev_sample, x0_pred)
