@@ -105,6 +105,8 @@ def rescale_zero_terminal_snr(betas) -> np.ndarray:
     alpha_bar is kept, the last becomes exactly 0, so beta'_{T-1} = 1.
     """
     betas = np.asarray(betas, dtype=np.float64)
+    if betas.size < 2:  # the first alpha_bar is kept and the last set to 0: they must differ
+        raise ValueError(f"zero terminal SNR rescaling needs at least 2 timesteps, got {betas.size}")
     s = np.sqrt(np.cumprod(1 - betas))
     s0, sT = s[0], s[-1]
     s = (s - sT) * s0 / (s0 - sT)

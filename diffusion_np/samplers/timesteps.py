@@ -56,5 +56,7 @@ def make_timesteps(
                 f"past the last training timestep {T - 1}; lower steps_offset or use 'trailing'"
             )
     else:  # trailing
-        t = np.round(np.arange(T, 0, -T / N)).astype(np.int64) - 1
+        # [:N]: the float step of arange can add an (N+1)-th entry ~1e-15 that rounds to timestep -1
+        # (T=15, N=13; diffusers 0.42 returns that -1). Keeping arange itself keeps diffusers' rounding.
+        t = np.round(np.arange(T, 0, -T / N)[:N]).astype(np.int64) - 1
     return t if round_linspace else t.astype(np.float64)
