@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 # A CPU wheel of this exact version is what the cross-checks are pinned to.
 TORCH  := torch==2.13.0
 
-.PHONY: help install test crosscheck demo bench fixtures lint clean
+.PHONY: help install test test-gpu crosscheck demo bench fixtures lint clean
 
 help:
 	@echo "make test        ruff + the test suite (sets up .venv on first use)"
@@ -14,6 +14,7 @@ help:
 	@echo "make demo        the main demo on built-in data"
 	@echo "make bench       NumPy vs PyTorch CPU benchmark ratios"
 	@echo "make fixtures    regenerate the golden torch/diffusers fixtures"
+	@echo "make test-gpu    the CuPy tests (needs a CUDA GPU and the gpu extra)"
 
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,11 +32,16 @@ install: $(VENV)/.installed-dev
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Notebooks run in their QUICK mode (tutorials/README.md); GPU tests skip without a device.
 test: install lint
-	$(PY) -m pytest -m "not crosscheck" -q
+	DIFFUSION_NP_QUICK=1 $(PY) -m pytest -m "not crosscheck" -q --nbmake --nbmake-timeout=300 tests tutorials
 
 crosscheck: $(VENV)/.installed-crosscheck
 	$(PY) -m pytest -m crosscheck -q
+
+test-gpu: install
+	$(PIP) install -e ".[dev,gpu]"
+	$(PY) -m pytest -m gpu -q
 
 fixtures: $(VENV)/.installed-crosscheck
 	cd tests && ../$(PY) fixtures/make_fixtures.py
