@@ -1,0 +1,431 @@
+"""Tests of the U-Net blocks and the whole UNet2DConditionModel.
+
+Gradient checks of modules with thousands of parameters use :func:`check_subset`,
+which differentiates K random coordinates of every input and parameter
+numerically (the full check of every entry would take minutes here).
+"""
+
+import numpy as np
+import pytest
+from fixtures.cases_unet import (
+    SMALL_SD_LIKE_UNET,
+    TINY_UNET,
+    assert_grads_match,
+    our_layout,
+    reference_shapes,
+    torch_layout,
+    weights_for,
+)
+from helpers import SOURCES, assert_close, reference
+
+from diffusion_np.gradcheck import grad_rel_error
+from diffusion_np.models.unet import UNet2DConditionModel
+from diffusion_np.models.unet_blocks import (
+    CrossAttnDownBlock2D,
+    CrossAttnUpBlock2D,
+    DownBlock2D,
+    UNetMidBlock2DCrossAttn,
+    UpBlock2D,
+)
+
+# ---------------------------------------------------------------------------- a K-coordinate gradient check
+
+
+def _leaves(tree) -> list:
+    """The arrays of a (nested) tuple/list of arrays, in order."""
+    if isinstance(tree, (tuple, list)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def _random_like(tree, rng):
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_random_like(item, rng) for item in tree)
+    return rng.standard_normal(tree.shape)
+
+
+def check_subset(forward, backward, inputs, module, k: int = 3, seed: int = 0, h: float = 1e-6) -> dict:
+    """Centred finite differences at ``k`` random coordinates of every input and parameter.
+
+    The scalar is the one of :func:`diffusion_np.gradcheck.check_module`: ``L = sum(out * dout)``
+    with a random ``dout`` (shaped like ``forward``'s output, which may be a nested tuple), and
+    each sampled coordinate i gets ``(L(x + h e_i) - L(x - h e_i)) / (2 h)`` as in
+    ``gradcheck.numerical_gradient``. ``backward(dout)`` must return the input gradients aligned
+    with ``inputs``. Everything must be float64.
+
+    Returns ``{"input<i>" or parameter name: norm-wise relative error over the sampled coordinates}``.
+    """
+    rng = np.random.default_rng(seed)
+    module.zero_grad()
+    out = forward(*inputs)
+    dout = _random_like(out, rng)
+    dinputs = backward(dout)
+    flat_dout = _leaves(dout)
+
+    def loss() -> float:
+        return float(sum(float((o * d).sum()) for o, d in zip(_leaves(forward(*inputs)), flat_dout)))
+
+    def numeric_at(x, positions):
+        flat = x.reshape(-1)  # a view: perturbing it perturbs x
+        values = []
+        for i in positions:
+            old = float(flat[i])
+            flat[i] = old + h
+            plus = loss()
+            flat[i] = old - h
+            minus = loss()
+            flat[i] = old
+            values.append((plus - minus) / (2 * h))
+        return np.array(values)
+
+    def error(x, analytic):
+        positions = rng.choice(x.size, min(k, x.size), replace=False)
+        return grad_rel_error(analytic.reshape(-1)[positions], numeric_at(x, positions))
+
+    report = {f"input{i}": error(x, dx) for i, (x, dx) in enumerate(zip(inputs, dinputs)) if dx is not None}
+    for name, param, grad in list(module.parameters_and_grads()):
+        report[name] = error(param, grad.copy())
+    return report
+
+
+def _randomize(module, rng, scale=0.3):
+    """Move every parameter away from its init (norms' ones and zeros hide bugs)."""
+    for _, p in module.named_parameters():
+        p += scale * rng.standard_normal(p.shape)
+    return module
+
+
+B, T, L, D = 2, 5, 3, 6  # batch, time-embedding width, text tokens, text width
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------------------- block gradient checks
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("add_downsample", [True, False])
+def test_down_blocks_gradcheck(rng, cross, add_downsample):
+    kwargs = dict(num_layers=2, resnet_groups=2, add_downsample=add_downsample, rng=rng)
+    if cross:
+        block = CrossAttnDownBlock2D(4, 6, T, num_attention_heads=2, cross_attention_dim=D, **kwargs)
+    else:
+        block = DownBlock2D(4, 6, T, **kwargs)
+    _randomize(block.to(dtype=np.float64), rng)
+    inputs = [rng.standard_normal((B, 4, 4, 4)), rng.standard_normal((B, T))]
+    if cross:
+        inputs.append(rng.standard_normal((B, L, D)))
+    errors = check_subset(block, lambda d: block.backward(d[0], d[1]), inputs, block, k=4)
+    assert len(block(*inputs)[1]) == 2 + add_downsample
+    assert max(errors.values()) < 1e-6, errors
+
+
+def test_mid_block_gradcheck(rng):
+    block = UNetMidBlock2DCrossAttn(6, T, num_layers=1, resnet_groups=3, num_attention_heads=2,
+                                    cross_attention_dim=D, output_scale_factor=1.5, rng=rng)
+    _randomize(block.to(dtype=np.float64), rng)
+    inputs = [rng.standard_normal((B, 2, 3, 6)), rng.standard_normal((B, T)), rng.standard_normal((B, L, D))]
+    errors = check_subset(block, block.backward, inputs, block, k=4)
+    assert {"input0", "input1", "input2", "resnets.1.conv2.weight", "attentions.0.proj_out.weight"} <= set(errors)
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("cross", [False, True])
+@pytest.mark.parametrize("add_upsample", [True, False])
+def test_up_blocks_gradcheck(rng, cross, add_upsample):
+    # 3 resnets: skips of 6, 6 and (from the level below) 4 channels, used last-first
+    kwargs = dict(num_layers=3, resnet_groups=2, add_upsample=add_upsample, rng=rng)
+    if cross:
+        block = CrossAttnUpBlock2D(4, 8, 6, T, num_attention_heads=2, cross_attention_dim=D, **kwargs)
+    else:
+        block = UpBlock2D(4, 8, 6, T, **kwargs)
+    _randomize(block.to(dtype=np.float64), rng)
+    skips = [rng.standard_normal((B, 2, 2, c)) for c in (4, 6, 6)]
+    inputs = [rng.standard_normal((B, 2, 2, 8)), *skips, rng.standard_normal((B, T))]
+    if cross:
+        inputs.append(rng.standard_normal((B, L, D)))
+
+    def forward(x, s0, s1, s2, *rest):
+        return block(x, (s0, s1, s2), *rest)
+
+    def backward(d):
+        dx, dskips, *rest = block.backward(d)
+        return (dx, *dskips, *rest)
+
+    errors = check_subset(forward, backward, inputs, block, k=4)
+    assert {"input1", "input2", "input3"} <= set(errors)  # every skip got its gradient
+    assert max(errors.values()) < 1e-6, errors
+
+
+# ---------------------------------------------------------------------------- whole U-Net gradient check
+GRADCHECK_UNET = dict(
+    in_channels=3, out_channels=2, block_out_channels=(4, 8), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=D, attention_head_dim=2, norm_num_groups=2,
+)
+
+
+def test_unet_gradcheck(rng):
+    model = UNet2DConditionModel(**GRADCHECK_UNET, rng=rng, dtype=np.float64)
+    _randomize(model, rng, scale=0.2)
+    sample, context = rng.standard_normal((2, 4, 4, 3)), rng.standard_normal((2, L, D))
+    timesteps = np.array([3, 700])
+    errors = check_subset(lambda x, c: model(x, timesteps, c), model.backward, [sample, context], model, k=2)
+    assert len(errors) == 2 + len(model.state_dict())  # every parameter, the sample and the text
+    assert max(errors.values()) < 1e-6, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+# ---------------------------------------------------------------------------- parity with diffusers
+@pytest.fixture(params=SOURCES, scope="module")
+def torch_cases(request):
+    return reference("unet", request.param)
+
+
+def _load(model, case):
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == reference_shapes(case)  # diffusers' names, and shapes after the conv transpose
+    model.load_state_dict(weights_for(shapes))
+    return model
+
+
+def test_mid_block_matches_diffusers(torch_cases):
+    c = torch_cases["mid_block"]
+    block = _load(UNetMidBlock2DCrossAttn(32, 16, resnet_eps=1e-5, resnet_groups=8, num_attention_heads=4,
+                                          cross_attention_dim=12), c)
+    assert_close(block(c["x"], c["temb"], c["context"]), c["out"], what="mid: out")
+    dx, dtemb, dcontext = block.backward(c["dout"])
+    assert_close(dx, c["dx"], what="mid: dx")
+    assert_close(dtemb, c["dtemb"], what="mid: dtemb")
+    assert_close(dcontext, c["dcontext"], what="mid: dcontext")
+    assert assert_grads_match(block.named_grads(), c) <= 1.0
+
+
+def test_unet_matches_diffusers(torch_cases):
+    c = torch_cases["unet"]
+    model = _load(UNet2DConditionModel(**TINY_UNET), c)
+    out = model(c["sample"], c["timestep"], c["encoder_hidden_states"])
+    assert_close(out, c["out"], what="unet: out")
+    dsample, dcontext = model.backward(c["dout"])
+    assert_close(dsample, c["dsample"], what="unet: dsample")
+    assert_close(dcontext, c["dencoder_hidden_states"], what="unet: dencoder_hidden_states")
+    assert assert_grads_match(model.named_grads(), c) <= 1.0
+
+
+@pytest.mark.parametrize("case_name,config", [("unet", TINY_UNET), ("keys_small_sd_like", SMALL_SD_LIKE_UNET)])
+def test_state_dict_keys_and_shapes_equal_diffusers(torch_cases, case_name, config):
+    ours = {k: tuple(v.shape) for k, v in UNet2DConditionModel(**config).state_dict().items()}
+    theirs = reference_shapes(torch_cases[case_name])
+    assert set(ours) == set(theirs), (sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours)))
+    assert ours == theirs
+
+
+@pytest.mark.crosscheck
+def test_unet_every_gradient_matches_diffusers_in_full():
+    """The golden test compares gradient summaries; this one compares every entry (needs torch)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
+    ours = UNet2DConditionModel(**TINY_UNET)
+    weights = weights_for({k: tuple(v.shape) for k, v in ours.state_dict().items()})
+    ours.load_state_dict(weights)
+    theirs.load_state_dict({k: torch.tensor(torch_layout(k, v)) for k, v in weights.items()})
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 4, 32)).astype(np.float32)
+    dout = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    tx = torch.tensor(x.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+    tctx = torch.tensor(ctx, requires_grad=True)
+    tout = theirs(tx, torch.tensor([500]), tctx).sample
+    (tout * torch.tensor(dout.transpose(0, 3, 1, 2).copy())).sum().backward()
+    assert_close(ours(x, 500, ctx), tout.detach().numpy().transpose(0, 2, 3, 1), what="out")
+    dx, dctx = ours.backward(dout)
+    assert_close(dx, tx.grad.numpy().transpose(0, 2, 3, 1), what="dsample")
+    assert_close(dctx, tctx.grad.numpy(), what="dencoder_hidden_states")
+    grads = dict(ours.named_grads())
+    for name, p in theirs.named_parameters():
+        ref = our_layout(p.grad.numpy())
+        # see assert_grads_match: the absolute tolerance scales with the gradient's size
+        assert_close(grads[name], ref, atol=1e-5 * max(1.0, float(np.abs(ref).max())), what=name)
+
+
+# ---------------------------------------------------------------------------- skips and structure
+def test_skip_gradients_reach_the_down_path(rng):
+    """Cutting a skip's gradient must change dsample: the skips are summed into the down path."""
+    model = UNet2DConditionModel(**GRADCHECK_UNET, rng=rng)
+    x = rng.standard_normal((1, 4, 4, 3)).astype(np.float32)
+    ctx = rng.standard_normal((1, L, D)).astype(np.float32)
+    dout = rng.standard_normal((1, 4, 4, 2)).astype(np.float32)
+    model(x, 1, ctx)
+    full, _ = model.backward(dout)
+    model(x, 1, ctx)
+    up = model.up_blocks[0]
+    original = up.backward
+
+    def no_skip_grads(dh):
+        dx, dskips, dt = original(dh)
+        return dx, tuple(g * 0 for g in dskips), dt
+
+    object.__setattr__(up, "backward", no_skip_grads)
+    cut, _ = model.backward(dout)
+    assert np.abs(full - cut).max() > 1e-4
+
+
+def test_unet_structure_follows_diffusers():
+    model = UNet2DConditionModel(**TINY_UNET)
+    assert [len(b.resnets) for b in model.down_blocks] == [1, 1]
+    assert [len(b.resnets) for b in model.up_blocks] == [2, 2]  # one more than the down block
+    assert model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.heads == 8  # attention_head_dim = heads
+    assert model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.dim_head == 4  # 32 channels / 8 heads
+    assert model.time_embedding.linear_1.weight.shape == (128, 32)  # 4 * block_out_channels[0]
+    out = model(np.zeros((1, 8, 8, 4), np.float32), 10, np.zeros((1, 3, 32), np.float32))
+    assert out.shape == (1, 8, 8, 4) and out.dtype == np.float32
+
+
+def test_three_levels_and_no_mid_block(rng):
+    config = dict(SMALL_SD_LIKE_UNET, mid_block_type=None)
+    model = UNet2DConditionModel(**config, rng=rng)
+    assert not any(k.startswith("mid_block") for k in model.state_dict())
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 3, 24)).astype(np.float32)
+    out = model(x, np.array([1, 2]), ctx)
+    dx, dctx = model.backward(np.ones_like(out))
+    assert dx.shape == x.shape and dctx.shape == ctx.shape
+    assert all(np.abs(g).sum() > 0 for _, g in model.named_grads())  # every parameter was reached
+
+
+def test_center_input_sample_scales_the_sample_gradient(rng):
+    plain = UNet2DConditionModel(**GRADCHECK_UNET, rng=np.random.default_rng(1))
+    centred = UNet2DConditionModel(**GRADCHECK_UNET, center_input_sample=True, rng=np.random.default_rng(1))
+    x = rng.random((1, 4, 4, 3)).astype(np.float32)
+    ctx = rng.standard_normal((1, L, D)).astype(np.float32)
+    assert_close(centred(x, 5, ctx), plain(2 * x - 1, 5, ctx))
+    dout = rng.standard_normal((1, 4, 4, 2)).astype(np.float32)
+    assert_close(centred.backward(dout)[0], 2 * plain.backward(dout)[0])
+
+
+def test_scalar_and_batched_timesteps_agree(rng):
+    model = UNet2DConditionModel(**GRADCHECK_UNET, rng=rng)
+    x = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+    ctx = rng.standard_normal((2, L, D)).astype(np.float32)
+    a = model(x, 42, ctx)
+    np.testing.assert_array_equal(a, model(x, np.array([42, 42]), ctx))
+    np.testing.assert_array_equal(a, model(x, np.array([42]), ctx))
+    assert not np.allclose(a, model(x, np.array([42, 900]), ctx))
+
+
+def test_gradients_accumulate_until_zeroed(rng):
+    model = UNet2DConditionModel(**GRADCHECK_UNET, rng=rng)
+    x = rng.standard_normal((1, 4, 4, 3)).astype(np.float32)
+    ctx = rng.standard_normal((1, L, D)).astype(np.float32)
+    dout = np.ones((1, 4, 4, 2), np.float32)
+    model(x, 1, ctx)
+    model.backward(dout)
+    first = model.conv_in.grads["weight"].copy()
+    model(x, 1, ctx)
+    model.backward(dout)
+    np.testing.assert_allclose(model.conv_in.grads["weight"], 2 * first, rtol=1e-5)
+    model.zero_grad()
+    assert not any(g.any() for _, g in model.named_grads())
+    with pytest.raises(RuntimeError, match="backward called without a preceding forward"):
+        model.backward(dout)
+
+
+# ---------------------------------------------------------------------------- configuration
+def test_from_config_takes_a_diffusers_config_json():
+    config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.0", **TINY_UNET,
+              "upcast_attention": False, "resnet_time_scale_shift": "default", "num_attention_heads": None}
+    model = UNet2DConditionModel.from_config(config)
+    assert model.config["attention_head_dim"] == 8
+    assert model.config["block_out_channels"] == (32, 64)
+    assert set(model.state_dict()) == set(UNet2DConditionModel(**TINY_UNET).state_dict())
+    again = UNet2DConditionModel.from_config(model.config)
+    assert again.config == model.config
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"class_embed_type": "timestep"}, "does not support class_embed_type='timestep'"),
+        ({"addition_embed_type": "text_time"}, "does not support addition_embed_type"),
+        ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift"),
+        ({"num_attention_heads": 8}, "num_attention_heads"),
+        ({"not_a_field": 1}, "unknown config field.*not_a_field"),
+        ({"down_block_types": ("AttnDownBlock2D", "DownBlock2D")}, r"unsupported block type.*AttnDownBlock2D"),
+        ({"up_block_types": ("UpBlock2D", "SimpleCrossAttnUpBlock2D")}, "SimpleCrossAttnUpBlock2D"),
+        ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "unsupported mid_block_type"),
+        ({"block_out_channels": (32, 64, 64)}, "must have the same length"),
+        ({"attention_head_dim": 5}, r"block_out_channels\[0\]=32 is not divisible by attention_head_dim\[0\]=5"),
+        ({"attention_head_dim": (8, 8, 8)}, "attention_head_dim has 3 entries for 2 levels"),
+        ({"only_cross_attention": True}, "only_cross_attention"),
+        ({"time_embedding_type": "fourier"}, "positional"),
+    ],
+)
+def test_unsupported_config_raises(change, match):
+    with pytest.raises(ValueError, match=match):
+        UNet2DConditionModel(**{**TINY_UNET, **change})
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def tiny():
+    return UNet2DConditionModel(**TINY_UNET)
+
+
+@pytest.mark.parametrize(
+    "sample_shape,timestep,ctx_shape,error,match",
+    [
+        ((1, 8, 8, 3), 1, (1, 3, 32), ValueError, r"sample of shape \(B, H, W, C\) with C=4.*got \(1, 8, 8, 3\)"),
+        ((1, 4, 8, 8), 1, (1, 3, 32), ValueError, r"C=4 \(channels last\), got \(1, 4, 8, 8\)"),
+        ((1, 8, 8, 4), 1, (1, 3, 16), ValueError, r"encoder_hidden_states of shape \(\.\.\., 32\)"),
+        ((2, 8, 8, 4), 1, (1, 3, 32), ValueError, r"encoder_hidden_states of shape \(B=2, L, 32\)"),
+        ((1, 8, 8, 4), 1, (3, 32), ValueError, "encoder_hidden_states"),
+        ((1, 7, 8, 4), 1, (1, 3, 32), ValueError, r"2 levels needs H and W divisible by 2"),
+        ((1, 8, 5, 4), 1, (1, 3, 32), ValueError, r"2 levels needs H and W divisible by 2"),
+        ((2, 8, 8, 4), np.array([1, 2, 3]), (2, 3, 32), ValueError, r"timestep .*\(B,\) with B=2, got \(3,\)"),
+        ((1, 8, 8, 4), np.array(["a"]), (1, 3, 32), TypeError, "integer or float timesteps"),
+    ],
+)
+def test_unet_bad_input(tiny, sample_shape, timestep, ctx_shape, error, match):
+    with pytest.raises(error, match=match):
+        tiny(np.zeros(sample_shape, np.float32), timestep, np.zeros(ctx_shape, np.float32))
+
+
+def test_unet_bad_dtype_and_nan(tiny):
+    ctx = np.zeros((1, 3, 32), np.float32)
+    with pytest.raises(TypeError, match="UNet2DConditionModel expects sample with a floating dtype"):
+        tiny(np.zeros((1, 8, 8, 4), np.int64), 1, ctx)
+    with pytest.raises(ValueError, match="non-finite value .* in encoder_hidden_states"):
+        tiny(np.zeros((1, 8, 8, 4), np.float32), 1, np.full((1, 3, 32), np.nan, np.float32))
+
+
+def test_h_divisibility_grows_with_levels():
+    model = UNet2DConditionModel(**SMALL_SD_LIKE_UNET)  # 3 levels: H, W divisible by 4
+    with pytest.raises(ValueError, match="3 levels needs H and W divisible by 4"):
+        model(np.zeros((1, 6, 8, 4), np.float32), 1, np.zeros((1, 2, 24), np.float32))
+
+
+@pytest.mark.gpu
+def test_unet_cupy_matches_numpy():
+    import cupy as cp
+
+    rng = np.random.default_rng(6)
+    model = UNet2DConditionModel(**TINY_UNET, rng=rng)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
+    ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    dout = rng.standard_normal(x.shape).astype(np.float32)
+    out = model(x, np.array([10, 500]), ctx)
+    dx, dctx = model.backward(dout)
+    grads = {k: v.copy() for k, v in model.named_grads()}
+    model.zero_grad()
+    model.to("cupy")
+    out_gpu = model(cp.asarray(x), cp.asarray([10, 500]), cp.asarray(ctx))
+    dx_gpu, dctx_gpu = model.backward(cp.asarray(dout))
+    assert isinstance(out_gpu, cp.ndarray)
+    assert_close(out_gpu, out, atol=1e-4, what="out")
+    assert_close(dx_gpu, dx, atol=1e-4, what="dsample")
+    assert_close(dctx_gpu, dctx, atol=1e-4, what="dencoder_hidden_states")
+    for name, g in model.named_grads():
+        ref = grads[name]
+        assert_close(g, ref, atol=1e-4 * max(1.0, float(np.abs(ref).max())), rtol=1e-3, what=name)
