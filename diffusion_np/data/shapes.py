@@ -1,0 +1,408 @@
+"""Captioned shapes: small RGB images drawn in code, each with a one-line prompt.
+
+Every image holds one object on a black background, described by four attributes::
+
+    "a small red circle in the top left"
+       size  colour shape     position
+
+    colour    red, green, blue, yellow, magenta, cyan   (pure RGB primaries and secondaries)
+    shape     circle, square, triangle
+    size      small, large
+    position  top left, top right, bottom left, bottom right, center
+
+That is 6 x 3 x 2 x 5 = 180 combinations. The label of an image is the row
+``(colour, shape, size, position)`` of indices into :data:`COLOURS`, :data:`SHAPES`,
+:data:`SIZES` and :data:`POSITIONS` (:data:`LABEL_COLUMNS` names the columns).
+
+Geometry (pixel units for the default 32 x 32; everything scales with ``image_size / 32``).
+Pixel (i, j) covers [j, j+1] x [i, i+1], so its centre is (j + 0.5, i + 0.5); y points down.
+
+* Position: the object's bounding-box centre sits at the centre of its quadrant,
+  (8, 8), (24, 8), (8, 24), (24, 24), or at the image centre (16, 16), moved by a
+  uniform jitter of up to +-1.5 pixels in x and in y.
+* Size: the half-width ``r`` of the bounding box is 3.25 (small) or 5.5 (large),
+  times a uniform factor in [0.9, 1.1]. A large object with the most jitter still
+  ends 0.45 pixels inside its quadrant and the image.
+* Shape, all inside the same 2r x 2r box: a circle of radius r, an axis-aligned
+  square of half-side r, and an upward isosceles triangle with its apex at the
+  middle of the top edge and its base along the bottom edge. Their areas are
+  pi r^2, 4 r^2 and 2 r^2: area / box area is pi/4, 1 and 1/2, which is what
+  :mod:`diffusion_np.metrics.shapes` reads the shape from.
+
+Anti-aliasing: each shape has an exact signed distance function d(p) (negative
+inside), and a pixel's coverage is clip(0.5 - d(centre), 0, 1): a pixel whose centre
+lies on the boundary is half covered, one a pixel away from it inside is fully
+covered. For a straight edge this equals the exact area of the pixel inside the
+shape when the edge runs along a pixel axis, and is a close approximation otherwise.
+The pixel value is ``coverage * colour`` over black, so every image uses only the
+background, its own colour and blends of the two. Images are mapped from [0, 1] to
+[-1, 1] (black is -1) as diffusion models expect.
+
+Held-out combinations (compositional generalisation, as in GenEval-style evaluation):
+for each of the 18 (colour, shape) pairs exactly one (size, position) is held out::
+
+    size     = (colour + shape) % 2
+    position = (2 * colour + shape) % 5
+
+18 of 180 combinations (10%), listed in :data:`HELDOUT_COMBOS`. Every single
+attribute value and every pair of attribute values still occurs in training: of
+the combinations that share a pair of values, at most 1 of 10 (colour, shape),
+2 of 15 (colour, size), 1 of 6 (colour, position), 3 of 30 (shape, size),
+2 of 12 (shape, position) and 2 of 18 (size, position) are held out. So a model
+has seen "small", "red", "circle" and "top left", and small red things, red
+circles, circles in the top left and so on, but never "a small red circle in the
+top left" itself. ``split="train"`` never draws these, ``split="heldout"`` draws
+only these, ``split="all"`` draws all 180.
+
+Sampling draws a combination uniformly from those of the split, then the jitter.
+
+Left out on purpose: several objects per image, rotation, textures, and any
+background other than black (black keeps the "is this pixel the object?" question
+of the analyser trivial).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+
+#: names of the four label columns, in order
+LABEL_COLUMNS = ("colour", "shape", "size", "position")
+
+#: the RGB value in [0, 1] of each colour of :data:`COLOURS` (6, 3)
+COLOUR_RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=np.float32)
+
+#: half-width of the bounding box of each size of :data:`SIZES`, in pixels of a 32 x 32 image
+SIZE_RADIUS = (3.25, 5.5)
+#: the size factor is uniform in [1 - SIZE_JITTER, 1 + SIZE_JITTER]
+SIZE_JITTER = 0.1
+#: the position is moved by a uniform offset in [-POSITION_JITTER, POSITION_JITTER] pixels, in x and in y
+POSITION_JITTER = 1.5
+#: bounding-box centre (x, y) of each position of :data:`POSITIONS`, in pixels of a 32 x 32 image
+POSITION_XY = np.array([[8.0, 8.0], [24.0, 8.0], [8.0, 24.0], [24.0, 24.0], [16.0, 16.0]])
+
+SPLITS = ("train", "heldout", "all")
+
+_SHAPE_OF_LABELS = (len(COLOURS), len(SHAPES), len(SIZES), len(POSITIONS))  # (6, 3, 2, 5)
+
+
+def _all_combos() -> np.ndarray:
+    """Every (colour, shape, size, position) row, (180, 4) int64, in C order."""
+    grids = np.meshgrid(*[np.arange(k) for k in _SHAPE_OF_LABELS], indexing="ij")
+    return np.stack([g.ravel() for g in grids], axis=1).astype(np.int64)
+
+
+def _heldout_combos() -> np.ndarray:
+    """One (size, position) per (colour, shape) pair; the rule is in the module docstring."""
+    colour, shape = np.meshgrid(np.arange(len(COLOURS)), np.arange(len(SHAPES)), indexing="ij")
+    colour, shape = colour.ravel(), shape.ravel()
+    size = (colour + shape) % len(SIZES)
+    position = (2 * colour + shape) % len(POSITIONS)
+    return np.stack([colour, shape, size, position], axis=1).astype(np.int64)
+
+
+#: the 18 held-out (colour, shape, size, position) rows (18, 4)
+HELDOUT_COMBOS = _heldout_combos()
+
+
+def _combo_index(labels: np.ndarray) -> np.ndarray:
+    """Row (c, s, z, p) -> its flat index c*30 + s*10 + z*5 + p in 0..179."""
+    return np.ravel_multi_index(tuple(np.asarray(labels).T), _SHAPE_OF_LABELS)
+
+
+def is_heldout(labels) -> np.ndarray:
+    """Boolean (B,) (or a scalar for one row): is each label row a held-out combination?"""
+    labels = np.asarray(labels)
+    heldout = np.zeros(int(np.prod(_SHAPE_OF_LABELS)), dtype=bool)
+    heldout[_combo_index(HELDOUT_COMBOS)] = True
+    return heldout[_combo_index(labels.reshape(-1, 4))].reshape(labels.shape[:-1])
+
+
+def combos(split: str = "all") -> np.ndarray:
+    """All label rows of a split, (N, 4) int64: 162 for "train", 18 for "heldout", 180 for "all"."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    rows = _all_combos()
+    if split == "all":
+        return rows
+    held = is_heldout(rows)
+    return rows[held] if split == "heldout" else rows[~held]
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def _check_labels(labels) -> np.ndarray:
+    """Labels as an integer array (4,) or (B, 4) with every column in range, or a clear error."""
+    labels = np.asarray(labels)
+    if labels.ndim not in (1, 2) or labels.shape[-1] != 4:
+        raise ValueError(f"labels must be (4,) or (B, 4) (colour, shape, size, position), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(f"labels must be integers, got {labels.dtype}")
+    high = np.array(_SHAPE_OF_LABELS)
+    if np.any(labels < 0) or np.any(labels >= high):
+        raise ValueError(f"labels out of range: column j must lie in [0, {list(high)}[j]), got {labels.tolist()}")
+    return labels
+
+
+def caption(labels) -> str | list[str]:
+    """The prompt of one label row (4,) -> str, or of a batch (B, 4) -> list of str.
+
+    >>> caption([0, 0, 0, 0])
+    'a small red circle in the top left'
+    """
+    labels = _check_labels(labels)
+    rows = [
+        f"a {SIZES[z]} {COLOURS[c]} {SHAPES[s]} in the {POSITIONS[p]}" for c, s, z, p in labels.reshape(-1, 4).tolist()
+    ]
+    return rows[0] if labels.ndim == 1 else rows
+
+
+_FILLER = {"a", "an", "in", "the", "at", "on"}
+_WORD = re.compile(r"[a-z]+")
+
+
+def _parse_one(text: str) -> list[int]:
+    words = _WORD.findall(text.lower())
+    found: dict[str, list[int]] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in _FILLER:
+            pass
+        elif word in COLOURS:
+            found.setdefault("colour", []).append(COLOURS.index(word))
+        elif word in SHAPES:
+            found.setdefault("shape", []).append(SHAPES.index(word))
+        elif word in SIZES:
+            found.setdefault("size", []).append(SIZES.index(word))
+        elif word in ("center", "centre"):  # both spellings mean the same place
+            found.setdefault("position", []).append(POSITIONS.index("center"))
+        elif word in ("top", "bottom"):
+            if i + 1 >= len(words) or words[i + 1] not in ("left", "right"):
+                raise ValueError(f"in caption {text!r}: {word!r} must be followed by 'left' or 'right'")
+            found.setdefault("position", []).append(POSITIONS.index(f"{word} {words[i + 1]}"))
+            i += 1
+        else:
+            raise ValueError(
+                f"unknown word {word!r} in caption {text!r}; known words: colours {COLOURS}, shapes {SHAPES}, "
+                f"sizes {SIZES}, positions {POSITIONS}, and {sorted(_FILLER)}"
+            )
+        i += 1
+    row = []
+    for column in LABEL_COLUMNS:
+        values = found.get(column, [])
+        if len(values) != 1:
+            what = "no" if not values else "more than one"
+            raise ValueError(f"caption {text!r} has {what} {column}; it needs exactly one")
+        row.append(values[0])
+    return row
+
+
+def parse_caption(text: str | Sequence[str]) -> np.ndarray:
+    """Labels from captions: a str -> (4,) int64, a list of str -> (B, 4) int64.
+
+    Case and punctuation are ignored, as are the words a, an, in, the, at, on, and
+    the order of the attributes; "centre" is read as "center". Every caption must
+    name exactly one colour, shape, size and position. Unknown words raise a
+    ValueError that names them.
+    """
+    if isinstance(text, str):
+        return np.array(_parse_one(text), dtype=np.int64)
+    rows = [_parse_one(t) for t in text]
+    return np.array(rows, dtype=np.int64).reshape(len(rows), 4)
+
+
+def all_prompts(split: str = "all") -> list[str]:
+    """The caption of every combination of a split (162 "train", 18 "heldout", 180 "all")."""
+    return caption(combos(split))
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _sdf_circle(x, y, cx, cy, r):
+    """Signed distance to a circle: |p - c| - r."""
+    return np.sqrt((x - cx) ** 2 + (y - cy) ** 2) - r
+
+
+def _sdf_square(x, y, cx, cy, r):
+    """Signed distance to an axis-aligned square of half-side r (the exact box SDF).
+
+    q = |p - c| - r per axis; outside: |max(q, 0)|, inside: max(qx, qy) (<= 0).
+    """
+    qx = np.abs(x - cx) - r
+    qy = np.abs(y - cy) - r
+    outside = np.sqrt(np.maximum(qx, 0.0) ** 2 + np.maximum(qy, 0.0) ** 2)
+    inside = np.minimum(np.maximum(qx, qy), 0.0)
+    return outside + inside
+
+
+def _sdf_triangle(x, y, cx, cy, r):
+    """Signed distance to the upward triangle with apex (cx, cy - r), base y = cy + r, x in cx +- r.
+
+    The distance to the boundary is the smallest distance to its three edge
+    segments; the sign comes from the inside test (below the two slanted edges,
+    above the base): the half-width at height y is (y - (cy - r)) / 2.
+    """
+    ax, ay = cx, cy - r  # apex
+    bx, by = cx - r, cy + r  # bottom left
+    qx, qy = cx + r, cy + r  # bottom right
+    dist = np.minimum(
+        np.minimum(_segment_distance(x, y, ax, ay, bx, by), _segment_distance(x, y, bx, by, qx, qy)),
+        _segment_distance(x, y, qx, qy, ax, ay),
+    )
+    inside = (y <= cy + r) & (np.abs(x - cx) <= (y - ay) / 2)
+    return np.where(inside, -dist, dist)
+
+
+def _segment_distance(x, y, ax, ay, bx, by):
+    """Distance from points (x, y) to the segment from a to b: project, clamp to [0, 1], measure."""
+    ex, ey = bx - ax, by - ay
+    t = np.clip(((x - ax) * ex + (y - ay) * ey) / (ex * ex + ey * ey), 0.0, 1.0)
+    return np.sqrt((x - ax - t * ex) ** 2 + (y - ay - t * ey) ** 2)
+
+
+_SDF = (_sdf_circle, _sdf_square, _sdf_triangle)  # in the order of SHAPES
+
+
+def render(labels, rng: np.random.Generator | int | None = None, image_size: int = 32) -> np.ndarray:
+    """Draw the images of label rows (B, 4): float32 (B, image_size, image_size, 3) in [-1, 1].
+
+    The jitter of position and size comes from ``rng`` (a Generator, or a seed);
+    the whole batch is drawn at once with broadcasting, one shape kind at a time.
+    """
+    labels = _check_labels(labels).reshape(-1, 4)
+    rng = np.random.default_rng(rng)
+    B, S = labels.shape[0], int(image_size)
+    scale = S / 32.0
+    colour, shape, size, position = labels.T
+
+    # 1. the bounding-box centre (B,) and half-width (B,), with jitter; host float64 geometry
+    jitter = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=(B, 2))
+    centre = (POSITION_XY[position] + jitter) * scale  # (B, 2) as (x, y)
+    radius = np.array(SIZE_RADIUS)[size] * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER, size=B) * scale
+
+    # 2. pixel centres, broadcast against the batch: (1, 1, S) and (1, S, 1)
+    xs = (np.arange(S) + 0.5)[None, None, :]
+    ys = (np.arange(S) + 0.5)[None, :, None]
+    cx, cy, r = centre[:, 0, None, None], centre[:, 1, None, None], radius[:, None, None]  # (B, 1, 1)
+
+    # 3. signed distance of every pixel centre to its image's shape (B, S, S), one kind of shape at a time
+    sdf = np.empty((B, S, S))
+    for k, sdf_fn in enumerate(_SDF):
+        pick = shape == k
+        sdf[pick] = sdf_fn(xs, ys, cx[pick], cy[pick], r[pick])
+
+    # 4. anti-aliased coverage in [0, 1]: half covered on the boundary, linear over one pixel
+    coverage = np.clip(0.5 - sdf, 0.0, 1.0).astype(np.float32)  # (B, S, S)
+
+    # 5. colour over black, then [0, 1] -> [-1, 1]
+    rgb = coverage[..., None] * COLOUR_RGB[colour][:, None, None, :]  # (B, S, S, 1) * (B, 1, 1, 3)
+    return rgb * 2.0 - 1.0
+
+
+class ShapesDataset:
+    """An endless, seeded stream of captioned shape images (see the module docstring).
+
+    Parameters
+    ----------
+    split : {"train", "heldout", "all"}
+        Which combinations are drawn; "train" never draws :data:`HELDOUT_COMBOS`.
+    seed : int
+        Seed of the dataset's own generator, used when ``sample`` gets no ``rng``.
+        Two datasets with the same seed give the same sequence of batches.
+    image_size : int
+        Side of the square images; the geometry scales with ``image_size / 32``.
+
+    Examples
+    --------
+    >>> images, captions, labels = ShapesDataset("train", seed=0).sample(16)
+    >>> images.shape, images.dtype, labels.shape
+    ((16, 32, 32, 3), dtype('float32'), (16, 4))
+    """
+
+    COLOURS, SHAPES, SIZES, POSITIONS = COLOURS, SHAPES, SIZES, POSITIONS
+
+    def __init__(self, split: str = "train", seed: int = 0, image_size: int = 32):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not isinstance(image_size, (int, np.integer)) or image_size < 16:
+            raise ValueError(f"image_size must be an integer >= 16, got {image_size!r}")
+        self.split = split
+        self.image_size = int(image_size)
+        self.combos = combos(split)  # (N, 4) the label rows this split draws from
+        self._rng = np.random.default_rng(seed)
+
+    def sample(self, n: int, rng: np.random.Generator | int | None = None):
+        """Draw ``n`` images.
+
+        Parameters
+        ----------
+        n : int
+            Batch size.
+        rng : Generator or int, optional
+            Generator (or seed) to draw from; by default the dataset's own, which
+            moves on with each call.
+
+        Returns
+        -------
+        images : float32 (n, image_size, image_size, 3) in [-1, 1], black background at -1
+        captions : list of n str, e.g. "a small red circle in the top left"
+        labels : int64 (n, 4), columns (colour, shape, size, position)
+        """
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        rng = self._rng if rng is None else np.random.default_rng(rng)
+        labels = self.combos[rng.integers(0, len(self.combos), size=n)]  # (n, 4) uniform over combinations
+        images = render(labels, rng, self.image_size)
+        return images, caption(labels), labels
+
+    # the caption helpers, reachable from an instance too
+    caption = staticmethod(caption)
+    parse_caption = staticmethod(parse_caption)
+    all_prompts = staticmethod(all_prompts)
+
+
+def plot_shapes_grid(images, captions: Sequence[str] | None = None, ncols: int = 8, size: float = 1.6):
+    """A matplotlib figure showing images in a grid, each titled with its caption.
+
+    ``images`` is (B, H, W, 3) or (B, H, W, 1) in [-1, 1] (NumPy or CuPy); one
+    channel is shown in grey. Long captions are wrapped onto two lines. Returns the
+    figure (call ``plt.close(fig)`` when done with it in a loop).
+    """
+    import matplotlib.pyplot as plt  # imported here: only plotting needs it
+
+    from diffusion_np.backend import asnumpy
+
+    images = asnumpy(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be (B, H, W, 3) or (B, H, W, 1), got {images.shape}")
+    B = images.shape[0]
+    if captions is not None and len(captions) != B:
+        raise ValueError(f"got {B} images but {len(captions)} captions")
+    ncols = max(1, min(ncols, B))
+    nrows = -(-B // ncols)  # ceil
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows * 1.25), squeeze=False)
+    shown = np.clip((images + 1.0) / 2.0, 0.0, 1.0)  # [-1, 1] -> [0, 1] for imshow
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i >= B:
+            continue
+        if shown.shape[-1] == 1:
+            ax.imshow(shown[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            ax.imshow(shown[i], interpolation="nearest")
+        if captions is not None:
+            words = captions[i].split()
+            half = (len(words) + 1) // 2
+            ax.set_title(" ".join(words[:half]) + "\n" + " ".join(words[half:]), fontsize=7)
+    fig.tight_layout()
+    return fig
