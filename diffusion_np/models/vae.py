@@ -76,7 +76,7 @@ from diffusion_np.nn.losses import (
 from diffusion_np.nn.module import Module, ModuleList
 from diffusion_np.nn.norm import GroupNorm
 from diffusion_np.nn.resample import Downsample2D, Upsample2D
-from diffusion_np.nn.validate import check_finite, check_image
+from diffusion_np.nn.validate import check_finite, check_float, check_image
 
 #: Stable Diffusion clamps the log-variance to this range (diffusers' DiagonalGaussianDistribution,
 #: CompVis' ldm/modules/distributions): exp(20) ~ 5e8 is already a meaningless variance, and
@@ -567,6 +567,12 @@ class AutoencoderKL(Module):
         self.noise_rng = np.random.default_rng(int(rng.integers(2**31)))
         self._encode_cache = None
         self._loss_cache = None
+        self.posterior = None  # the DiagonalGaussian of the last forward
+
+    def to(self, device: str = "numpy", dtype=None) -> AutoencoderKL:
+        """Module.to, also dropping the caches this class keeps outside ``_cache``."""
+        self._encode_cache = self._loss_cache = self.posterior = None
+        return super().to(device, dtype)
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -656,6 +662,7 @@ class AutoencoderKL(Module):
         if sample_posterior:
             if noise is None:
                 noise = _draw_noise(posterior.mean, rng if rng is not None else self.noise_rng)
+            check_float(self, noise, "noise")
             _check_same_shape("AutoencoderKL", posterior.mean, noise, "noise")
             z, reparam = reparameterize_forward(posterior.mean, posterior.logvar, noise)
         else:

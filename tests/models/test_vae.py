@@ -500,6 +500,8 @@ def test_bad_dtype_nan_latents_noise_and_recon(tiny):
     x = np.zeros((1, 16, 16, 3), np.float32)
     with pytest.raises(ValueError, match=r"noise of shape \(1, 8, 8, 4\), got \(1, 8, 8, 2\)"):
         tiny(x, noise=np.zeros((1, 8, 8, 2), np.float32))
+    with pytest.raises(TypeError, match="AutoencoderKL expects noise with a floating dtype"):
+        tiny(x, noise=np.zeros((1, 8, 8, 4), np.int32))
     with pytest.raises(ValueError, match="recon must be 'l1' or 'mse'"):
         tiny.loss(x, recon="lpips")
 
