@@ -1,6 +1,7 @@
 """The networks of Stable Diffusion, shaped like the real ones, with hand-written backward passes.
 
 * :class:`UNet2DConditionModel` (unet.py, built from unet_blocks.py, resnet.py, transformer.py)
+* :class:`AutoencoderKL` (vae.py), the VAE of latent diffusion
 * :class:`TextEncoder` (a CLIP-shaped text transformer) and :class:`WordTokenizer`
 * :class:`ToyDenoiser`, the MLP for 2-D toy data
 
@@ -20,8 +21,11 @@ from diffusion_np.models.unet_blocks import (
     UNetMidBlock2DCrossAttn,
     UpBlock2D,
 )
+from diffusion_np.models.vae import AutoencoderKL, DiagonalGaussian
 
 __all__ = [
+    "AutoencoderKL",
+    "DiagonalGaussian",
     "BasicTransformerBlock",
     "CrossAttnDownBlock2D",
     "CrossAttnUpBlock2D",
