@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from diffusion_np.io import checkpoint as ckpt_module
 from diffusion_np.io import CheckpointError, load_checkpoint, save_checkpoint
+from diffusion_np.io import checkpoint as ckpt_module
 from diffusion_np.models.toy_mlp import ToyDenoiser
 from diffusion_np.nn.losses import mse_loss_backward, mse_loss_forward
 from diffusion_np.optim import EMA, Adam, LRScheduler, linear_warmup_cosine
