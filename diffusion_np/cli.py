@@ -2,15 +2,23 @@
 
     diffusion-np demo        gradient-check report of every layer (what `make demo` runs)
     diffusion-np gradcheck   the same report, with options
+    diffusion-np train TASK  train a model (toy2d now; digits, shapes-vae, shapes later) with
+                             checkpoints, --resume, Ctrl-C saving and preview PNGs
+    diffusion-np sample      draw samples from a checkpoint with any sampler, write a PNG
 
 Bad arguments print one line and exit with status 2; ``--help`` on every command.
+A task's own ``train`` options come from its class (``add_arguments``), the shared
+ones from :class:`~diffusion_np.training.trainer.TrainConfig`; registering a task in
+:data:`~diffusion_np.training.trainer.TASKS` is all the CLI needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -67,20 +75,274 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _UsageError(Exception):
+    """A bad argument found after parsing (missing directory, conflicting --resume options)."""
+
+
+# ----------------------------------------------------------------------------- argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _float_in(low: float, high: float, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            bracket = "(" if low_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {bracket}{low}, {high}], got {text}")
+        return value
+
+    return parse
+
+
+# ----------------------------------------------------------------------------- parser
+_TRAIN_EPILOG = """examples:
+  diffusion-np train toy2d --dataset swiss_roll --steps 3000 --out runs/swiss
+  diffusion-np train toy2d --out runs/swiss --resume      # continue after Ctrl-C or a crash
+
+The run directory gets checkpoint/ (the latest checkpoint, replaced atomically),
+loss.png and samples/step-NNNNNN.png. Ctrl-C finishes the current step, saves a
+checkpoint and exits; --resume then continues the exact same run."""
+
+_SAMPLE_EPILOG = """example:
+  diffusion-np sample --checkpoint runs/swiss --sampler dpm++ --steps 20 -n 2000 -o swiss.png"""
+
+
+def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """The options every task shares (TrainConfig fields, --out, --resume, --quiet).
+
+    Defaults are argparse.SUPPRESS so that an option the user did not give is
+    absent from the namespace: --resume then takes it from the checkpoint.
+    """
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="run directory for the checkpoint, loss.png and samples/ (required; created if missing)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint (options not given are taken from it; "
+                             "starts from step 0 if there is none)")
+
+    def option(flag: str, type_, text: str) -> None:
+        key = flag[2:].replace("-", "_")
+        default = defaults[key] if defaults[key] is not None else "steps // 20"
+        metavar = "X" if type_ not in (_positive_int, _nonnegative_int) else "N"
+        parser.add_argument(flag, type=type_, default=argparse.SUPPRESS, metavar=metavar,
+                            help=f"{text} (default {default})")
+
+    option("--steps", _positive_int, "total optimizer steps; the learning-rate schedule ends there")
+    option("--batch-size", _positive_int, "examples per step")
+    option("--lr", _float_in(0.0, 10.0, low_open=True), "peak learning rate of the linear-warmup + cosine schedule")
+    option("--warmup-steps", _nonnegative_int, "steps of linear learning-rate warmup")
+    option("--weight-decay", _float_in(0.0, 1.0), "decoupled weight decay; > 0 switches Adam to AdamW")
+    option("--ema-decay", _float_in(0.0, 1.0), "decay of the EMA of the weights used for samples")
+    option("--grad-clip", _float_in(0.0, float("inf")), "clip the global gradient norm to this; 0: no clipping")
+    option("--seed", _nonnegative_int, "seed of initialisation, batches, timesteps and noise")
+    option("--checkpoint-every", _nonnegative_int, "write a checkpoint every N steps; 0: only at the end")
+    option("--sample-every", _nonnegative_int, "write a preview PNG every N steps; 0: only at the end")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from diffusion_np.samplers import SAMPLERS
+    from diffusion_np.training.trainer import TASKS, TaskNotAvailable, TrainConfig, get_task
+
     parser = _Parser(prog="diffusion-np", description="Stable Diffusion in plain NumPy with hand-written backprop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("demo", help="run the demo on built-in data (for now: the layer gradient-check report)")
     g = sub.add_parser("gradcheck", help="finite-difference check of every layer's backward")
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs and parameters (default 0)")
+
+    train = sub.add_parser("train", help="train a model, with checkpoints and --resume",
+                           description="Train a model on built-in data. Choose a task; each has its own --help.",
+                           epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tasks = train.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=_Parser)
+    generic = dataclasses.asdict(TrainConfig())
+    for name in TASKS:
+        try:
+            cls = get_task(name)
+        except TaskNotAvailable:
+            p = tasks.add_parser(name, help=f"{name} (not available yet)",
+                                 description=f"Task {name!r} is not available yet.")
+            _add_train_options(p, generic)
+            continue
+        summary = getattr(cls, "description", name)
+        p = tasks.add_parser(name, help=summary, description=summary, epilog=_TRAIN_EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_train_options(p, {**generic, **cls.train_defaults})
+        cls.add_arguments(p.add_argument_group(f"{name} options"))
+
+    smp = sub.add_parser("sample", help="draw samples from a trained checkpoint and write a PNG",
+                         description="Draw samples from a checkpoint written by `diffusion-np train` (EMA weights) "
+                                     "and write a PNG (a scatter plot for toy2d).",
+                         epilog=_SAMPLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    smp.add_argument("--checkpoint", metavar="DIR", required=True,
+                     help="a run directory of `diffusion-np train` or the checkpoint/ inside it")
+    smp.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampling method (default ddim)")
+    smp.add_argument("--steps", type=_positive_int, default=50, metavar="N",
+                     help="number of sampling steps (default 50)")
+    smp.add_argument("--seed", type=_nonnegative_int, default=0, metavar="N",
+                     help="seed of the initial and per-step noise (default 0)")
+    smp.add_argument("-n", type=_positive_int, default=1000, help="number of samples (default 1000)")
+    smp.add_argument("-o", "--output", metavar="PNG", default="samples.png",
+                     help="PNG file to write; its directory must exist (default samples.png)")
+    smp.add_argument("--raw-weights", action="store_true",
+                     help="use the trained weights instead of their EMA")
+    smp.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+# ----------------------------------------------------------------------------- commands
+def _train(args) -> int:
+    from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
+    from diffusion_np.training.trainer import (
+        NonFiniteLossError,
+        TaskNotAvailable,
+        TrainConfig,
+        Trainer,
+        TrainingInterrupted,
+        get_task,
+    )
+
+    try:
+        cls = get_task(args.task)
+    except TaskNotAvailable as err:
+        raise _UsageError(str(err)) from None
+    if args.out is None:
+        raise _UsageError(f"train {args.task}: --out DIR is required (where checkpoints and plots go)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise _UsageError(f"--out {out} is a file, not a directory")
+
+    given = vars(args)
+    if given.get("grad_clip") == 0:
+        given["grad_clip"] = None  # 0 on the command line means "no clipping"
+    given_train = {f.name: given[f.name] for f in dataclasses.fields(TrainConfig) if f.name in given}
+    given_task = {f.name: given[f.name] for f in dataclasses.fields(cls.Config) if f.name in given}
+
+    checkpoint = None
+    if (out / "checkpoint").exists():
+        if not args.resume:
+            raise _UsageError(f"{out} already holds a checkpoint; pass --resume to continue it, "
+                              "or choose another --out")
+        try:
+            checkpoint = load_checkpoint(out / "checkpoint")
+        except CheckpointError as err:
+            raise _UsageError(str(err)) from None
+        saved = checkpoint.config
+        if saved.get("task") != cls.name:
+            raise _UsageError(f"{out} holds a {saved.get('task')!r} run, not {cls.name!r}")
+        conflicts = [
+            f"--{key.replace('_', '-')} {value} (the checkpoint has {section[key]})"
+            for section, options in ((saved["train"], given_train), (saved["task_config"], given_task))
+            for key, value in options.items()
+            if key not in TrainConfig.RESUMABLE_CHANGES and section.get(key) != value
+        ]
+        if conflicts:
+            raise _UsageError("--resume continues the run as configured; these options differ: "
+                              + ", ".join(conflicts) + " (drop them, or start a new --out)")
+        train_config = TrainConfig(**{**saved["train"], **given_train})
+        task_config = cls.Config(**saved["task_config"])
+    else:
+        if args.resume:
+            print(f"no checkpoint in {out} yet: starting from step 0", file=sys.stderr)
+        try:
+            train_config = TrainConfig(**{**cls.train_defaults, **given_train})
+            task_config = cls.Config(**given_task)
+        except ValueError as err:
+            raise _UsageError(str(err)) from None
+
+    rng = np.random.default_rng(train_config.seed)
+    task = cls(task_config, rng)  # the model's initialisation draws from rng first, as in the library calls
+    trainer = Trainer(task, train_config, out_dir=out, rng=rng, progress=not args.quiet)
+    if checkpoint is not None:
+        try:
+            trainer.resume(checkpoint)
+        except CheckpointError as err:
+            raise _UsageError(str(err)) from None
+        print(f"resuming {out} at step {trainer.step} of {train_config.steps}", file=sys.stderr)
+    if trainer.step >= train_config.steps:
+        print(f"{out} is already trained to step {trainer.step} (its --steps); nothing to do")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer.train()
+    except TrainingInterrupted as err:
+        print(f"diffusion-np: {err}; continue with: diffusion-np train {cls.name} --out {out} --resume",
+              file=sys.stderr)
+        return 130
+    except NonFiniteLossError as err:
+        print(f"diffusion-np: {err}", file=sys.stderr)
+        return 1
+    print(f"trained {cls.name} to step {trainer.step}: checkpoint {trainer.checkpoint_dir}, "
+          f"loss curve {out / 'loss.png'}, samples in {out / 'samples'}")
+    return 0
+
+
+def _sample(args) -> int:
+    from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
+    from diffusion_np.training.trainer import task_from_checkpoint
+
+    directory = Path(args.checkpoint)
+    if not directory.exists():
+        raise _UsageError(f"--checkpoint {directory} does not exist")
+    if (directory / "checkpoint").is_dir() and not (directory / "config.json").exists():
+        directory = directory / "checkpoint"  # a run directory: use its latest checkpoint
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise _UsageError(f"-o {output} must end in .png")
+    if not output.parent.is_dir():
+        raise _UsageError(f"-o {output}: the directory {output.parent} does not exist")
+    try:
+        checkpoint = load_checkpoint(directory)
+        task = task_from_checkpoint(checkpoint, use_ema=not args.raw_weights)
+    except (CheckpointError, LookupError) as err:
+        raise _UsageError(str(err)) from None
+    try:
+        samples = task.sample(args.sampler, args.steps, args.n, args.seed, progress=not args.quiet)
+    except ValueError as err:  # e.g. more steps than the model's training timesteps
+        raise _UsageError(str(err)) from None
+    state = checkpoint.training_state
+    step = state["step"] if state is not None else "?"
+    weights = "EMA weights" if (state is not None and not args.raw_weights) else "weights"
+    task.save_png(samples, output, f"{task.name}, step {step}, {args.sampler} {args.steps} steps, seed {args.seed}")
+    print(f"wrote {output} ({args.n} samples, {args.sampler}, {args.steps} steps, {weights} of {directory} "
+          f"at step {step})")
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("demo", "gradcheck"):
-        worst = gradcheck_report(seed=getattr(args, "seed", 0))
-        return 0 if worst < 1e-6 else 1
+    try:
+        if args.command in ("demo", "gradcheck"):
+            worst = gradcheck_report(seed=getattr(args, "seed", 0))
+            return 0 if worst < 1e-6 else 1
+        if args.command == "train":
+            return _train(args)
+        if args.command == "sample":
+            return _sample(args)
+    except _UsageError as err:
+        print(f"diffusion-np: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffusion-np: interrupted", file=sys.stderr)
+        return 130
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
