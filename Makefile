@@ -6,13 +6,14 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 # A CPU wheel of this exact version is what the cross-checks are pinned to.
 TORCH  := torch==2.13.0
 
-.PHONY: help install test test-gpu crosscheck demo bench fixtures lint clean
+.PHONY: help install test test-gpu crosscheck demo bench fixtures lint clean docs
 
 help:
 	@echo "make test        ruff + the test suite (sets up .venv on first use)"
 	@echo "make crosscheck  parity tests against live torch/diffusers"
 	@echo "make demo        the main demo on built-in data"
 	@echo "make bench       NumPy vs PyTorch CPU benchmark ratios"
+	@echo "make docs        build the documentation site into site/ and serve it on 127.0.0.1:8000"
 	@echo "make fixtures    regenerate the golden torch/diffusers fixtures"
 	@echo "make test-gpu    the CuPy tests (needs a CUDA GPU and the gpu extra)"
 
@@ -35,6 +36,7 @@ lint: install
 # Notebooks run in their QUICK mode (tutorials/README.md); GPU tests skip without a device.
 test: install lint
 	DIFFUSION_NP_QUICK=1 $(PY) -m pytest -m "not crosscheck" -q --nbmake --nbmake-timeout=300 tests tutorials
+	$(PY) -m mkdocs build --strict -q
 
 crosscheck: $(VENV)/.installed-crosscheck
 	$(PY) -m pytest -m crosscheck -q
@@ -45,6 +47,11 @@ test-gpu: install
 
 fixtures: $(VENV)/.installed-crosscheck
 	cd tests && ../$(PY) fixtures/make_fixtures.py
+
+# The site works offline and from file:// (site/index.html); serve binds to localhost only.
+docs: install
+	$(PY) -m mkdocs build --strict
+	$(PY) -m mkdocs serve --dev-addr 127.0.0.1:8000
 
 demo: install
 	$(PY) -m diffusion_np demo
