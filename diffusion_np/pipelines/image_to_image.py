@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_np.backend import default_rng, get_xp
+from diffusion_np.backend import default_rng
 from diffusion_np.pipelines.text_to_image import PipelineOutput, TextToImagePipeline, encode_images
 from diffusion_np.samplers.base import Sampler
-from diffusion_np.samplers.loop import Trajectory, _progress
+from diffusion_np.samplers.loop import denoise
 
 
 def check_strength(strength: float) -> float:
@@ -156,8 +156,10 @@ class ImageToImagePipeline(TextToImagePipeline):
             x = self.sampler.add_noise(x0, noise, timesteps[0])
 
         # 4. the reverse process from there
-        x0, trajectory = denoise(denoiser, self.sampler, x, timesteps, rng, progress, return_trajectory,
-                                 **step_kwargs)  # fmt: skip
+        x0, trajectory = denoise(
+            denoiser, self.sampler, x, timesteps, rng, progress=progress, return_trajectory=return_trajectory,
+            **step_kwargs,
+        )  # fmt: skip
         return self._output(x0, prompts, trajectory)
 
     def _prepare_images(self, image, prompts: list[str], num_images_per_prompt: int):
@@ -196,36 +198,3 @@ class ImageToImagePipeline(TextToImagePipeline):
     def _image_channels(self) -> int:
         """Channels of the input image: the U-Net's in pixel space, the VAE's in latent space."""
         return int(self.unet.in_channels if self.vae is None else self.vae.in_channels)
-
-
-def denoise(
-    model_fn,
-    sampler: Sampler,
-    x,
-    timesteps,
-    rng: np.random.Generator,
-    progress: bool = True,
-    return_trajectory: bool = False,
-    **step_kwargs,
-):
-    """The sampling loop of :func:`diffusion_np.samplers.loop.sample`, started at ``x`` on ``timesteps``.
-
-    ``timesteps`` is a tail of ``sampler.timesteps`` (``set_timesteps`` already called). One z per
-    step is drawn from ``rng`` on the host, as ``sample`` draws it, so starting at the first
-    timestep from ``init_noise_sigma * z`` gives ``sample``'s result exactly.
-    Returns ``(x_0, Trajectory or None)``.
-    """
-    xp = get_xp(x)
-    trajectory = Trajectory(timesteps, [x], []) if return_trajectory else None
-    for t in _progress(timesteps, progress):
-        # 1. the (guided) model prediction at (x_t, t)
-        model_output = model_fn(sampler.scale_model_input(x, t), t)
-        # 2. z for this step, drawn every step whether the sampler uses it or not
-        z = xp.asarray(rng.standard_normal(x.shape), dtype=x.dtype)
-        # 3. x_t -> x_{t_prev}
-        out = sampler.step(model_output, t, x, noise=z, **step_kwargs)
-        x = out.prev_sample
-        if trajectory is not None:
-            trajectory.x_t.append(x)
-            trajectory.x0_pred.append(out.pred_original_sample)
-    return x, trajectory

@@ -23,8 +23,9 @@ model function returns a pair (unconditional, conditional) and the loop uses
 ``uncond + w * (cond - uncond)``; how the pair is computed (two calls, or one
 batch of 2B) is the model function's business.
 
-Left out: image-to-image start points (pass ``noise`` already mixed with an
-image and a shorter schedule), inpainting masks, batched per-sample timesteps.
+:func:`denoise` is the loop body on its own, for callers that start part of the
+way down the schedule (image-to-image). Left out: inpainting masks (the inpaint
+pipeline interleaves them with the steps), batched per-sample timesteps.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from diffusion_np.backend import default_rng
+from diffusion_np.backend import default_rng, get_xp
 from diffusion_np.samplers.base import Sampler
 
 
@@ -130,6 +131,34 @@ def sample(
         raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
     x = xp.asarray(noise, dtype=dtype) * float(sampler.init_noise_sigma)
 
+    x, trajectory = denoise(
+        model_fn, sampler, x, timesteps, rng, progress=progress, guidance=guidance, callback=callback,
+        step_noise=step_noise, return_trajectory=return_trajectory, **step_kwargs,
+    )  # fmt: skip
+    return (x, trajectory) if return_trajectory else x
+
+
+def denoise(
+    model_fn: Callable,
+    sampler: Sampler,
+    x,
+    timesteps,
+    rng: np.random.Generator,
+    progress: bool = True,
+    guidance: float | None = None,
+    callback: Callable | None = None,
+    step_noise: Sequence | None = None,
+    return_trajectory: bool = False,
+    **step_kwargs,
+):
+    """Steps 2-4 of the loop, from ``x`` at ``timesteps[0]`` through every entry of ``timesteps``.
+
+    :func:`sample` calls it with the full schedule; image-to-image calls it with a
+    tail of ``sampler.timesteps`` (``set_timesteps`` already called) and an image
+    noised to the first of them. One z per step is drawn from ``rng`` on the host.
+    Arguments as in :func:`sample`. Returns ``(x_0, Trajectory or None)``.
+    """
+    xp = get_xp(x)
     trajectory = Trajectory(timesteps, [x], []) if return_trajectory else None
     for i, t in enumerate(_progress(timesteps, progress)):
         # 2. the model's prediction at (x_t, t), guided if asked
@@ -137,8 +166,8 @@ def sample(
         if guidance is not None:
             model_output = _guide(model_output, guidance)
         # 3. z for this step: drawn every step so the stream does not depend on the sampler's settings
-        z = rng.standard_normal(shape) if step_noise is None else step_noise[i]
-        z = xp.asarray(z, dtype=dtype)
+        z = rng.standard_normal(x.shape) if step_noise is None else step_noise[i]
+        z = xp.asarray(z, dtype=x.dtype)
         # 4. x_t -> x_{t_prev}
         out = sampler.step(model_output, t, x, noise=z, **step_kwargs)
         x = out.prev_sample
@@ -147,7 +176,7 @@ def sample(
         if trajectory is not None:
             trajectory.x_t.append(x)
             trajectory.x0_pred.append(out.pred_original_sample)
-    return (x, trajectory) if return_trajectory else x
+    return x, trajectory
 
 
 def _guide(model_output, w: float):
