@@ -33,10 +33,10 @@ install: $(VENV)/.installed-dev
 lint: install
 	$(VENV)/bin/ruff check .
 
-# Notebooks run in their QUICK mode (tutorials/README.md); GPU tests skip without a device.
+# Notebooks run in their QUICK mode (tutorials/README.md); GPU tests skip without a device;
+# tests/docs builds the site with `mkdocs build --strict` and renders it in headless Chromium when installed.
 test: install lint
-	DIFFUSION_NP_QUICK=1 $(PY) -m pytest -m "not crosscheck" -q --nbmake --nbmake-timeout=300 tests tutorials
-	$(PY) -m mkdocs build --strict -q
+	DIFFUSION_NP_QUICK=1 NO_MKDOCS_2_WARNING=1 $(PY) -m pytest -m "not crosscheck" -q --nbmake --nbmake-timeout=300 tests tutorials
 
 crosscheck: $(VENV)/.installed-crosscheck
 	$(PY) -m pytest -m crosscheck -q
@@ -50,7 +50,7 @@ fixtures: $(VENV)/.installed-crosscheck
 
 # The site works offline and from file:// (site/index.html); serve binds to localhost only.
 docs: install
-	$(PY) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 	$(PY) -m mkdocs serve --dev-addr 127.0.0.1:8000
 
 demo: install

@@ -49,6 +49,8 @@ class ResnetBlock2D(Module):
     dropout : probability of the dropout before ``conv2`` (active in training mode only).
     output_scale_factor : the sum ``shortcut(x) + h`` is divided by it (1 in Stable Diffusion).
 
+    Notes
+    -----
     ``backward(dout)`` returns ``(dx, dtemb)``; ``dtemb`` is None when the forward had no temb.
     """
 

@@ -238,6 +238,8 @@ class Attention(Module):
         as in Stable Diffusion's U-Net; CLIP's text encoder has them.
     causal : attend only to earlier tokens (self-attention only; the CLIP text encoder).
 
+    Notes
+    -----
     Shapes: x (B, N, query_dim), context (B, L, cross_attention_dim) -> (B, N, query_dim).
 
     ``backward(dout)`` returns ``dx`` after self-attention (``context=None``: x fed
