@@ -72,7 +72,7 @@ class Toy2DTask:
     name = "toy2d"
     description = "an MLP denoiser on 2-D toy data (swiss roll, two moons, eight Gaussians, checkerboard)"
     Config = Toy2DConfig
-    train_defaults = {"steps": 3000, "batch_size": 512, "lr": 3e-3, "ema_decay": 0.995}
+    train_defaults = {"steps": 6000, "batch_size": 512, "lr": 3e-3, "ema_decay": 0.995}
     #: what previews draw: 1000 points with 50 DDIM steps
     preview = {"sampler": "ddim", "steps": 50, "n": 1000}
 
@@ -196,7 +196,7 @@ class ToyRun:
 
 def train_toy2d(
     dataset: str = "swiss_roll",
-    steps: int = 3000,
+    steps: int = 6000,
     batch_size: int = 512,
     lr: float = 3e-3,
     hidden: int = 128,
@@ -229,12 +229,15 @@ def train_toy2d(
     return ToyRun(task.model, trainer.ema, task.schedule, prediction_type, trainer.losses)
 
 
-def evaluate_toy2d(run: ToyRun, dataset: str, samplers: dict, n: int = 2000, seed: int = 1,
+def evaluate_toy2d(run: ToyRun, dataset: str, samplers: dict, n: int = 10_000, seed: int = 1,
                    progress: bool = False) -> dict:
     """Sliced Wasserstein distance to fresh data for each ``{label: (sampler, steps)}``.
 
     Returns ``{label: distance, ..., "data_vs_data": baseline}``. Samples come from
-    the EMA weights.
+    the EMA weights. The baseline shrinks like 1/sqrt(n): at n = 2000 it is as
+    large as the error of a model that has learnt only a blurred spiral (measured:
+    0.12 vs 0.12), at n = 10,000 the same model is 2.1x the baseline and a
+    well-trained one 1.0x. Use n >= 10,000 when the number has to mean something.
     """
     from diffusion_np.samplers.loop import sample
 
