@@ -1,6 +1,28 @@
-"""Sample-quality metrics: distances for 2-D points, prompt accuracy for shapes."""
+"""Sample-quality metrics: distances for 2-D points, a digit classifier's accuracy and
+Frechet distance, prompt accuracy for shapes."""
 
+from diffusion_np.metrics.digits import (
+    DigitClassifier,
+    conditional_accuracy,
+    digits_frechet_distance,
+    frechet_distance,
+    load_digit_classifier,
+    real_baseline,
+    train_digit_classifier,
+)
 from diffusion_np.metrics.distances import mmd_rbf, sliced_wasserstein
 from diffusion_np.metrics.shapes import analyse_shapes, prompt_accuracy
 
-__all__ = ["analyse_shapes", "mmd_rbf", "prompt_accuracy", "sliced_wasserstein"]
+__all__ = [
+    "DigitClassifier",
+    "analyse_shapes",
+    "conditional_accuracy",
+    "digits_frechet_distance",
+    "frechet_distance",
+    "load_digit_classifier",
+    "mmd_rbf",
+    "prompt_accuracy",
+    "real_baseline",
+    "sliced_wasserstein",
+    "train_digit_classifier",
+]

@@ -26,6 +26,7 @@ from diffusion_np.nn.activation import (
     silu_forward,
 )
 from diffusion_np.nn.attention import Attention, causal_mask, sdpa_backward, sdpa_forward
+from diffusion_np.nn.classification import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from diffusion_np.nn.conv import Conv2d, conv2d_backward, conv2d_forward
 from diffusion_np.nn.embedding import (
     Embedding,
@@ -114,6 +115,8 @@ __all__ = [
     "sigmoid_forward",
     "silu_backward",
     "silu_forward",
+    "softmax_cross_entropy_backward",
+    "softmax_cross_entropy_forward",
     "timestep_embedding",
     "upsample_nearest2x_backward",
     "upsample_nearest2x_forward",
