@@ -2,7 +2,7 @@
 
     diffusion-np demo        gradient-check report of every layer (what `make demo` runs)
     diffusion-np gradcheck   the same report, with options
-    diffusion-np train TASK  train a model (toy2d now; digits, shapes-vae, shapes later) with
+    diffusion-np train TASK  train a model (toy2d, digits, shapes-vae, shapes) with
                              checkpoints, --resume, Ctrl-C saving and preview PNGs
     diffusion-np sample      draw samples from a checkpoint with any sampler, write a PNG
 
@@ -118,6 +118,9 @@ def _float_in(low: float, high: float, low_open: bool = False):
 _TRAIN_EPILOG = """examples:
   diffusion-np train toy2d --dataset swiss_roll --steps 3000 --out runs/swiss
   diffusion-np train toy2d --out runs/swiss --resume      # continue after Ctrl-C or a crash
+  diffusion-np train digits --preset demo --out runs/digits
+  diffusion-np train shapes-vae --preset demo --out runs/vae
+  diffusion-np train shapes --preset demo --vae runs/vae --out runs/shapes
 
 The run directory gets checkpoint/ (the latest checkpoint, replaced atomically),
 loss.png and samples/step-NNNNNN.png. Ctrl-C finishes the current step, saves a
@@ -263,8 +266,10 @@ def _train(args) -> int:
         if args.resume:
             print(f"no checkpoint in {out} yet: starting from step 0", file=sys.stderr)
         try:
-            train_config = TrainConfig(**{**cls.train_defaults, **given_train})
             task_config = cls.Config(**given_task)
+            # a task with presets (--preset) takes its training defaults from the chosen one
+            defaults = cls.train_defaults_for(task_config) if hasattr(cls, "train_defaults_for") else cls.train_defaults
+            train_config = TrainConfig(**{**defaults, **given_train})
         except ValueError as err:
             raise _UsageError(str(err)) from None
 

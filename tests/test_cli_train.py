@@ -121,15 +121,24 @@ def test_bad_paths_and_unavailable_tasks_one_line_exit_2(run_dir, tmp_path, caps
     one_error_line(capsys, "arbitrary code")
     assert main(["train", "toy2d", "--steps", "5"]) == 2
     one_error_line(capsys, "--out DIR is required")
-    for task in ("digits", "shapes-vae", "shapes"):
-        assert main(["train", task, "--out", str(tmp_path / task)]) == 2
-        one_error_line(capsys, f"task '{task}' is not available yet")
+    assert main(["train", "shapes", "--out", str(tmp_path / "shapes")]) == 2
+    one_error_line(capsys, "shapes needs the VAE of a shapes-vae run: pass its directory (--vae DIR)")
+    assert main(["train", "shapes", "--vae", str(tmp_path / "nowhere"), "--out", str(tmp_path / "shapes")]) == 2
+    one_error_line(capsys, "no checkpoint at")
+    assert main(["train", "shapes", "--vae", str(run_dir), "--out", str(tmp_path / "shapes")]) == 2
+    one_error_line(capsys, "is not a shapes-vae run")
 
 
 def test_help_describes_every_command_and_option(capsys):
     for argv, expected in [
         (["--help"], ["train", "sample", "demo", "gradcheck"]),
-        (["train", "--help"], ["toy2d", "digits", "shapes-vae", "shapes", "not available yet"]),
+        (["train", "--help"], ["toy2d", "digits", "shapes-vae", "shapes", "8x8 digits", "frozen VAE"]),
+        (["train", "digits", "--help"], ["--preset", "tiny", "demo", "full", "--prediction-type", "v_prediction",
+                                         "--min-snr-gamma", "--caption-dropout", "--guidance-scale", "--image-size",
+                                         "--steps", "(default 64)"]),
+        (["train", "shapes-vae", "--help"], ["--preset", "--kl-weight", "--recon"]),
+        (["train", "shapes", "--help"], ["--vae", "--preset", "--latent-pool", "--min-snr-gamma",
+                                         "--caption-dropout"]),
         (["train", "toy2d", "--help"], ["--dataset", "--prediction-type", "--resume", "--steps", "--batch-size",
                                         "--lr", "--seed", "--out", "--checkpoint-every", "(default 512)"]),
         (["sample", "--help"], ["--checkpoint", "--sampler", "dpm++", "euler-a", "--steps", "--seed", "-n", "-o"]),
@@ -143,7 +152,40 @@ def test_help_describes_every_command_and_option(capsys):
 
 
 def test_exit_codes_in_a_real_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "diffusion_np", "train", "digits", "--out", str(tmp_path / "d")],
+    proc = subprocess.run([sys.executable, "-m", "diffusion_np", "train", "shapes", "--out", str(tmp_path / "d")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr == "diffusion-np: error: task 'digits' is not available yet\n"
+    assert proc.stderr == ("diffusion-np: error: shapes needs the VAE of a shapes-vae run: "
+                           "pass its directory (--vae DIR)\n")
+
+
+# ----------------------------------------------------------------------------- text-to-image tasks
+T2I_TINY = ["--preset", "tiny", "--steps", "2", "--quiet"]
+
+
+def test_train_digits_tiny_end_to_end_then_sample(tmp_path, capsys):
+    out = tmp_path / "digits"
+    assert main(["train", "digits", *T2I_TINY, "--prediction-type", "v_prediction", "--out", str(out)]) == 0
+    ck = load_checkpoint(out / "checkpoint")
+    assert ck.config["task"] == "digits" and ck.training_state["step"] == 2
+    assert ck.config["task_config"]["preset"] == "tiny"
+    assert ck.config["task_config"]["prediction_type"] == "v_prediction"
+    assert ck.config["train"]["batch_size"] == 8  # the tiny preset's, not the demo's 64
+    assert set(ck.weights) == {"unet", "text_encoder"}
+    assert (out / "samples" / "step-000002.png").read_bytes()[:8] == PNG_MAGIC
+    png = tmp_path / "d.png"
+    assert main(["sample", "--checkpoint", str(out), "--steps", "2", "-n", "10", "-o", str(png), "--quiet"]) == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert main(["train", "digits", "--out", str(out), "--resume", "--steps", "3", "--quiet"]) == 2
+    one_error_line(capsys, "--steps 3 (the checkpoint has 2)")
+
+
+def test_train_shapes_vae_then_latent_shapes_tiny(tmp_path, capsys):
+    vae = tmp_path / "vae"
+    assert main(["train", "shapes-vae", *T2I_TINY, "--out", str(vae)]) == 0
+    shapes = tmp_path / "shapes"
+    assert main(["train", "shapes", *T2I_TINY, "--vae", str(vae), "--min-snr-gamma", "5", "--out", str(shapes)]) == 0
+    ck = load_checkpoint(shapes / "checkpoint")
+    assert set(ck.weights) == {"unet", "text_encoder", "vae"}
+    assert ck.config["task_config"]["min_snr_gamma"] == 5.0 and ck.config["task_config"]["scaling_factor"] > 0
+    assert (shapes / "samples" / "step-000002.png").read_bytes()[:8] == PNG_MAGIC

@@ -105,9 +105,9 @@ __all__ = [
 #: ``None``: planned, not written yet; ``get_task`` then says so.
 TASKS: dict[str, str | None] = {
     "toy2d": "diffusion_np.training.toy2d:Toy2DTask",
-    "digits": None,
-    "shapes-vae": None,
-    "shapes": None,
+    "digits": "diffusion_np.training.text_to_image:DigitsTask",
+    "shapes-vae": "diffusion_np.training.text_to_image:ShapesVAETask",
+    "shapes": "diffusion_np.training.text_to_image:ShapesTask",
 }
 
 
