@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import SOURCES, assert_close, reference
 
-from diffusion_np.gradcheck import check_module, grad_rel_error
+from diffusion_np.gradcheck import check_module
 from diffusion_np.models.text_encoder import (
     CLIPMLP,
     CLIPAttention,
@@ -51,35 +51,6 @@ def _drop_key_bias(module, errors: dict, prefix: str = "") -> dict:
     return errors
 
 
-def _sampled_gradcheck(module, *inputs, k: int = 8, h: float = 1e-6, seed: int = 0) -> dict:
-    """check_module on K random coordinates per parameter (all of them when it has <= K):
-    centred differences (L(p + h) - L(p - h)) / 2h of L = sum(out * dout), dout random."""
-    rng = np.random.default_rng(seed)
-    module.zero_grad()
-    out = module(*inputs)
-    dout = rng.standard_normal(out.shape)
-    module.backward(dout)
-
-    def loss() -> float:
-        return float((module(*inputs) * dout).sum())
-
-    errors = {}
-    for name, param, grad in module.parameters_and_grads():
-        flat = param.reshape(-1)  # a view: writing it writes the parameter
-        idx = np.arange(flat.size) if flat.size <= k else rng.choice(flat.size, k, replace=False)
-        numeric = np.empty(len(idx))
-        for j, i in enumerate(idx):
-            old = float(flat[i])
-            flat[i] = old + h
-            plus = loss()
-            flat[i] = old - h
-            minus = loss()
-            flat[i] = old
-            numeric[j] = (plus - minus) / (2 * h)
-        errors[name] = grad_rel_error(grad.reshape(-1)[idx], numeric)
-    return errors
-
-
 # ---------------------------------------------------------------------------- gradient checks
 @pytest.mark.parametrize("B,L,D,heads", [(2, 5, 6, 2), (1, 3, 4, 1), (1, 1, 6, 3), (3, 4, 9, 3)])
 def test_attention_gradcheck(B, L, D, heads):
@@ -121,7 +92,7 @@ def test_embeddings_gradcheck_with_repeated_tokens():
 def test_whole_model_gradcheck_on_sampled_coordinates(act, B, L):
     model = _randomise(TextEncoder(_config(hidden_act=act)).to(dtype=np.float64), seed=5)
     ids = _ids(np.random.default_rng(6), B, L, 13)
-    errors = _drop_key_bias(model, _sampled_gradcheck(model, ids, k=8))
+    errors = _drop_key_bias(model, check_module(model, ids, max_coordinates=8))
     assert len(errors) == len(model.state_dict()) - 2
     assert max(errors.values()) < 1e-6, errors
 
