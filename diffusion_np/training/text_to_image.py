@@ -406,7 +406,7 @@ class DigitsConfig:
     prediction_type: str = "epsilon"
     min_snr_gamma: float | None = None
     caption_dropout: float = 0.1
-    guidance_scale: float = 3.0
+    guidance_scale: float = 1.5  # demo run: accuracy 0.73 / 0.85 / 0.62 at w = 1 / 1.5 / 3 (200 samples)
     image_size: int = 8
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -483,13 +483,18 @@ class ShapesVAEConfig:
     fields) is filled from ``preset`` when None.
 
     ``kl_weight`` is beta of ``AutoencoderKL.loss`` (reconstruction summed per image):
-    SD's 1e-6 leans on LPIPS and a GAN to shape the latents; with the L1 term alone a
-    somewhat larger beta keeps the latents closer to N(0, I) at no visible cost.
+    SD's 1e-6 leans on LPIPS and a GAN to shape the latents; with the reconstruction term
+    alone a somewhat larger beta keeps the latents closer to N(0, I) at no visible cost.
+
+    ``recon`` is "mse", not SD's L1: a shape covers 3-12% of a black image, and with L1
+    (whose optimum is a median) the demo run stayed at an all-black reconstruction for
+    all its 500 steps (held-out MSE 0.129, that of predicting black everywhere); the
+    squared error pays 1-4 per wrong object pixel and leaves that plateau quickly.
     """
 
     preset: str = "demo"
     kl_weight: float = 1e-5
-    recon: str = "l1"
+    recon: str = "mse"
     data_seed: int = 0
     vae: dict | None = None
 
