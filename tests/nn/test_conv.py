@@ -4,6 +4,7 @@ from helpers import SOURCES, assert_close, reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import diffusion_np.nn.conv as conv_mod
 from diffusion_np.gradcheck import check_module, check_op
 from diffusion_np.nn.conv import METHODS, Conv2d, choose_method, conv2d_backward, conv2d_forward
 
@@ -132,7 +133,9 @@ def test_fast_formulations_equal_reference_on_larger_shapes(x_shape, w_shape, st
     "x_shape,w_shape,stride,padding,expected",
     [
         ((64, 16, 16, 32), (3, 3, 32, 32), 1, 1, "shifted"),
-        ((16, 32, 32, 64), (3, 3, 64, 64), 1, 1, "shifted"),
+        ((16, 32, 32, 64), (3, 3, 64, 32), 1, 1, "shifted"),
+        ((16, 32, 32, 64), (3, 3, 64, 64), 1, 1, "im2col"),  # wide output: one wide matmul wins
+        ((16, 32, 32, 3), (3, 3, 3, 32), 1, 1, "im2col"),  # 3 input channels: 27-wide columns
         ((64, 8, 8, 64), (3, 3, 64, 64), 1, 1, "im2col"),
         ((64, 4, 4, 128), (3, 3, 128, 128), 1, 1, "im2col"),
         ((16, 32, 32, 64), (3, 3, 64, 64), 2, 1, "im2col"),
@@ -142,6 +145,35 @@ def test_fast_formulations_equal_reference_on_larger_shapes(x_shape, w_shape, st
 )
 def test_choose_method(x_shape, w_shape, stride, padding, expected):
     assert choose_method(x_shape, w_shape, stride, padding) == expected
+
+
+@pytest.mark.parametrize(
+    "x_shape,w_shape,stride,padding,expected",
+    [
+        ((2, 16, 16, 16), (3, 3, 16, 8), 1, 1, ("shifted", "im2col")),  # dx is an 8 -> 16 channel conv
+        ((2, 16, 16, 8), (3, 3, 8, 16), 1, 1, ("im2col", "shifted")),  # dx is 16 -> 8
+        ((2, 32, 32, 16), (3, 3, 16, 16), 2, (0, 1, 0, 1), ("im2col", "shifted")),  # dx on the dilated dy
+    ],
+)
+def test_forward_and_input_gradient_may_use_different_formulations(x_shape, w_shape, stride, padding, expected):
+    B, H, W, _ = x_shape
+    y, _ = conv2d_forward(np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32), None, stride, padding)
+    fwd = conv_mod.choose_method(x_shape, w_shape, stride, padding)
+    assert (fwd, conv_mod._dx_method(y.shape, w_shape, H, W)) == expected
+    _compare_methods(x_shape, w_shape, stride, padding, np.float32)
+    _compare_methods(x_shape, w_shape, stride, padding, np.float64)
+
+
+def test_im2col_rebuilds_large_columns_in_backward(monkeypatch):
+    """Above the size limit the forward keeps x_pad, not the columns; the gradients do not change."""
+    x_shape, w_shape = (2, 8, 8, 4), (3, 3, 4, 5)
+    _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns kept
+    monkeypatch.setattr(conv_mod, "_MAX_SAVED_COLUMNS_BYTES", 0)
+    x = np.ones(x_shape)
+    _, cache = conv2d_forward(x, np.ones(w_shape), None, 1, 1, method="im2col")
+    assert cache.saved.shape == (2, 10, 10, 4)  # the padded input, not (128, 36) columns
+    _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns rebuilt
+    _compare_methods((2, 9, 7, 4), w_shape, 2, (0, 1, 0, 1), np.float32)
 
 
 # ----------------------------------------------------------------------------- torch parity
