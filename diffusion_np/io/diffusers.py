@@ -212,14 +212,20 @@ def convert_tensor(array, target_shape: tuple, dtype=np.float32):
 
     Returns None when the result does not have ``target_shape`` (the caller lists it).
     """
+    view = _layout(array, target_shape)
+    if view is None:
+        return None
+    return np.ascontiguousarray(view, dtype=dtype)  # one copy: out of the memory map, converted, laid out
+
+
+def _layout(array, target_shape: tuple):
+    """:func:`convert_tensor`'s reordering as a view (no copy), or None when the shape does not fit."""
     target_shape = tuple(target_shape)
     if array.ndim == 4 and len(target_shape) == 4:
         array = array.transpose(2, 3, 1, 0)  # (C_out, C_in, kh, kw) -> (kh, kw, C_in, C_out)
     elif array.ndim in (3, 4) and len(target_shape) == 2 and all(s == 1 for s in array.shape[2:]):
         array = array.reshape(array.shape[:2])  # a 1x1 conv is a Linear
-    if tuple(array.shape) != target_shape:
-        return None
-    return np.ascontiguousarray(array, dtype=dtype)  # one copy: out of the memory map, converted, laid out
+    return array if tuple(array.shape) == target_shape else None
 
 
 #: VAE attention names of diffusers before 0.14 -> today's
@@ -238,8 +244,8 @@ def _rename(key: str, component: str) -> str:
     return key
 
 
-def _plan(module: Module, state: dict, component: str, dtype) -> tuple[dict, list[str]]:
-    """Convert ``state`` for ``module``: ({our name: array}, [problems]). Copies nothing into the module."""
+def _plan(module: Module, state: dict, component: str) -> tuple[dict, list[str]]:
+    """Match ``state`` to ``module``: ({our name: view in our layout}, [problems]). Copies nothing."""
     own = {name: tuple(p.shape) for name, p in module.named_parameters()}
     loaded, unexpected, mismatched, misfit = {}, [], [], set()
     keys = set(state)
@@ -252,7 +258,7 @@ def _plan(module: Module, state: dict, component: str, dtype) -> tuple[dict, lis
         if name not in own:
             unexpected.append(key)
             continue
-        value = convert_tensor(array, own[name], dtype)
+        value = _layout(array, own[name])
         if value is None:
             mismatched.append(f"{key}: file has {tuple(array.shape)}, the model expects {_torch_shape(own[name])}")
             misfit.add(name)
@@ -276,19 +282,24 @@ def _torch_shape(ours: tuple) -> tuple:
 
 def _load_all(models: dict[str, Module], states: dict[str, dict], where, dtype, keep_grads: bool,
               extra_problems=()) -> None:
-    """Check every component, raise ONE WeightsError if anything is wrong, then copy."""
+    """Check every component, raise ONE WeightsError if anything is wrong, then copy tensor by tensor.
+
+    Peak memory stays near one model: the gradient buffers go first, and each converted
+    tensor replaces (frees) the placeholder it stands for before the next is made.
+    """
     plans, problems = {}, list(extra_problems)
     for component, module in models.items():
-        plans[component], found = _plan(module, states[component], component, dtype)
+        plans[component], found = _plan(module, states[component], component)
         problems.extend(found)
     if problems:
         raise WeightsError(f"{where}: the weights do not fit the models:\n  " + "\n  ".join(problems))
     for component, module in models.items():
-        for prefix, sub in module.named_modules():
-            for name in list(sub.params):
-                sub.params[name] = plans[component][prefix + name]  # replaces the random init, freeing it
         if not keep_grads:
             _release_gradients(module)
+        for prefix, sub in module.named_modules():
+            for name in list(sub.params):
+                # one copy: out of the file's memory map, widened to dtype, in our layout
+                sub.params[name] = np.ascontiguousarray(plans[component][prefix + name], dtype=dtype)
 
 
 def load_weights(module: Module, state: dict, component: str, dtype=np.float32, keep_grads: bool = True) -> None:
