@@ -1,4 +1,5 @@
-"""Reading and writing models: checkpoints in safetensors + JSON (no pickles)."""
+"""Reading and writing models: checkpoints in safetensors + JSON (no pickles), and
+real Stable Diffusion 1.x weights (diffusers folders or original single files)."""
 
 from diffusion_np.io.checkpoint import (
     PICKLE_SUFFIXES,
@@ -7,5 +8,16 @@ from diffusion_np.io.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from diffusion_np.io.diffusers import WeightsError, load_model, load_pipeline, load_single_file
 
-__all__ = ["PICKLE_SUFFIXES", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "Checkpoint",
+    "CheckpointError",
+    "WeightsError",
+    "load_checkpoint",
+    "load_model",
+    "load_pipeline",
+    "load_single_file",
+    "save_checkpoint",
+]

@@ -8,6 +8,7 @@
 Parameter names are diffusers' / transformers' state_dict keys.
 """
 
+from diffusion_np.models.clip_tokenizer import CLIPTokenizer
 from diffusion_np.models.resnet import ResnetBlock2D
 from diffusion_np.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion_np.models.tokenizer import WordTokenizer
@@ -27,6 +28,7 @@ __all__ = [
     "AutoencoderKL",
     "DiagonalGaussian",
     "BasicTransformerBlock",
+    "CLIPTokenizer",
     "CrossAttnDownBlock2D",
     "CrossAttnUpBlock2D",
     "DownBlock2D",
