@@ -6,12 +6,13 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 # A CPU wheel of this exact version is what the cross-checks are pinned to.
 TORCH  := torch==2.13.0
 
-.PHONY: help install test test-gpu crosscheck demo bench fixtures lint clean docs
+.PHONY: help install test test-gpu crosscheck demo demo-train bench fixtures lint clean docs
 
 help:
 	@echo "make test        ruff + the test suite (sets up .venv on first use)"
 	@echo "make crosscheck  parity tests against live torch/diffusers"
-	@echo "make demo        the main demo on built-in data"
+	@echo "make demo        the main demo on built-in data (about a minute)"
+	@echo "make demo-train  train the shapes VAE and text-to-image model (demo presets), write a prompt grid"
 	@echo "make bench       NumPy vs PyTorch CPU benchmark ratios"
 	@echo "make docs        build the documentation site into site/ and serve it on 127.0.0.1:8000"
 	@echo "make fixtures    regenerate the golden torch/diffusers fixtures"
@@ -54,11 +55,21 @@ docs: install
 	$(PY) -m mkdocs serve --dev-addr 127.0.0.1:8000
 
 demo: install
-	$(PY) -m diffusion_np demo
+	$(PY) -m diffusion_np demo --out demo
+
+# Text-to-image on shapes from scratch: the VAE, then the U-Net + text encoder on its latents
+# (the "demo" presets, about 10 minutes each on 2 cores), then a grid of prompts.
+demo-train: install
+	$(PY) -m diffusion_np train shapes-vae --preset demo --out runs/shapes-vae
+	$(PY) -m diffusion_np train shapes --preset demo --vae runs/shapes-vae --out runs/shapes
+	$(PY) -m diffusion_np sample --checkpoint runs/shapes --sampler ddim --steps 50 -n 4 -o runs/shapes/prompts.png \
+		--prompt "a large red circle in the center" --prompt "a small blue square in the top left" \
+		--prompt "a large green triangle in the bottom right"
 
 bench: $(VENV)/.installed-crosscheck
 	$(PY) -m benchmarks.ops --json bench-ops.json
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m benchmarks.ops --json bench-ops-unset.json
+	$(PY) -m benchmarks.train --json bench-train.json && env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) -m benchmarks.train --json bench-train.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site .cache

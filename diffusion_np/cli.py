@@ -1,6 +1,6 @@
 """The ``diffusion-np`` command (also ``python -m diffusion_np``).
 
-    diffusion-np demo        gradient-check report of every layer (what `make demo` runs)
+    diffusion-np demo        gradient checks, then a 2-D model trained and sampled (what `make demo` runs)
     diffusion-np gradcheck   the same report, with options
     diffusion-np train TASK  train a model (toy2d, digits, shapes-vae, shapes) with
                              checkpoints, --resume, Ctrl-C saving and preview PNGs
@@ -127,7 +127,9 @@ loss.png and samples/step-NNNNNN.png. Ctrl-C finishes the current step, saves a
 checkpoint and exits; --resume then continues the exact same run."""
 
 _SAMPLE_EPILOG = """example:
-  diffusion-np sample --checkpoint runs/swiss --sampler dpm++ --steps 20 -n 2000 -o swiss.png"""
+  diffusion-np sample --checkpoint runs/swiss --sampler dpm++ --steps 20 -n 2000 -o swiss.png
+  diffusion-np sample --checkpoint runs/shapes --prompt "a large blue square in the center" -n 4 -o blue.png
+  diffusion-np sample --model sd15 --prompt "a red bicycle" --sampler dpm++ --steps 25 -o bike.png"""
 
 
 def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
@@ -168,7 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="diffusion-np", description="Stable Diffusion in plain NumPy with hand-written backprop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("demo", help="run the demo on built-in data (for now: the layer gradient-check report)")
+    demo = sub.add_parser("demo", help="the demo on built-in data: every layer's gradient check, then a 2-D "
+                                       "diffusion model trained and sampled three ways (about a minute)")
+    demo.add_argument("--out", default="demo", metavar="DIR", help="where the PNGs go (default demo/)")
+    demo.add_argument("--steps", type=_positive_int, default=6000, metavar="N",
+                      help="training steps of the 2-D model (default 6000)")
+    demo.add_argument("--points", type=_positive_int, default=10_000, metavar="N",
+                      help="samples per sampler for the distances (default 10000; fewer make them noisier)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     g = sub.add_parser("gradcheck", help="finite-difference check of every layer's backward")
     g.add_argument("--seed", type=int, default=0, help="seed of the random inputs and parameters (default 0)")
 
@@ -195,19 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Draw samples from a checkpoint written by `diffusion-np train` (EMA weights) "
                                      "and write a PNG (a scatter plot for toy2d).",
                          epilog=_SAMPLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    smp.add_argument("--checkpoint", metavar="DIR", required=True,
+    smp.add_argument("--checkpoint", metavar="DIR", default=None,
                      help="a run directory of `diffusion-np train` or the checkpoint/ inside it")
     smp.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampling method (default ddim)")
     smp.add_argument("--steps", type=_positive_int, default=50, metavar="N",
                      help="number of sampling steps (default 50)")
     smp.add_argument("--seed", type=_nonnegative_int, default=0, metavar="N",
                      help="seed of the initial and per-step noise (default 0)")
-    smp.add_argument("-n", type=_positive_int, default=1000, help="number of samples (default 1000)")
+    smp.add_argument("-n", type=_positive_int, default=None,
+                     help="number of samples (default 1000 points for toy2d, 16 images otherwise); "
+                          "with --prompt, images per prompt (default 4)")
+    smp.add_argument("--prompt", action="append", metavar="TEXT",
+                     help="a caption to draw (digits and shapes checkpoints); repeat for several")
+    smp.add_argument("--negative-prompt", metavar="TEXT", default=None,
+                     help="the unconditional branch of classifier-free guidance (default: the empty caption)")
+    smp.add_argument("--guidance-scale", type=float, default=None, metavar="W",
+                     help="classifier-free guidance weight w >= 1 (default: the checkpoint's preview setting)")
     smp.add_argument("-o", "--output", metavar="PNG", default="samples.png",
                      help="PNG file to write; its directory must exist (default samples.png)")
     smp.add_argument("--raw-weights", action="store_true",
                      help="use the trained weights instead of their EMA")
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
+    from diffusion_np.io.diffusers import add_sample_arguments
+
+    add_sample_arguments(smp)  # --model and the options that go with it
     return parser
 
 
@@ -304,6 +324,14 @@ def _sample(args) -> int:
     from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
     from diffusion_np.training.trainer import task_from_checkpoint
 
+    if args.model is not None:  # real Stable Diffusion weights (docs/real-weights.md)
+        if args.checkpoint is not None:
+            raise _UsageError("give either --checkpoint or --model, not both")
+        from diffusion_np.io.diffusers import sample_from_model
+
+        return sample_from_model(args)
+    if args.checkpoint is None:
+        raise _UsageError("sample needs --checkpoint DIR (a trained run) or --model PATH (Stable Diffusion weights)")
     directory = Path(args.checkpoint)
     if not directory.exists():
         raise _UsageError(f"--checkpoint {directory} does not exist")
@@ -319,25 +347,52 @@ def _sample(args) -> int:
         task = task_from_checkpoint(checkpoint, use_ema=not args.raw_weights)
     except (CheckpointError, LookupError) as err:
         raise _UsageError(str(err)) from None
-    try:
-        samples = task.sample(args.sampler, args.steps, args.n, args.seed, progress=not args.quiet)
-    except ValueError as err:  # e.g. more steps than the model's training timesteps
-        raise _UsageError(str(err)) from None
     state = checkpoint.training_state
     step = state["step"] if state is not None else "?"
     weights = "EMA weights" if (state is not None and not args.raw_weights) else "weights"
-    task.save_png(samples, output, f"{task.name}, step {step}, {args.sampler} {args.steps} steps, seed {args.seed}")
-    print(f"wrote {output} ({args.n} samples, {args.sampler}, {args.steps} steps, {weights} of {directory} "
+    title = f"{task.name}, step {step}, {args.sampler} {args.steps} steps, seed {args.seed}"
+    try:
+        if args.prompt or args.negative_prompt is not None or args.guidance_scale is not None:
+            n = _sample_prompts(task, args, output, title)
+        else:
+            n = args.n if args.n is not None else (1000 if task.name == "toy2d" else 16)
+            samples = task.sample(args.sampler, args.steps, n, args.seed, progress=not args.quiet)
+            task.save_png(samples, output, title)
+    except ValueError as err:  # e.g. more steps than the model's training timesteps, guidance < 1
+        raise _UsageError(str(err)) from None
+    print(f"wrote {output} ({n} samples, {args.sampler}, {args.steps} steps, {weights} of {directory} "
           f"at step {step})")
     return 0
+
+
+def _sample_prompts(task, args, output: Path, title: str) -> int:
+    """Text-to-image from the command line: each --prompt ``-n`` times, one grid with the prompts as captions."""
+    from diffusion_np.training.text_to_image import TextToImageModel, save_image_grid
+
+    if not isinstance(getattr(task, "model", None), TextToImageModel):
+        raise _UsageError(f"--prompt, --negative-prompt and --guidance-scale need a digits or shapes checkpoint, "
+                          f"not {task.name}")
+    if not args.prompt:
+        raise _UsageError("--negative-prompt and --guidance-scale go with at least one --prompt")
+    per_prompt = args.n if args.n is not None else 4
+    prompts = [p for p in args.prompt for _ in range(per_prompt)]
+    w = args.guidance_scale if args.guidance_scale is not None else task.config.guidance_scale
+    images = task.model.generate(prompts, args.sampler, args.steps, w, args.seed, progress=not args.quiet,
+                                 negative_prompt=args.negative_prompt)
+    save_image_grid(images, output, prompts, ncols=min(per_prompt, 8), title=f"{title}, guidance {w}")
+    return len(prompts)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command in ("demo", "gradcheck"):
-            worst = gradcheck_report(seed=getattr(args, "seed", 0))
-            return 0 if worst < 1e-6 else 1
+        if args.command == "gradcheck":
+            return 0 if gradcheck_report(seed=args.seed) < 1e-6 else 1
+        if args.command == "demo":
+            from diffusion_np.demo import run_demo
+
+            result = run_demo(args.out, steps=args.steps, n=args.points, progress=not args.quiet)
+            return 0 if result["worst_gradcheck_error"] < 1e-6 else 1
         if args.command == "train":
             return _train(args)
         if args.command == "sample":

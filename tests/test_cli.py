@@ -11,8 +11,12 @@ def test_gradcheck_report_passes_for_every_layer(capsys):
     assert "FAIL" not in out and "Attention cross" in out and "GroupNorm" in out
 
 
-def test_demo_exit_code_zero():
-    assert main(["demo"]) == 0
+def test_demo_trains_samples_and_writes_pngs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--points", "300", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "DDPM, 1000 steps" in out and "DPM-Solver++, 20 steps" in out and "the floor" in out
+    for name in ("toy2d_samplers.png", "toy2d_loss.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_arguments_give_one_line_and_status_2():

@@ -230,7 +230,7 @@ def train_toy2d(
 
 
 def evaluate_toy2d(run: ToyRun, dataset: str, samplers: dict, n: int = 10_000, seed: int = 1,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, return_samples: bool = False):
     """Sliced Wasserstein distance to fresh data for each ``{label: (sampler, steps)}``.
 
     Returns ``{label: distance, ..., "data_vs_data": baseline}``. Samples come from
@@ -238,13 +238,16 @@ def evaluate_toy2d(run: ToyRun, dataset: str, samplers: dict, n: int = 10_000, s
     large as the error of a model that has learnt only a blurred spiral (measured:
     0.12 vs 0.12), at n = 10,000 the same model is 2.1x the baseline and a
     well-trained one 1.0x. Use n >= 10,000 when the number has to mean something.
+    With ``return_samples=True`` also returns ``{label: (n, 2) samples, "data": reference}``.
     """
     from diffusion_np.samplers.loop import sample
 
     reference = sample_toy2d(dataset, n, seed=seed + 1000)
     results = {"data_vs_data": sliced_wasserstein(sample_toy2d(dataset, n, seed=seed + 2000), reference)}
+    samples = {"data": reference}
     with run.ema.average_parameters(run.model):
         for label, (sampler, steps) in samplers.items():
             x = sample(lambda x, t: run.model(x, t), (n, 2), sampler, steps, seed=seed, progress=progress)
             results[label] = sliced_wasserstein(x, reference)
-    return results
+            samples[label] = asnumpy(x)
+    return (results, samples) if return_samples else results
