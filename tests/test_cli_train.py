@@ -179,6 +179,18 @@ def test_train_digits_tiny_end_to_end_then_sample(tmp_path, capsys):
     assert main(["train", "digits", "--out", str(out), "--resume", "--steps", "3", "--quiet"]) == 2
     one_error_line(capsys, "--steps 3 (the checkpoint has 2)")
 
+    prompted = tmp_path / "p.png"
+    argv = ["sample", "--checkpoint", str(out), "--steps", "2", "--quiet", "-o", str(prompted),
+            "--prompt", "the digit seven", "--prompt", "the digit one", "-n", "2",
+            "--negative-prompt", "the digit zero", "--guidance-scale", "2"]
+    assert main(argv) == 0
+    assert prompted.read_bytes()[:8] == PNG_MAGIC and "(4 samples" in capsys.readouterr().out
+    assert main(["sample", "--checkpoint", str(out), "-o", str(prompted), "--guidance-scale", "2", "--quiet"]) == 2
+    one_error_line(capsys, "go with at least one --prompt")
+    assert main(["sample", "--checkpoint", str(out), "-o", str(prompted), "--prompt", "the digit one",
+                 "--guidance-scale", "0.5", "--quiet"]) == 2
+    one_error_line(capsys, "guidance")
+
 
 def test_train_shapes_vae_then_latent_shapes_tiny(tmp_path, capsys):
     vae = tmp_path / "vae"

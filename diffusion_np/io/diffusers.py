@@ -822,20 +822,18 @@ def load_model(path, tokenizer=None, sampler: str | None = None, **kwargs):
 
 # ============================================================================ command line
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``diffusion-np sample --model PATH ...`` that a toy-checkpoint ``sample`` lacks.
+    """The options ``diffusion-np sample --model PATH`` adds to the ``sample`` command.
 
-    ``--sampler``, ``--steps``, ``--seed``, ``-o`` and ``--quiet`` are the ``sample``
-    command's own; :mod:`diffusion_np.cli_real` adds them for its stand-alone parser.
+    ``--prompt``, ``--negative-prompt``, ``--guidance-scale``, ``-n``, ``--sampler``,
+    ``--steps``, ``--seed``, ``-o`` and ``--quiet`` are the command's own (diffusion_np.cli).
     """
     parser.add_argument("--model", metavar="PATH", default=None,
-                        help="a Stable Diffusion 1.x diffusers folder or single-file .safetensors checkpoint")
-    parser.add_argument("--prompt", default=None, help="the text prompt (with --model)")
-    parser.add_argument("--negative-prompt", default=None, help="replaces the empty unconditional prompt")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, metavar="W",
-                        help="classifier-free guidance weight (default 7.5)")
-    parser.add_argument("--height", type=int, default=None, metavar="PX", help="image height (default 512)")
-    parser.add_argument("--width", type=int, default=None, metavar="PX", help="image width (default 512)")
-    parser.add_argument("--num-images", type=int, default=1, metavar="N", help="images for the prompt (default 1)")
+                        help="a Stable Diffusion 1.x diffusers folder or single-file .safetensors checkpoint "
+                             "(instead of --checkpoint)")
+    parser.add_argument("--height", type=int, default=None, metavar="PX",
+                        help="image height with --model (default 512)")
+    parser.add_argument("--width", type=int, default=None, metavar="PX",
+                        help="image width with --model (default 512)")
     parser.add_argument("--tokenizer", metavar="DIR", default=None,
                         help="CLIP tokenizer folder (vocab.json, merges.txt) for a single-file checkpoint")
     parser.add_argument("--config", metavar="DIR", default=None,
@@ -851,9 +849,12 @@ def sample_from_model(args) -> int:
 
     from diffusion_np.pipelines.image_io import save_image
 
-    if args.prompt is None:
+    if not args.prompt:
         print("diffusion-np: error: --model needs --prompt", file=sys.stderr)
         return 2
+    prompts = list(args.prompt)  # --prompt may be repeated
+    num_images = args.n if args.n is not None else 1
+    guidance_scale = args.guidance_scale if args.guidance_scale is not None else 7.5  # SD's usual default
     output = Path(args.output)
     if output.suffix.lower() != ".png" or not output.parent.is_dir():
         print(f"diffusion-np: error: -o {output} must be a .png in an existing directory", file=sys.stderr)
@@ -869,15 +870,16 @@ def sample_from_model(args) -> int:
         return 2
     loaded = time.perf_counter()
     try:
-        result = pipe(args.prompt, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
-                      num_inference_steps=args.steps, seed=args.seed, num_images_per_prompt=args.num_images,
+        negative = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
+        result = pipe(prompts, negative_prompt=negative, guidance_scale=guidance_scale,
+                      num_inference_steps=args.steps, seed=args.seed, num_images_per_prompt=num_images,
                       height=args.height, width=args.width, progress=not args.quiet)
     except ValueError as err:
         print(f"diffusion-np: error: {err}", file=sys.stderr)
         return 2
     done = time.perf_counter()
     save_image(output, result.images)
-    print(f"wrote {output} ({args.num_images} image(s) {result.images.shape[1]}x{result.images.shape[2]}, "
-          f"{args.steps} {type(pipe.sampler).__name__} steps, guidance {args.guidance_scale}, seed {args.seed}; "
+    print(f"wrote {output} ({len(result.images)} image(s) {result.images.shape[1]}x{result.images.shape[2]}, "
+          f"{args.steps} {type(pipe.sampler).__name__} steps, guidance {guidance_scale}, seed {args.seed}; "
           f"load {loaded - start:.1f} s, sampling {done - loaded:.1f} s = {(done - loaded) / args.steps:.2f} s/step)")
     return 0

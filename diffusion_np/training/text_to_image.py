@@ -196,10 +196,12 @@ class TextToImageModel(Module):
         return TextToImagePipeline(self.unet, self.text_encoder, self.tokenizer, self.make_sampler(sampler), self.vae)
 
     def generate(self, prompts: list[str], sampler: str = "ddim", steps: int = 50, guidance_scale: float = 3.0,
-                 seed: int = 0, progress: bool = False) -> np.ndarray:
-        """Images (B, H, W, C) in [-1, 1] on the host, one per prompt, with classifier-free guidance."""
-        out = self.pipeline(sampler)(list(prompts), guidance_scale=guidance_scale, num_inference_steps=steps,
-                                     seed=seed, progress=progress)
+                 seed: int = 0, progress: bool = False, negative_prompt: str | None = None) -> np.ndarray:
+        """Images (B, H, W, C) in [-1, 1] on the host, one per prompt, with classifier-free guidance
+        (the unconditional branch is ``negative_prompt``, or the empty caption the model was trained with)."""
+        negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+        out = self.pipeline(sampler)(list(prompts), negative_prompt=negative, guidance_scale=guidance_scale,
+                                     num_inference_steps=steps, seed=seed, progress=progress)
         return out.images
 
     # ------------------------------------------------------------------ saving

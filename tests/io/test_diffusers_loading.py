@@ -394,7 +394,7 @@ def test_wrong_paths():
 def test_cli_sample_with_a_folder_and_a_single_file(tmp_path, capsys):
     from PIL import Image
 
-    from diffusion_np.cli_real import main
+    from diffusion_np.cli import main
 
     out = tmp_path / "out.png"
     common = ["--prompt", "a red circle", "--steps", "2", "--height", "32", "--width", "32", "--quiet", "-o", str(out)]
@@ -405,6 +405,8 @@ def test_cli_sample_with_a_folder_and_a_single_file(tmp_path, capsys):
     assert main(["sample", "--model", str(LDM_FILE), *common]) == 2  # no tokenizer beside the file
     assert "holds no vocabulary" in capsys.readouterr().err
     assert main(["sample", "--model", str(TINY_SD), "--steps", "1", "-o", str(out)]) == 2  # no --prompt
+    assert main(["sample", "--model", str(TINY_SD), "--checkpoint", str(tmp_path), *common]) == 2
+    assert main(["sample", *common]) == 2  # neither --model nor --checkpoint
 
 
 # ----------------------------------------------------------------------------- chunked attention
