@@ -1,0 +1,393 @@
+"""Whole training steps and a sampling run: NumPy vs PyTorch CPU, same process, same threads.
+
+    python -m benchmarks.train --json bench-train.json [--threads 1 2] [--repeats 5] [--only unet]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.train --json bench-train.json
+
+(``make bench`` runs both.) Rows:
+
+``unet_train_step``
+    U-Net forward + MSE loss on the noise + hand-written backward + AdamW, batch 64
+    of 8x8x4 latents with a text context; diffusers' ``UNet2DConditionModel`` with
+    the same config on the torch side (autograd, ``torch.optim.AdamW``).
+``vae_train_step``
+    AutoencoderKL: encode, sample the posterior, decode, L1 + beta*KL, backward,
+    AdamW; batch 64 of 32x32 RGB; diffusers' ``AutoencoderKL`` on the torch side.
+``text_encoder_train_step``
+    CLIP text encoder, batch 64 of 16 tokens, MSE to a random target, backward,
+    AdamW; transformers' ``CLIPTextModel`` on the torch side.
+``sample_ddim50_cfg``
+    Text-to-image sampling: encode 8 prompts and "" once, 50 DDIM steps with
+    classifier-free guidance (the U-Net at batch 16), decode with the VAE. The
+    row also gives images per second.
+
+Timing: the machine this was written on is shared, so every row alternates one
+NumPy run and one torch run ``repeats`` times after a warm-up and reports the
+*best* time of each side (``numpy_s``, ``torch_s``, the ratio of the two) and the
+medians (``numpy_median_s``, ``torch_median_s``). The best time is the one least
+disturbed by other processes; the medians show how noisy the run was.
+
+Peak memory (``numpy_peak_mb``, ``torch_peak_mb``, measured once per row at the
+first thread count, outside the timed runs): the extra resident memory one warm
+training step needs. Before the step, unused heap memory is handed back to the
+OS (``malloc_trim``) and the kernel's high-water mark is reset (writing 5 to
+``/proc/self/clear_refs``); the number is ``VmHWM`` after the step minus ``VmRSS``
+before it. It counts the activations, caches, gradients and temporaries of the
+step, and the same for both libraries. Caveats: it counts pages, not bytes
+(an array allocated but never written does not count), torch frees its gradients
+at ``zero_grad`` (set to None) and allocates them again in the step while ours
+stay allocated (a few MB here), and another thread of the process allocating at
+the same time would be counted. For NumPy the exact peak of the bytes NumPy
+allocated, from ``tracemalloc`` (NumPy reports its data buffers to it), is
+``numpy_peak_traced_mb``; tracemalloc cannot see torch's allocator. Where
+``/proc/self/clear_refs`` is missing (not Linux) the RSS fields are None.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import time
+import tracemalloc
+
+import numpy as np
+
+from benchmarks.common import print_table, row, threads, tune_malloc, write_json
+
+# ----------------------------------------------------------------------------- configurations
+#: The U-Net of the shapes model (latent 8x8x4, text context of width 64), diffusers' field names.
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
+)
+#: The VAE: 32x32 RGB <-> 8x8x4 latents (two halvings).
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    norm_num_groups=32, sample_size=32,
+)
+#: The text encoder (CLIP-style), hidden size = the U-Net's cross_attention_dim.
+TEXT_CONFIG = dict(
+    vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+    max_position_embeddings=16, hidden_act="quick_gelu",
+)
+#: transformers' CLIPTextConfig also wants the special ids of our tokenizer (<pad> 0, <bos> 2, <eos> 3)
+TORCH_TEXT_IDS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+BATCH, TOKENS, IMAGE, SAMPLE_BATCH, SAMPLE_STEPS, GUIDANCE = 64, 16, 32, 8, 50, 7.5
+LR, WEIGHT_DECAY = 1e-4, 1e-2
+
+
+def unet_config() -> dict:
+    """The shapes preset's U-Net config if ``diffusion_np.training.presets`` provides one, else UNET_CONFIG."""
+    try:
+        from diffusion_np.training import presets  # noqa: PLC0415
+    except ImportError:
+        return dict(UNET_CONFIG)
+    for name in ("SHAPES_UNET", "SHAPES_UNET_CONFIG", "UNET_SHAPES"):
+        if isinstance(getattr(presets, name, None), dict):
+            return dict(getattr(presets, name))
+    return dict(UNET_CONFIG)
+
+
+# ----------------------------------------------------------------------------- memory
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    return _LIBC
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_peak_mb(fn) -> float | None:
+    """Extra resident memory (MB) that ``fn()`` needs at its peak: VmHWM after - VmRSS before
+    (heap trimmed and high-water mark reset first; see the module docstring)."""
+    gc.collect()
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    return None if before is None or peak is None else (peak - before) / 1024
+
+
+def traced_peak_mb(fn) -> float:
+    """Peak of the bytes Python and NumPy allocate during ``fn()``, above what was live before (MB)."""
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return (peak - base) / 2**20
+
+
+# ----------------------------------------------------------------------------- timing
+def best_of_alternating(np_fn, torch_fn, repeats: int, warmup: int = 1) -> dict:
+    """Run numpy, torch, numpy, torch, ... ``repeats`` times each; best and median of each side."""
+    for _ in range(warmup):
+        np_fn()
+        torch_fn()
+    t_np, t_torch = [], []
+    for _ in range(repeats):
+        for fn, times in ((np_fn, t_np), (torch_fn, t_torch)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return {
+        "numpy_s": min(t_np), "torch_s": min(t_torch),
+        "numpy_median_s": float(np.median(t_np)), "torch_median_s": float(np.median(t_torch)),
+    }
+
+
+# ----------------------------------------------------------------------------- the cases
+def _rng_arrays(rng, batch: int, cfg: dict, kind: str):
+    f32 = np.float32
+    if kind == "unet":
+        s = cfg["sample_size"]
+        x = rng.standard_normal((batch, s, s, cfg["in_channels"])).astype(f32)
+        ctx = rng.standard_normal((batch, TOKENS, cfg["cross_attention_dim"])).astype(f32)
+        noise = rng.standard_normal((batch, s, s, cfg["out_channels"])).astype(f32)
+        t = rng.integers(0, 1000, batch)
+        return x, t, ctx, noise
+    raise ValueError(kind)
+
+
+def unet_step_case(rng):
+    """(numpy step, torch step, config): one training step of the U-Net each."""
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    from diffusion_np.models import UNet2DConditionModel
+    from diffusion_np.nn.losses import mse_loss_backward, mse_loss_forward
+    from diffusion_np.optim import AdamW
+
+    cfg = unet_config()
+    x, t, ctx, noise = _rng_arrays(rng, BATCH, cfg, "unet")
+    model = UNet2DConditionModel(**cfg, rng=np.random.default_rng(0))
+    opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def np_step():
+        opt.zero_grad()
+        pred = model(x, t, ctx)
+        _, cache = mse_loss_forward(pred, noise)
+        model.backward(mse_loss_backward(cache))
+        opt.step()
+
+    torch.manual_seed(0)
+    tmodel = TorchUNet(**cfg)
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    tx = torch.tensor(x.transpose(0, 3, 1, 2).copy())
+    tt, tctx = torch.tensor(t), torch.tensor(ctx)
+    tnoise = torch.tensor(noise.transpose(0, 3, 1, 2).copy())
+
+    def torch_step():
+        topt.zero_grad()
+        pred = tmodel(tx, tt, tctx).sample
+        torch.nn.functional.mse_loss(pred, tnoise).backward()
+        topt.step()
+
+    info = {"config": cfg, "batch": BATCH, "tokens": TOKENS, "parameters": model.num_parameters()}
+    return np_step, torch_step, info
+
+
+def vae_step_case(rng):
+    import torch
+    from diffusers import AutoencoderKL as TorchVAE
+
+    from diffusion_np.models import AutoencoderKL
+    from diffusion_np.optim import AdamW
+
+    cfg = dict(VAE_CONFIG)
+    x = rng.uniform(-1, 1, (BATCH, IMAGE, IMAGE, cfg["in_channels"])).astype(np.float32)
+    model = AutoencoderKL(**cfg, rng=np.random.default_rng(0))
+    opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
+    beta = 1e-6
+
+    def np_step():
+        opt.zero_grad()
+        model.loss(x, beta=beta, recon="l1")
+        model.loss_backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    tmodel = TorchVAE(**cfg)
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    tx = torch.tensor(x.transpose(0, 3, 1, 2).copy())
+
+    def torch_step():
+        topt.zero_grad()
+        posterior = tmodel.encode(tx).latent_dist
+        rec = tmodel.decode(posterior.sample()).sample
+        loss = (rec - tx).abs().sum() / BATCH + beta * posterior.kl().mean()
+        loss.backward()
+        topt.step()
+
+    info = {"config": cfg, "batch": BATCH, "loss": "l1 (sum / B) + 1e-6 * KL", "parameters": model.num_parameters()}
+    return np_step, torch_step, info
+
+
+def text_encoder_step_case(rng):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusion_np.models import TextEncoder, TextEncoderConfig
+    from diffusion_np.nn.losses import mse_loss_backward, mse_loss_forward
+    from diffusion_np.optim import AdamW
+
+    cfg = dict(TEXT_CONFIG)
+    ids = rng.integers(4, cfg["vocab_size"], (BATCH, TOKENS))
+    target = rng.standard_normal((BATCH, TOKENS, cfg["hidden_size"])).astype(np.float32)
+    model = TextEncoder(TextEncoderConfig(**cfg), rng=np.random.default_rng(0))
+    opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
+
+    def np_step():
+        opt.zero_grad()
+        _, cache = mse_loss_forward(model(ids), target)
+        model.backward(mse_loss_backward(cache))
+        opt.step()
+
+    torch.manual_seed(0)
+    tmodel = CLIPTextModel(CLIPTextConfig(**cfg, **TORCH_TEXT_IDS))
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    tids, ttarget = torch.tensor(ids), torch.tensor(target)
+
+    def torch_step():
+        topt.zero_grad()
+        out = tmodel(input_ids=tids).last_hidden_state
+        torch.nn.functional.mse_loss(out, ttarget).backward()
+        topt.step()
+
+    info = {"config": cfg, "batch": BATCH, "tokens": TOKENS, "parameters": model.num_parameters()}
+    return np_step, torch_step, info
+
+
+def sample_case(rng):
+    """DDIM-50 with classifier-free guidance at batch SAMPLE_BATCH, text encoding and VAE decode included."""
+    import torch
+    from diffusers import AutoencoderKL as TorchVAE
+    from diffusers import DDIMScheduler
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusion_np.models import AutoencoderKL, TextEncoder, TextEncoderConfig, UNet2DConditionModel
+    from diffusion_np.pipelines.text_to_image import GuidedDenoiser
+    from diffusion_np.samplers import DDIMSampler
+    from diffusion_np.samplers.loop import sample
+
+    ucfg, vcfg, tcfg = unet_config(), dict(VAE_CONFIG), dict(TEXT_CONFIG)
+    B, s, C = SAMPLE_BATCH, ucfg["sample_size"], ucfg["in_channels"]
+    ids = rng.integers(4, tcfg["vocab_size"], (B, TOKENS))
+    empty = np.zeros((B, TOKENS), dtype=np.int64)
+    empty[:, 0], empty[:, 1] = 2, 3  # <bos> <eos> <pad> ...
+    noise = rng.standard_normal((B, s, s, C)).astype(np.float32)
+    unet = UNet2DConditionModel(**ucfg, rng=np.random.default_rng(0)).eval()
+    vae = AutoencoderKL(**vcfg, rng=np.random.default_rng(1)).eval()
+    text = TextEncoder(TextEncoderConfig(**tcfg), rng=np.random.default_rng(2)).eval()
+
+    def np_sample():
+        denoiser = GuidedDenoiser(unet, text(ids), text(empty), GUIDANCE)
+        latents = sample(denoiser, noise.shape, DDIMSampler(), SAMPLE_STEPS, noise=noise, progress=False)
+        return vae.decode_latents(latents)
+
+    torch.manual_seed(0)
+    tunet, tvae = TorchUNet(**ucfg).eval(), TorchVAE(**vcfg).eval()
+    ttext = CLIPTextModel(CLIPTextConfig(**tcfg, **TORCH_TEXT_IDS)).eval()
+    tids, tempty = torch.tensor(ids), torch.tensor(empty)
+    tnoise = torch.tensor(noise.transpose(0, 3, 1, 2).copy())
+    scheduler = DDIMScheduler()
+
+    @torch.no_grad()
+    def torch_sample():
+        ctx = torch.cat([ttext(input_ids=tempty).last_hidden_state, ttext(input_ids=tids).last_hidden_state])
+        scheduler.set_timesteps(SAMPLE_STEPS)
+        x = tnoise * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            out = tunet(torch.cat([x, x]), t, ctx).sample
+            uncond, cond = out.chunk(2)
+            x = scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
+        return tvae.decode(x / tvae.config.scaling_factor).sample
+
+    info = {"batch": B, "steps": SAMPLE_STEPS, "guidance": GUIDANCE, "unet_batch": 2 * B}
+    return np_sample, torch_sample, info
+
+
+CASES = {
+    "unet_train_step": unet_step_case,
+    "vae_train_step": vae_step_case,
+    "text_encoder_train_step": text_encoder_step_case,
+    "sample_ddim50_cfg": sample_case,
+}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write results here (merged with rows already in the file)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each side (best and median kept)")
+    parser.add_argument("--only", help="run only rows whose name contains this")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc thresholds")
+    args = parser.parse_args(argv)
+    malloc = "default" if args.default_malloc or not tune_malloc() else "tuned"
+    rows = []
+    for name, make in CASES.items():
+        if args.only and args.only not in name:
+            continue
+        with threads(args.threads[0]):
+            np_fn, torch_fn, info = make(np.random.default_rng(0))
+            memory = {}
+            if not args.no_memory:
+                np_fn(), torch_fn()  # warm: optimizer state and caches exist before measuring
+                memory = {
+                    "numpy_peak_traced_mb": traced_peak_mb(np_fn),
+                    "numpy_peak_mb": rss_peak_mb(np_fn),
+                    "torch_peak_mb": rss_peak_mb(torch_fn),
+                    "memory_threads": args.threads[0],
+                }
+        for n in args.threads:
+            with threads(n):
+                timing = best_of_alternating(np_fn, torch_fn, args.repeats)
+            extra = {k: v for k, v in timing.items() if k not in ("numpy_s", "torch_s")}
+            if name.startswith("sample"):
+                extra["numpy_images_per_s"] = info["batch"] / timing["numpy_s"]
+                extra["torch_images_per_s"] = info["batch"] / timing["torch_s"]
+            rows.append(row(name, n, timing["numpy_s"], timing["torch_s"], malloc=malloc, timing="best of "
+                            f"{args.repeats}, alternating", **extra, **memory, **info))
+        del np_fn, torch_fn
+        gc.collect()
+    print_table(rows, "training steps: best time, numpy / torch CPU")
+    for r in rows:
+        if r.get("numpy_peak_mb") is not None and r["threads"] == r.get("memory_threads"):
+            print(f"  {r['name']:32s} peak MB  numpy {r['numpy_peak_mb']:8.1f} (traced {r['numpy_peak_traced_mb']:.1f})"
+                  f"  torch {r['torch_peak_mb']:8.1f}  ratio {r['numpy_peak_mb'] / max(r['torch_peak_mb'], 1e-9):.2f}")
+    if args.json:
+        write_json(args.json, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
