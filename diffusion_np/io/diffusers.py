@@ -52,8 +52,10 @@ with the library that wrote them.
 Memory: loaded models keep no gradient buffers unless ``keep_grads=True`` (a
 read-only zero stands in for each; training needs the real ones), which halves the
 footprint of inference: SD 1.5 in float32 takes about 4.3 GB (U-Net 3.4, text encoder
-0.5, VAE 0.3). Attention is computed in query chunks (``attention_chunk_size``,
-see :func:`diffusion_np.nn.attention.sdpa_chunked_forward`).
+0.5, VAE 0.3). Without gradient buffers they are also put in inference mode
+(:meth:`Module.inference`): forwards keep no caches for a backward, so activations
+are freed layer by layer. Attention is computed in query chunks
+(``attention_chunk_size``, see :func:`diffusion_np.nn.attention.sdpa_chunked_forward`).
 
 Left out: sharded weight files (``*.safetensors.index.json``), SD 2.x/SDXL single files
 (v-prediction, OpenCLIP text encoders), LoRA and textual-inversion files, the safety
@@ -296,6 +298,7 @@ def _load_all(models: dict[str, Module], states: dict[str, dict], where, dtype, 
     for component, module in models.items():
         if not keep_grads:
             _release_gradients(module)
+            module.inference()  # no gradient buffers, so no caches for a backward either
         for prefix, sub in module.named_modules():
             for name in list(sub.params):
                 # one copy: out of the file's memory map, widened to dtype, in our layout
