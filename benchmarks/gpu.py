@@ -204,7 +204,7 @@ def step_cases(dev: Device, batch: int):
            ours(UNet2DConditionModel(**cfg, rng=np.random.default_rng(0)), False, unet_loss((x, t, ctx, noise))))
 
     # VAE
-    vcfg = dict(train.VAE_CONFIG)
+    vcfg = train.vae_config()
     img = rng.uniform(-1, 1, (batch, train.IMAGE, train.IMAGE, vcfg["in_channels"])).astype(np.float32)
     img_d = dev.put(img)
     timg = torch.tensor(img.transpose(0, 3, 1, 2).copy()).to(tdev)
@@ -226,7 +226,7 @@ def step_cases(dev: Device, batch: int):
            ours(AutoencoderKL(**vcfg, rng=np.random.default_rng(0)), False, vae_loss(img)))
 
     # text encoder
-    tcfg = dict(train.TEXT_CONFIG)
+    tcfg = train.text_config()
     ids = rng.integers(4, tcfg["vocab_size"], (batch, train.TOKENS))
     target = rng.standard_normal((batch, train.TOKENS, tcfg["hidden_size"])).astype(np.float32)
 

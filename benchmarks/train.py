@@ -56,7 +56,10 @@ import numpy as np
 from benchmarks.common import print_table, row, threads, tune_malloc, write_json
 
 # ----------------------------------------------------------------------------- configurations
-#: The U-Net of the shapes model (latent 8x8x4, text context of width 64), diffusers' field names.
+# The configurations come from diffusion_np.training.presets (the "full" presets of the
+# shapes tasks, see unet_config etc.); these are used only where that module is missing,
+# and are the ones the first measurements in docs/performance.md were taken with.
+#: A U-Net for 8x8x4 latents with a text context of width 64, diffusers' field names.
 UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -80,16 +83,38 @@ BATCH, TOKENS, IMAGE, SAMPLE_BATCH, SAMPLE_STEPS, GUIDANCE = 64, 16, 32, 8, 50, 
 LR, WEIGHT_DECAY = 1e-4, 1e-2
 
 
-def unet_config() -> dict:
-    """The shapes preset's U-Net config if ``diffusion_np.training.presets`` provides one, else UNET_CONFIG."""
+def _preset(task: str, part: str) -> dict | None:
+    """``part`` of the "full" preset of ``task`` from diffusion_np.training.presets, or None."""
     try:
-        from diffusion_np.training import presets  # noqa: PLC0415
+        from diffusion_np.training.presets import get_preset  # noqa: PLC0415
     except ImportError:
+        return None
+    return get_preset(task, "full").get(part)
+
+
+def unet_config() -> dict:
+    """The shapes task's "full" U-Net (presets.py) on 8x8x4 latents with a 64-wide context;
+    UNET_CONFIG where the presets are missing."""
+    cfg = _preset("shapes", "unet")
+    if cfg is None:
         return dict(UNET_CONFIG)
-    for name in ("SHAPES_UNET", "SHAPES_UNET_CONFIG", "UNET_SHAPES"):
-        if isinstance(getattr(presets, name, None), dict):
-            return dict(getattr(presets, name))
-    return dict(UNET_CONFIG)
+    return {**cfg, "sample_size": 8, "in_channels": 4, "out_channels": 4,
+            "cross_attention_dim": text_config()["hidden_size"]}
+
+
+def vae_config() -> dict:
+    """The shapes-vae task's "full" VAE (presets.py), 32x32 RGB; VAE_CONFIG where missing."""
+    cfg = _preset("shapes-vae", "vae")
+    return dict(VAE_CONFIG) if cfg is None else {**cfg, "in_channels": 3, "out_channels": 3}
+
+
+def text_config() -> dict:
+    """The shapes task's "full" text encoder (presets.py), vocabulary 64, 16 positions; TEXT_CONFIG where missing."""
+    cfg = _preset("shapes", "text_encoder")
+    if cfg is None:
+        return dict(TEXT_CONFIG)
+    return {**cfg, "vocab_size": TEXT_CONFIG["vocab_size"], "max_position_embeddings": TOKENS,
+            "hidden_act": "quick_gelu"}
 
 
 # ----------------------------------------------------------------------------- memory
@@ -221,7 +246,7 @@ def vae_step_case(rng):
     from diffusion_np.models import AutoencoderKL
     from diffusion_np.optim import AdamW
 
-    cfg = dict(VAE_CONFIG)
+    cfg = vae_config()
     x = rng.uniform(-1, 1, (BATCH, IMAGE, IMAGE, cfg["in_channels"])).astype(np.float32)
     model = AutoencoderKL(**cfg, rng=np.random.default_rng(0))
     opt = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -258,7 +283,7 @@ def text_encoder_step_case(rng):
     from diffusion_np.nn.losses import mse_loss_backward, mse_loss_forward
     from diffusion_np.optim import AdamW
 
-    cfg = dict(TEXT_CONFIG)
+    cfg = text_config()
     ids = rng.integers(4, cfg["vocab_size"], (BATCH, TOKENS))
     target = rng.standard_normal((BATCH, TOKENS, cfg["hidden_size"])).astype(np.float32)
     model = TextEncoder(TextEncoderConfig(**cfg), rng=np.random.default_rng(0))
@@ -298,7 +323,7 @@ def sample_case(rng):
     from diffusion_np.samplers import DDIMSampler
     from diffusion_np.samplers.loop import sample
 
-    ucfg, vcfg, tcfg = unet_config(), dict(VAE_CONFIG), dict(TEXT_CONFIG)
+    ucfg, vcfg, tcfg = unet_config(), vae_config(), text_config()
     B, s, C = SAMPLE_BATCH, ucfg["sample_size"], ucfg["in_channels"]
     ids = rng.integers(4, tcfg["vocab_size"], (B, TOKENS))
     empty = np.zeros((B, TOKENS), dtype=np.int64)
