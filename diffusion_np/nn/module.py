@@ -25,6 +25,7 @@ composite modules that need that must handle it explicitly).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -216,6 +217,21 @@ class Module:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.num_parameters():,} parameters)"
+
+
+@contextmanager
+def inference_mode(*modules):
+    """Within the block, ``modules`` (and their children) keep no backward caches
+    (:meth:`Module.inference`); afterwards each goes back to the mode it had.
+    Arguments that are not Modules (None, plain functions) are ignored."""
+    saved = [(m, m._keep_cache) for module in modules if isinstance(module, Module) for _, m in module.named_modules()]
+    for module, _ in saved:
+        object.__setattr__(module, "_keep_cache", False)
+    try:
+        yield
+    finally:
+        for module, keep in saved:
+            object.__setattr__(module, "_keep_cache", keep)
 
 
 class ModuleList(Module):

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_np.backend import default_rng
-from diffusion_np.pipelines.text_to_image import PipelineOutput, TextToImagePipeline, encode_images
+from diffusion_np.pipelines.text_to_image import PipelineOutput, TextToImagePipeline, encode_images, forward_only
 from diffusion_np.samplers.base import Sampler
 from diffusion_np.samplers.loop import denoise
 
@@ -90,6 +90,7 @@ def img2img_timesteps(sampler: Sampler, num_inference_steps: int, strength: floa
 class ImageToImagePipeline(TextToImagePipeline):
     """SDEdit with classifier-free guidance; same constructor as :class:`TextToImagePipeline`."""
 
+    @forward_only
     def __call__(
         self,
         prompt: str | list[str],

@@ -53,7 +53,7 @@ import numpy as np
 
 from diffusion_np.backend import asnumpy, default_rng
 from diffusion_np.pipelines.image_to_image import ImageToImagePipeline, check_num_inference_steps
-from diffusion_np.pipelines.text_to_image import PipelineOutput, decode_latents, encode_images
+from diffusion_np.pipelines.text_to_image import PipelineOutput, decode_latents, encode_images, forward_only
 from diffusion_np.samplers.ddim import DDIMSampler
 from diffusion_np.samplers.ddpm import DDPMSampler
 from diffusion_np.samplers.loop import Trajectory, _progress
@@ -99,6 +99,7 @@ class InpaintPipeline(ImageToImagePipeline):
     """Inpainting by replacing the known region at every step (RePaint); constructor as
     :class:`~diffusion_np.pipelines.text_to_image.TextToImagePipeline`. See the module docstring."""
 
+    @forward_only
     def __call__(
         self,
         prompt: str | list[str],

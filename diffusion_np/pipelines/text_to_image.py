@@ -46,6 +46,7 @@ and per-sample guidance scales.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from diffusion_np.backend import asnumpy, get_xp
+from diffusion_np.nn.module import inference_mode
 from diffusion_np.pipelines.image_io import to_uint8
 from diffusion_np.samplers.base import Sampler
 from diffusion_np.samplers.loop import Trajectory, sample
@@ -197,6 +199,18 @@ def decode_latents(vae, latents):
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def forward_only(call):
+    """Run a pipeline call with its networks in inference mode: no layer keeps a backward
+    cache, so activations are freed as sampling goes (the networks' modes are restored after)."""
+
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        with inference_mode(self.unet, self.text_encoder, self.vae):
+            return call(self, *args, **kwargs)
+
+    return wrapper
+
+
 class TextToImagePipeline:
     """Text-to-image sampling with classifier-free guidance (see the module docstring).
 
@@ -240,6 +254,7 @@ class TextToImagePipeline:
         return _module_xp_dtype(self.unet)
 
     # ---- the run ---------------------------------------------------------------------------------
+    @forward_only
     def __call__(
         self,
         prompt: str | list[str],

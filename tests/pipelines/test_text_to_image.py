@@ -332,3 +332,15 @@ def test_cupy_matches_numpy():
     got = TextToImagePipeline(unet, text_encoder, tokenizer, SAMPLERS["dpm++"]())(CAPTIONS[:2], **kwargs)
     assert isinstance(got.images, np.ndarray) and gpu_available()
     np.testing.assert_allclose(got.images, ref.images, atol=1e-4)
+
+
+def test_pipeline_runs_forward_only_and_restores_training_mode():
+    unet, text_encoder, tokenizer = tiny_models()
+    pipe = TextToImagePipeline(unet, text_encoder, tokenizer, DDIMSampler(clip_sample=False))
+    pipe(CAPTIONS[:1], num_inference_steps=2, guidance_scale=2.0, progress=False)
+    for model in (unet, text_encoder):  # no backward cache survives sampling ...
+        assert all(m._cache is None for _, m in model.named_modules())
+        assert all(m._keep_cache for _, m in model.named_modules())  # ... and training mode is back
+    x = np.zeros((1, SIZE, SIZE, 3), np.float32)
+    out = unet(x, 5, text_encoder(tokenizer.encode(CAPTIONS[:1]).ids))
+    unet.backward(np.ones_like(out))  # still trainable
