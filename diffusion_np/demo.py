@@ -61,7 +61,7 @@ def _save_panels(samples: dict, distances: dict, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3.2 * len(samples), 3.4), dpi=100)
+    fig = Figure(figsize=(3.2 * len(samples), 3.6), dpi=100, layout="constrained")  # room for 2-line titles
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(samples))
     for ax, (label, x) in zip(axes, samples.items()):
@@ -69,6 +69,5 @@ def _save_panels(samples: dict, distances: dict, path: Path) -> Path:
         distance = distances["data_vs_data" if label == "data" else label]
         ax.set_title(f"{label}\nSW {distance:.3f}", fontsize=9)
         ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), xticks=[], yticks=[], aspect="equal")
-    fig.tight_layout()
     fig.savefig(path, format="png")
     return Path(path)
