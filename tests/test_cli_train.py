@@ -126,7 +126,7 @@ def test_bad_paths_and_unavailable_tasks_one_line_exit_2(run_dir, tmp_path, caps
     assert main(["train", "shapes", "--vae", str(tmp_path / "nowhere"), "--out", str(tmp_path / "shapes")]) == 2
     one_error_line(capsys, "no checkpoint at")
     assert main(["train", "shapes", "--vae", str(run_dir), "--out", str(tmp_path / "shapes")]) == 2
-    one_error_line(capsys, "is not a shapes-vae run")
+    one_error_line(capsys, "holds no shapes VAE (its task is 'toy2d'")
 
 
 def test_help_describes_every_command_and_option(capsys):

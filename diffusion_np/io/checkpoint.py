@@ -325,12 +325,18 @@ def _fsync_directory(path: Path) -> None:
 def load_checkpoint(directory) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
+    ``directory`` may also be a run directory of ``diffusion-np train`` (its
+    ``checkpoint/`` is read) or ``"pretrained:NAME"``, the weights shipped with the
+    package (:mod:`diffusion_np.pretrained`).
+
     Raises :class:`CheckpointError` with the reason for a missing or incomplete
     directory, a file of another format, or a pickle-based file (refused, see the
     module docstring). Weights come back as NumPy arrays; put them into modules
     with :meth:`Checkpoint.load_weights`.
     """
-    path = Path(directory)
+    from diffusion_np.pretrained import resolve_checkpoint
+
+    path = resolve_checkpoint(directory)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(_PICKLE_REFUSAL.format(path=path, suffix=path.suffix))
     if not path.exists():

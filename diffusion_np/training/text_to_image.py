@@ -80,6 +80,7 @@ from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.models.vae import AutoencoderKL
 from diffusion_np.nn.losses import mse_loss_backward, mse_loss_forward
 from diffusion_np.nn.module import Module
+from diffusion_np.pretrained import PREFIX as PRETRAINED_PREFIX
 from diffusion_np.schedules import NoiseSchedule
 from diffusion_np.training.presets import PRESETS, get_preset
 
@@ -240,13 +241,11 @@ class TextToImageModel(Module):
     @classmethod
     def load(cls, directory, use_ema: bool = True) -> TextToImageModel:
         """Read :meth:`save`'s output, or a ``digits``/``shapes`` training checkpoint (its EMA
-        weights by default). ``directory`` may also be a run directory holding ``checkpoint/``."""
+        weights by default). ``directory`` may also be a run directory holding ``checkpoint/``
+        or the name of shipped weights: ``TextToImageModel.load("pretrained:shapes")``."""
         from diffusion_np.training.trainer import task_from_checkpoint
 
-        directory = Path(directory)
-        if (directory / "checkpoint").is_dir() and not (directory / "config.json").exists():
-            directory = directory / "checkpoint"
-        checkpoint = load_checkpoint(directory)
+        checkpoint = load_checkpoint(directory)  # also a run directory or "pretrained:NAME"
         if checkpoint.config.get("kind") == BUNDLE_FORMAT:
             model = cls.from_config(checkpoint.config)
             checkpoint.load_weights(model.modules())
@@ -608,16 +607,16 @@ def latent_scaling_factor(vae: AutoencoderKL, n: int = 256, seed: int = 0) -> tu
 
 
 def load_vae(path) -> AutoencoderKL:
-    """The VAE of a ``shapes-vae`` run (its EMA weights): a run directory or its ``checkpoint/``."""
+    """The VAE of a ``shapes-vae`` run (its EMA weights), or the frozen VAE inside a ``shapes``
+    checkpoint such as ``"pretrained:shapes"``; ``path`` may be a run directory or its ``checkpoint/``."""
     from diffusion_np.training.trainer import task_from_checkpoint
 
-    path = Path(path)
-    if (path / "checkpoint").is_dir() and not (path / "config.json").exists():
-        path = path / "checkpoint"
     checkpoint = load_checkpoint(path)
-    if checkpoint.config.get("task") != "shapes-vae":
-        raise CheckpointError(f"{path} is not a shapes-vae run (its task is {checkpoint.config.get('task')!r})")
-    return task_from_checkpoint(checkpoint).model
+    task = checkpoint.config.get("task")
+    if task not in ("shapes-vae", "shapes"):
+        raise CheckpointError(f"{path} holds no shapes VAE (its task is {task!r}, not shapes-vae or shapes)")
+    model = task_from_checkpoint(checkpoint).model
+    return model if task == "shapes-vae" else model.vae
 
 
 # ============================================================================ shapes (latent diffusion)
@@ -657,7 +656,7 @@ class ShapesConfig:
             self.latent_pool = get_preset("shapes", self.preset)["latent_pool"]
         if not (isinstance(self.latent_pool, int) and self.latent_pool >= 0):
             raise ValueError(f"latent_pool must be an integer >= 0, got {self.latent_pool!r}")
-        if self.vae is not None:
+        if self.vae is not None and not str(self.vae).startswith(PRETRAINED_PREFIX):
             self.vae = str(Path(self.vae).resolve())
         if self.vae_config is None or self.scaling_factor is None:
             if self.vae is None:
@@ -690,11 +689,12 @@ class ShapesTask(_TextToImageTask):
     def __init__(self, config: ShapesConfig, rng: np.random.Generator) -> None:
         super().__init__(config, rng)
         vae = AutoencoderKL.from_config(config.vae_config, rng=np.random.default_rng(0))
-        if config.vae is not None and Path(config.vae).exists():
-            vae.load_state_dict(load_vae(config.vae).state_dict())
-        elif config.vae is not None:
-            warnings.warn(f"the VAE run {config.vae} no longer exists: the VAE keeps a random initialisation "
-                          "until a checkpoint's weights are loaded", stacklevel=2)
+        if config.vae is not None:
+            try:
+                vae.load_state_dict(load_vae(config.vae).state_dict())
+            except CheckpointError as err:
+                warnings.warn(f"the VAE of {config.vae} cannot be read ({err}): the VAE keeps a random "
+                              "initialisation until a checkpoint's weights are loaded", stacklevel=2)
         object.__setattr__(self.model, "vae", vae)
         self._dataset = ShapesDataset("train", seed=config.data_seed)
         self._pool = None

@@ -95,6 +95,7 @@ __all__ = [
     "Trainer",
     "TrainingInterrupted",
     "TrainingTask",
+    "export_checkpoint",
     "get_task",
     "save_loss_plot",
     "task_from_checkpoint",
@@ -498,6 +499,31 @@ def task_from_checkpoint(checkpoint: Checkpoint, use_ema: bool = True):
     if use_ema and state is not None and "ema" in state:
         task.model.load_state_dict(state["ema"]["shadow"])
     return task
+
+
+def export_checkpoint(source, directory, dtype=np.float16, use_ema: bool = True) -> Path:
+    """Write the weights of training checkpoint ``source`` for sampling only: no optimizer
+    state, the EMA weights in place of the raw ones, cast to ``dtype`` (float16 halves the files).
+
+    This is how the shipped weights (:mod:`diffusion_np.pretrained`) were made. The
+    result is still a training checkpoint of the same task without a training state, so
+    everything that reads one (``sample``, ``evaluate``, ``TextToImageModel.load``) reads it;
+    ``--resume`` cannot continue it. Paths to other runs (a shapes run's ``--vae``) are
+    dropped: the exported directory holds every weight it needs. The config records the
+    step and the training options under ``"exported_from"``.
+    """
+    checkpoint = load_checkpoint(source)
+    task = task_from_checkpoint(checkpoint, use_ema=use_ema)
+    config = dict(checkpoint.config)
+    task_config = dict(config["task_config"])
+    if isinstance(task_config.get("vae"), str):
+        task_config["vae"] = None  # the weights travel in vae.safetensors; the config keeps vae_config
+    state = checkpoint.training_state
+    config["task_config"] = task_config
+    config["exported_from"] = {"step": None if state is None else state.get("step"),
+                               "weights": "ema" if use_ema and state is not None and "ema" in state else "raw",
+                               "dtype": np.dtype(dtype).name}
+    return save_checkpoint(directory, task.modules(), config, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- helpers
