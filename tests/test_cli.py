@@ -1,3 +1,4 @@
+import io
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ def test_demo_trains_samples_and_writes_pngs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "30", "--points", "300", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "DDPM, 1000 steps" in out and "DPM-Solver++, 20 steps" in out and "the floor" in out
-    for name in ("toy2d_samplers.png", "toy2d_loss.png"):
+    assert "shapes, every attribute as prompted:" in out and "held-out ones" in out and "digits, the digit" in out
+    for name in ("demo.png", "toy2d_samplers.png", "toy2d_loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -28,3 +30,18 @@ def test_bad_arguments_give_one_line_and_status_2():
 def test_help_lists_commands():
     proc = subprocess.run([sys.executable, "-m", "diffusion_np", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "demo" in proc.stdout and "gradcheck" in proc.stdout
+
+
+def test_text_to_image_demo_scores_what_it_draws(tmp_path):
+    """The shipped weights sampled and read back: counts within their totals, a PNG written."""
+    from diffusion_np.data.shapes import all_prompts
+    from diffusion_np.demo import HELDOUT_PROMPTS, SHAPES_PROMPTS, text_to_image_demo
+
+    assert set(SHAPES_PROMPTS) <= set(all_prompts("train")) and set(HELDOUT_PROMPTS) <= set(all_prompts("heldout"))
+    report = io.StringIO()
+    result = text_to_image_demo(tmp_path / "demo.png", steps=4, progress=False, out=report)
+    assert "sampled 36 images" in report.getvalue()
+    assert 0 <= result["shapes_correct"] <= result["shapes_total"] == len(SHAPES_PROMPTS)
+    assert 0 <= result["heldout_correct"] <= result["heldout_total"] == len(HELDOUT_PROMPTS)
+    assert 0 <= result["digits_correct"] <= result["digits_total"] == 20
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -762,15 +762,29 @@ def save_image_grid(images, path, titles=None, ncols: int = 8, title: str = "") 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    images = np.clip((asnumpy(images) + 1.0) / 2.0, 0.0, 1.0)  # [-1, 1] -> [0, 1]
-    B, H, W, C = images.shape
+    B, H, W, _ = images.shape
     ncols = max(1, min(ncols, B))
     nrows = -(-B // ncols)
     cell = 1.3 * max(1.0, W / H)
     fig = Figure(figsize=(cell * ncols, 1.5 * nrows + 0.4), dpi=100)
     FigureCanvasAgg(fig)
+    draw_image_grid(fig, images, titles, ncols)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
+
+
+def draw_image_grid(container, images, titles=None, ncols: int = 8) -> None:
+    """Draw images (B, H, W, 1 or 3) in [-1, 1] as a grid of axes on a matplotlib Figure or
+    SubFigure, each with an optional small title (long ones wrap onto two lines)."""
+    images = np.clip((asnumpy(images) + 1.0) / 2.0, 0.0, 1.0)  # [-1, 1] -> [0, 1]
+    B, C = images.shape[0], images.shape[-1]
+    ncols = max(1, min(ncols, B))
+    nrows = -(-B // ncols)
     for i in range(B):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax = container.add_subplot(nrows, ncols, i + 1)
         ax.axis("off")
         if C == 1:
             ax.imshow(images[i, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
@@ -781,11 +795,6 @@ def save_image_grid(images, path, titles=None, ncols: int = 8, title: str = "") 
             half = (len(words) + 1) // 2 if len(words) > 4 else len(words)
             ax.set_title(" ".join(words[:half]) + ("\n" + " ".join(words[half:]) if half < len(words) else ""),
                          fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return Path(path)
 
 
 # ============================================================================ argument types
