@@ -23,7 +23,7 @@ the kernel flipped in both spatial axes and with C_in and C_out swapped
 (``w[::-1, ::-1].transpose(0, 1, 3, 2)``). That turns the scatter of the
 definition into a gather, which is what a fast implementation wants.
 
-Four formulations compute the same numbers; :func:`conv2d_forward` picks one per
+Five formulations compute the same numbers; :func:`conv2d_forward` picks one per
 shape with :func:`choose_method` (or takes ``method=`` to force one):
 
 ``"reference"``
@@ -31,15 +31,23 @@ shape with :func:`choose_method` (or takes ``method=`` to force one):
     The plainest code, and the one the others are tested against.
 ``"im2col"``
     Same forward; backward computes dx as the flipped-kernel convolution of the
-    dilated dy (a gather, no scatter), itself run as "im2col" or "shifted",
+    dilated dy (a gather, no scatter), itself run as "im2col" or "rows",
     whichever :func:`choose_method` picks for that C_out -> C_in shape. Fastest
-    for small images and for wide outputs.
+    for 4x4 images, strides > 1 and few input channels.
 ``"shifted"``
     Stride 1 only. No im2col copy: a kernel offset ``(p, q)`` is a row offset
     ``p * Wp + q`` in the padded image flattened to ``(B * Hp * Wp, C_in)`` rows,
     so the convolution is ``kh * kw`` matmuls of contiguous row slices,
-    accumulated into one output buffer. Fastest for 16x16 images and up when
-    the output has few channels (<= 32).
+    accumulated into one output buffer. The idea "rows" builds on; no longer
+    the fastest anywhere, kept as the copy-free formulation.
+``"rows"``
+    Stride 1 only. Between im2col and shifted: im2col along W only (each
+    pixel's ``kw`` horizontal neighbours side by side: ``kw`` times the input,
+    not ``kh * kw``), then one matmul per kernel *row* ``p``. For every image,
+    the output rows ``i`` read the width-columns of image rows ``i + p``: a
+    contiguous slice of that image's rows, so the matmul is batched over the
+    images with no further copy. Each image's small product stays in the CPU
+    cache while it is accumulated. Fastest for 8x8 images and up.
 ``"matmul"``
     A 1x1 convolution with stride 1 and no padding is a Linear layer on the
     channel axis: one matmul.
@@ -58,13 +66,14 @@ from diffusion_np.backend import DEFAULT_DTYPE, get_xp
 from diffusion_np.nn.module import Module, init_uniform
 from diffusion_np.nn.validate import check_finite, check_image
 
-METHODS = ("reference", "im2col", "shifted", "matmul")
+METHODS = ("reference", "im2col", "shifted", "rows", "matmul")
 
 
 class Conv2dCache(NamedTuple):
     method: str  # which formulation ran the forward (its backward must match)
     saved: object  # reference: columns (B*Ho*Wo, kh*kw*C_in); im2col: the columns, or x_pad when they
-    # are large (_MAX_SAVED_COLUMNS_BYTES); shifted: x_pad; matmul: x
+    # are large (_MAX_SAVED_COLUMNS_BYTES); shifted: x_pad; rows: the width-columns (B, Hp, Wo, kw*C_in),
+    # or x_pad when they are large; matmul: x
     w: object  # (kh, kw, C_in, C_out)
     x_shape: tuple  # (B, H, W, C_in) of the unpadded input
     stride: int
@@ -140,6 +149,20 @@ def _im2col(x_pad, kh: int, kw: int, stride: int, Ho: int, Wo: int):
     return windows.reshape(B * Ho * Wo, kh * kw * C)  # the one copy
 
 
+def _width_columns(x_pad, kw: int, Wo: int):
+    """im2col along W only: row ``(b, u, j)`` holds the ``kw`` pixels
+    ``x_pad[b, u, j : j + kw]`` side by side, in the weight's (q, c) order.
+
+    x_pad (B, Hp, Wp, C) -> (B, Hp, Wo, kw * C), a contiguous copy (stride 1).
+    """
+    B, Hp, _, C = x_pad.shape
+    windows = _sliding_window_view(x_pad, (1, kw), axis=(1, 2))[:, :, :Wo, :, 0]  # (B, Hp, Wo, C, kw), a view
+    windows = windows.transpose(0, 1, 2, 4, 3)  # (B, Hp, Wo, kw, C), still a view
+    # explicit copy: reshape alone would give an overlapping *view* (a pixel's kw*C numbers
+    # are contiguous in x_pad), which BLAS cannot use and every later reshape would copy again
+    return get_xp(x_pad).ascontiguousarray(windows).reshape(B, Hp, Wo, kw * C)
+
+
 def _flipped(w):
     """The kernel of the input-gradient convolution: flipped in space, C_in and
     C_out swapped. (kh, kw, C_in, C_out) -> (kh, kw, C_out, C_in)."""
@@ -151,19 +174,19 @@ def choose_method(x_shape: tuple, w_shape: tuple, stride: int = 1, padding=0) ->
     """The fastest formulation for this shape (measured on a CPU with NumPy/OpenBLAS).
 
     * 1x1, stride 1, no padding: a plain matmul, nothing to gather.
-    * stride 1, at least 16x16 outputs, at most 32 output channels and at least
-      16 input channels: "shifted". Its ``kh*kw`` matmuls also run over the
-      padding rows/columns of the flattened grid (wasted work ``Hp*Wp / (Ho*Wo)``,
-      1.27x at 16x16 with pad 1) and each adds its (rows, C_out) result into the
-      output, which beats the im2col copy (``kh*kw`` times the input) while the
-      output is narrow. Measured forward times, batch 64, 32x32, one thread:
-      32 -> 32 channels 10.7 ms shifted vs 13.5 ms im2col, 64 -> 32 21.5 vs 31.0,
-      but 64 -> 64 47.6 vs 38.9 (nine narrow accumulations cost more than one
-      wide matmul) and 3 -> 32 4.1 vs 1.4 (three input channels make nine tiny
-      matmuls; the columns are only 27 wide).
-    * everything else (4x4, 8x8, stride 2, wide outputs, few inputs): "im2col".
-      At 4x4 the shifted grid would waste 2.25x, and with stride 2 it would
-      compute every stride-1 output.
+    * stride 1 and at least 8x8 outputs (64 positions): "rows". Its copy is
+      ``kw`` times the input (im2col's is ``kh*kw`` times) and each image's
+      product is accumulated while it is in the cache. Measured forward times,
+      one thread, "rows" vs "im2col": batch 64, 16x16, 32 -> 32 channels 1.7 vs
+      3.3 ms; 8x8, 64 -> 64 1.4 vs 1.8; 32x32, 3 -> 32 1.7 vs 1.9 and 32 -> 3
+      7.0 vs 17.0 (im2col's columns are 288 wide for a 3-wide output); the
+      weight and input gradients gain as much (see docs/performance.md).
+    * everything else (4x4, stride 2, 1x1 with stride or padding): "im2col".
+      At 4x4, 128 -> 128 channels, rows' three matmuls per image are too small
+      (forward 1.7 vs 1.35 ms), and with stride 2 the image rows a kernel row
+      reads are no longer one contiguous slice.
+
+    "shifted" is never chosen: "rows" was faster on every shape measured.
 
     The input gradient of a convolution is itself a stride-1 convolution (of dy,
     C_out -> C_in channels), and :func:`conv2d_backward` asks this function again
@@ -174,8 +197,8 @@ def choose_method(x_shape: tuple, w_shape: tuple, stride: int = 1, padding=0) ->
     if kh == kw == 1 and stride == 1 and padding == (0, 0, 0, 0):
         return "matmul"
     Ho, Wo = _out_size(tuple(x_shape), tuple(w_shape), stride, padding)
-    if stride == 1 and Ho * Wo >= 256 and C_out <= 32 and C_in >= 16:
-        return "shifted"
+    if stride == 1 and Ho * Wo >= 64:
+        return "rows"
     return "im2col"
 
 
@@ -187,10 +210,11 @@ def _dx_method(dy_shape: tuple, w_shape: tuple, H: int, W: int) -> str:
     return "im2col" if method == "matmul" else method
 
 
-#: Above this many bytes the "im2col" forward keeps the padded input instead of the
-#: columns (``kh*kw`` times larger) and the backward rebuilds them: one more copy
-#: (about 25% of the weight-gradient matmul) for a ninth of the memory. Below it
-#: (all 8x8 and 4x4 layers of a small U-Net) the columns are kept.
+#: Above this many bytes the "im2col" and "rows" forwards keep the padded input instead
+#: of their columns (``kh*kw`` or ``kw`` times larger) and the backward rebuilds them:
+#: one more copy (about 25% of the weight-gradient matmul for im2col, less for rows)
+#: for a smaller cache. Below it (all 8x8 and 4x4 layers of a small U-Net) the columns
+#: are kept.
 _MAX_SAVED_COLUMNS_BYTES = 32 * 2**20
 
 
@@ -231,11 +255,18 @@ def conv2d_forward(x, w, b=None, stride: int = 1, padding=0, method: str | None 
             raise ValueError("method 'matmul' is for 1x1 convolutions with stride 1 and no padding")
         y = x.reshape(-1, C_in) @ w.reshape(C_in, C_out)  # (B*H*W, C_in) @ (C_in, C_out)
         saved = x
-    elif method == "shifted":
+    elif method in ("shifted", "rows"):
         if stride != 1:
-            raise ValueError("method 'shifted' needs stride 1")
-        saved = _pad_hw(x, *padding)  # (B, Hp, Wp, C_in), contiguous
-        y = _conv_shifted(saved, w)[:, :Ho, :Wo]  # (B, Ho, Wo, C_out), a view of the grid
+            raise ValueError(f"method '{method}' needs stride 1")
+        x_pad = _pad_hw(x, *padding)  # (B, Hp, Wp, C_in), contiguous
+        if method == "shifted":
+            saved = x_pad
+            y = _conv_shifted(x_pad, w)[:, :Ho, :Wo]  # (B, Ho, Wo, C_out), a view of the grid
+        else:
+            xw = _width_columns(x_pad, kw, Wo)  # (B, Hp, Wo, kw*C_in)
+            y = _conv_rows(xw, w)  # (B, Ho, Wo, C_out), a fresh array
+            # keep the width-columns for dw, or (when they are large) the kw x smaller padded input
+            saved = xw if xw.nbytes <= _MAX_SAVED_COLUMNS_BYTES else x_pad
     else:  # "reference" and "im2col" share the forward
         x_pad = _pad_hw(x, *padding)
         cols = _im2col(x_pad, kh, kw, stride, Ho, Wo)  # (B*Ho*Wo, kh*kw*C_in)
@@ -273,9 +304,13 @@ def conv2d_backward(dy, cache: Conv2dCache):
         dx = _dx_col2im(dy, w, stride, padding, H, W)
     else:
         # dx is a stride-1 convolution of dy (C_out -> C_in): choose its formulation for that shape
-        dx = _dx_gather(dy, w, stride, padding, H, W, shifted=_dx_method(dy.shape, w.shape, H, W) == "shifted")
+        dx = _dx_gather(dy, w, stride, padding, H, W, _dx_method(dy.shape, w.shape, H, W))
         if method == "shifted":
             dw = _dw_shifted(saved, dy, kh, kw)
+        elif method == "rows":
+            _, Ho, Wo, _ = dy.shape
+            xw = saved if saved.shape[3] == kw * C_in else _width_columns(saved, kw, Wo)  # rebuilt if not kept
+            dw = _dw_rows(xw, dy, w.shape)
         else:
             _, Ho, Wo, _ = dy.shape
             cols = saved if saved.ndim == 2 else _im2col(saved, kh, kw, stride, Ho, Wo)  # rebuilt if not kept
@@ -316,8 +351,9 @@ def _dx_col2im(dy, w, stride: int, padding: tuple, H: int, W: int):
     return xp.ascontiguousarray(dx_pad[:, top : top + H, left : left + W])  # drop the padding
 
 
-def _dx_gather(dy, w, stride: int, padding: tuple, H: int, W: int, shifted: bool):
-    """Input gradient as a stride-1 convolution (a gather, no scatter).
+def _dx_gather(dy, w, stride: int, padding: tuple, H: int, W: int, method: str):
+    """Input gradient as a stride-1 convolution (a gather, no scatter), run as
+    ``method`` ("im2col", "shifted" or "rows").
 
     dx[u] = sum_p dy_d[u + top - p] w[p] with dy_d the dilated dy; substituting
     p' = kh - 1 - p makes it a correlation with the flipped kernel of dy_d padded
@@ -336,9 +372,11 @@ def _dx_gather(dy, w, stride: int, padding: tuple, H: int, W: int, shifted: bool
         stride=stride,
     )  # (B, H + kh - 1, W + kw - 1, C_out)
     w_flip = _flipped(w)  # (kh, kw, C_out, C_in)
-    if shifted:
+    if method == "shifted":
         dy_pad = get_xp(dy_pad).ascontiguousarray(dy_pad)  # a crop above may have left a view
         return get_xp(dy).ascontiguousarray(_conv_shifted(dy_pad, w_flip)[:, :H, :W])
+    if method == "rows":
+        return _conv_rows(_width_columns(dy_pad, kw, W), w_flip)  # (B, H, W, C_in)
     cols = _im2col(dy_pad, kh, kw, 1, H, W)  # (B*H*W, kh*kw*C_out)
     dx = cols @ w_flip.reshape(kh * kw * C_out, C_in)  # (B*H*W, K') @ (K', C_in)
     return dx.reshape(B, H, W, C_in)
@@ -398,6 +436,55 @@ def _dw_shifted(x_pad, dy, kh: int, kw: int):
             off = p * Wp + q
             xp.matmul(x_flat[off : off + M].T, dy_rows, out=dw[p, q])  # (C_in, M) @ (M, C_out)
     return dw
+
+
+def _conv_rows(xw, w):
+    """Stride-1 valid correlation from width-columns, one batched matmul per kernel row.
+
+    With ``xw[b, u, j] = x_pad[b, u, j : j + kw]`` flattened (:func:`_width_columns`),
+
+        y[b, i, j] = sum_p xw[b, i + p, j] @ w[p]      (w[p] as a (kw*C_in, C_out) matrix)
+
+    For one image, the rows ``i + p`` for i = 0 .. Ho-1 are the contiguous slice
+    ``[p*Wo, (p + Ho)*Wo)`` of its (Hp*Wo, kw*C_in) rows, so tap row p is one
+    matmul batched over the images, added into the output.
+
+    xw (B, Hp, Wo, kw*C_in), w (kh, kw, C_in, C_out) -> y (B, Ho, Wo, C_out), Ho = Hp - kh + 1.
+    """
+    xp = get_xp(xw)
+    B, Hp, Wo, K = xw.shape
+    kh, C_out = w.shape[0], w.shape[3]
+    Ho = Hp - kh + 1
+    x_rows = xw.reshape(B, Hp * Wo, K)  # a view: xw is contiguous
+    y = xp.empty((B, Ho * Wo, C_out), dtype=xw.dtype)
+    tmp = xp.empty_like(y) if kh > 1 else None
+    for p in range(kh):  # a loop over the kh kernel rows
+        x_p = x_rows[:, p * Wo : (p + Ho) * Wo]  # (B, Ho*Wo, K): image rows p .. p+Ho-1, a view
+        w_p = w[p].reshape(K, C_out)  # (kw, C_in, C_out) -> (kw*C_in, C_out)
+        if p == 0:
+            xp.matmul(x_p, w_p, out=y)  # (B, Ho*Wo, K) @ (K, C_out)
+        else:
+            xp.matmul(x_p, w_p, out=tmp)
+            y += tmp
+    return y.reshape(B, Ho, Wo, C_out)
+
+
+def _dw_rows(xw, dy, w_shape: tuple):
+    """Weight gradient from width-columns: ``dw[p] = sum_b xw[b, rows of tap p]^T @ dy[b]``.
+
+    Each image's (K, Ho*Wo) @ (Ho*Wo, C_out) product is small; the batched
+    matmul gives one (K, C_out) matrix per image, summed over the images.
+    """
+    B, Hp, Wo, K = xw.shape
+    _, Ho, _, C_out = dy.shape
+    kh = w_shape[0]
+    x_rows = xw.reshape(B, Hp * Wo, K)
+    dy3 = dy.reshape(B, Ho * Wo, C_out)  # (B, Ho*Wo, C_out)
+    dw = get_xp(xw).empty((kh, K, C_out), dtype=dy.dtype)
+    for p in range(kh):
+        x_p = x_rows[:, p * Wo : (p + Ho) * Wo]  # (B, Ho*Wo, K), the rows tap row p read
+        dw[p] = (x_p.transpose(0, 2, 1) @ dy3).sum(axis=0)  # (B, K, Ho*Wo) @ (B, Ho*Wo, C_out) -> (K, C_out)
+    return dw.reshape(w_shape)  # (kh, kw*C_in, C_out) -> (kh, kw, C_in, C_out)
 
 
 # ----------------------------------------------------------------------------- the layer

@@ -25,7 +25,7 @@ def _methods_for(w_shape, stride, padding):
     pad4 = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
     methods = ["reference", "im2col"]
     if stride == 1:
-        methods.append("shifted")
+        methods += ["shifted", "rows"]
     if w_shape[:2] == (1, 1) and stride == 1 and pad4 == (0, 0, 0, 0):
         methods.append("matmul")
     return methods
@@ -50,7 +50,7 @@ def test_conv2d_op_gradcheck(name, method):
     assert max(errors.values()) < 1e-7, errors
 
 
-@pytest.mark.parametrize("method", ["reference", "im2col", "shifted"])
+@pytest.mark.parametrize("method", ["reference", "im2col", "shifted", "rows"])
 def test_conv2d_op_gradcheck_without_bias(method):
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((1, 5, 4, 2)), rng.standard_normal((3, 3, 2, 3))
@@ -117,9 +117,10 @@ def test_all_formulations_equal_reference(B, H, W, c_in, c_out, kh, kw, stride, 
 @pytest.mark.parametrize(
     "x_shape,w_shape,stride,padding",
     [
-        ((2, 16, 16, 8), (3, 3, 8, 6), 1, 1),  # the dispatcher picks "shifted"
+        ((2, 16, 16, 8), (3, 3, 8, 6), 1, 1),  # the dispatcher picks "rows"
         ((3, 17, 20, 5), (3, 3, 5, 4), 1, 1),
-        ((2, 8, 8, 16), (3, 3, 16, 16), 1, 1),  # "im2col"
+        ((2, 8, 8, 16), (3, 3, 16, 16), 1, 1),  # "rows"
+        ((2, 4, 4, 16), (3, 3, 16, 16), 1, 1),  # "im2col"
         ((2, 16, 16, 8), (3, 3, 8, 8), 2, 1),  # a U-Net downsampler
         ((2, 17, 15, 4), (3, 3, 4, 4), 2, (0, 1, 0, 1)),  # the VAE's, odd sizes
         ((2, 16, 16, 8), (1, 1, 8, 12), 1, 0),  # "matmul"
@@ -132,12 +133,13 @@ def test_fast_formulations_equal_reference_on_larger_shapes(x_shape, w_shape, st
 @pytest.mark.parametrize(
     "x_shape,w_shape,stride,padding,expected",
     [
-        ((64, 16, 16, 32), (3, 3, 32, 32), 1, 1, "shifted"),
-        ((16, 32, 32, 64), (3, 3, 64, 32), 1, 1, "shifted"),
-        ((16, 32, 32, 64), (3, 3, 64, 64), 1, 1, "im2col"),  # wide output: one wide matmul wins
-        ((16, 32, 32, 3), (3, 3, 3, 32), 1, 1, "im2col"),  # 3 input channels: 27-wide columns
-        ((64, 8, 8, 64), (3, 3, 64, 64), 1, 1, "im2col"),
-        ((64, 4, 4, 128), (3, 3, 128, 128), 1, 1, "im2col"),
+        ((64, 16, 16, 32), (3, 3, 32, 32), 1, 1, "rows"),
+        ((16, 32, 32, 64), (3, 3, 64, 32), 1, 1, "rows"),
+        ((16, 32, 32, 64), (3, 3, 64, 64), 1, 1, "rows"),
+        ((16, 32, 32, 3), (3, 3, 3, 32), 1, 1, "rows"),  # 3 input channels
+        ((16, 32, 32, 32), (3, 3, 32, 3), 1, 1, "rows"),  # 3 output channels
+        ((64, 8, 8, 64), (3, 3, 64, 64), 1, 1, "rows"),
+        ((64, 4, 4, 128), (3, 3, 128, 128), 1, 1, "im2col"),  # 4x4: three tiny matmuls per image
         ((16, 32, 32, 64), (3, 3, 64, 64), 2, 1, "im2col"),
         ((16, 32, 32, 64), (1, 1, 64, 32), 1, 0, "matmul"),
         ((16, 32, 32, 64), (1, 1, 64, 32), 2, 0, "im2col"),
@@ -150,9 +152,9 @@ def test_choose_method(x_shape, w_shape, stride, padding, expected):
 @pytest.mark.parametrize(
     "x_shape,w_shape,stride,padding,expected",
     [
-        ((2, 16, 16, 16), (3, 3, 16, 8), 1, 1, ("shifted", "im2col")),  # dx is an 8 -> 16 channel conv
-        ((2, 16, 16, 8), (3, 3, 8, 16), 1, 1, ("im2col", "shifted")),  # dx is 16 -> 8
-        ((2, 32, 32, 16), (3, 3, 16, 16), 2, (0, 1, 0, 1), ("im2col", "shifted")),  # dx on the dilated dy
+        ((2, 16, 16, 8), (3, 3, 8, 8), 2, 1, ("im2col", "rows")),  # stride 2; dx is a stride-1 16x16 conv
+        ((2, 32, 32, 16), (3, 3, 16, 16), 2, (0, 1, 0, 1), ("im2col", "rows")),  # dx on the dilated dy
+        ((2, 4, 4, 8), (3, 3, 8, 16), 1, 1, ("im2col", "im2col")),
     ],
 )
 def test_forward_and_input_gradient_may_use_different_formulations(x_shape, w_shape, stride, padding, expected):
@@ -174,6 +176,26 @@ def test_im2col_rebuilds_large_columns_in_backward(monkeypatch):
     assert cache.saved.shape == (2, 10, 10, 4)  # the padded input, not (128, 36) columns
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns rebuilt
     _compare_methods((2, 9, 7, 4), w_shape, 2, (0, 1, 0, 1), np.float32)
+
+
+def test_rows_rebuilds_large_width_columns_in_backward(monkeypatch):
+    """Above the size limit "rows" keeps x_pad, not the width-columns; the gradients do not change."""
+    x_shape, w_shape = (2, 9, 8, 4), (3, 3, 4, 5)
+    _, cache = conv2d_forward(np.ones(x_shape), np.ones(w_shape), None, 1, 1, method="rows")
+    assert cache.saved.shape == (2, 11, 8, 12)  # (B, Hp, Wo, kw*C_in), kept
+    monkeypatch.setattr(conv_mod, "_MAX_SAVED_COLUMNS_BYTES", 0)
+    _, cache = conv2d_forward(np.ones(x_shape), np.ones(w_shape), None, 1, 1, method="rows")
+    assert cache.saved.shape == (2, 11, 10, 4)  # the padded input
+    _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns rebuilt
+    _compare_methods(x_shape, (3, 2, 4, 3), 1, (0, 2, 1, 0), np.float32)
+
+
+def test_width_columns_are_a_contiguous_copy():
+    """A reshape of the window view would be an overlapping view that BLAS cannot take."""
+    x_pad = np.arange(2 * 4 * 5 * 3, dtype=np.float64).reshape(2, 4, 5, 3)
+    xw = conv_mod._width_columns(x_pad, 3, 3)
+    assert xw.shape == (2, 4, 3, 9) and xw.flags.c_contiguous and not np.shares_memory(xw, x_pad)
+    np.testing.assert_array_equal(xw[1, 2, 1], x_pad[1, 2, 1:4].reshape(-1))  # pixels j..j+2, (q, c) order
 
 
 # ----------------------------------------------------------------------------- torch parity
@@ -272,6 +294,8 @@ def test_conv2d_op_bad_arguments():
         conv2d_forward(x, w, method="winograd")
     with pytest.raises(ValueError, match="'shifted' needs stride 1"):
         conv2d_forward(x, w, stride=2, method="shifted")
+    with pytest.raises(ValueError, match="'rows' needs stride 1"):
+        conv2d_forward(x, w, stride=2, method="rows")
     with pytest.raises(ValueError, match="'matmul' is for 1x1"):
         conv2d_forward(x, w, method="matmul")
 
