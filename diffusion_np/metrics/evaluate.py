@@ -36,9 +36,10 @@ Noise: each batch of images is seeded from ``seed`` and the batch's index (a
 :class:`numpy.random.SeedSequence` per batch), so the same call gives the same
 numbers, and seen and held-out images never share their starting noise.
 
-Defaults were sized on a 2-core machine: the demo/full shapes model (a (64, 128)
-U-Net) takes about 3.5 minutes for 320 + 144 images with 50 DDIM steps and guidance
-(measured with one BLAS thread while two training jobs ran on the same two cores).
+Defaults were sized on a 2-core machine: the shipped shapes model (a (64, 128) U-Net)
+took 250 s of wall time and 170 s of CPU time for 320 + 144 images with 50 DDIM steps
+and guidance (one BLAS thread, two training jobs running on the same two cores); the
+shipped digits model took 114 s for its 500 images.
 
 Left out: the VAE task (``shapes-vae``; its number is
 :func:`~diffusion_np.training.text_to_image.vae_reconstruction_mse`), negative
