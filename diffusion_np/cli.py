@@ -5,8 +5,12 @@
     diffusion-np train TASK  train a model (toy2d, digits, shapes-vae, shapes) with
                              checkpoints, --resume, Ctrl-C saving and preview PNGs
     diffusion-np sample      draw samples from a checkpoint with any sampler, write a PNG
+    diffusion-np export      a training checkpoint's EMA weights, float16, without optimizer state
     diffusion-np evaluate    sample-quality metrics of a checkpoint (digit accuracy and Frechet distance,
                              shapes prompt accuracy, 2-D distances), as a table and JSON
+
+A checkpoint argument is a run directory, its ``checkpoint/``, or ``pretrained:digits`` /
+``pretrained:shapes``: the weights shipped with the package (:mod:`diffusion_np.pretrained`).
 
 Bad arguments print one line and exit with status 2; ``--help`` on every command.
 A task's own ``train`` options come from its class (``add_arguments``), the shared
@@ -221,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and write a PNG (a scatter plot for toy2d).",
                          epilog=_SAMPLE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     smp.add_argument("--checkpoint", metavar="DIR", default=None,
-                     help="a run directory of `diffusion-np train` or the checkpoint/ inside it")
+                     help="a run directory of `diffusion-np train`, the checkpoint/ inside it, or "
+                          "pretrained:digits / pretrained:shapes (the shipped weights)")
     smp.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampling method (default ddim)")
     smp.add_argument("--steps", type=_positive_int, default=50, metavar="N",
                      help="number of sampling steps (default 50)")
@@ -244,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     from diffusion_np.io.diffusers import add_sample_arguments
 
     add_sample_arguments(smp)  # --model and the options that go with it
+
+    exp = sub.add_parser("export", help="write a checkpoint's EMA weights for sampling only (float16, no optimizer)",
+                         description="Write the EMA weights of a training checkpoint, cast to float16 by default, "
+                                     "without the optimizer state: a quarter of the size, for sharing or shipping. "
+                                     "sample and evaluate read the result; --resume cannot continue it.")
+    exp.add_argument("--checkpoint", metavar="DIR", required=True,
+                     help="a run directory of `diffusion-np train` or the checkpoint/ inside it")
+    exp.add_argument("--out", metavar="DIR", required=True, help="the directory to write (new or a checkpoint)")
+    exp.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                     help="storage type of the weights (default float16; they load as float32)")
+    exp.add_argument("--raw-weights", action="store_true", help="export the trained weights instead of their EMA")
 
     ev = sub.add_parser("evaluate", help="score a checkpoint's samples: a table, and JSON with --json",
                         description="Generate samples from a checkpoint (digits, shapes or toy2d) and score them "
@@ -361,6 +377,7 @@ def _train(args) -> int:
 
 def _sample(args) -> int:
     from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
+    from diffusion_np.pretrained import resolve_checkpoint
     from diffusion_np.training.trainer import task_from_checkpoint
 
     if args.model is not None:  # real Stable Diffusion weights (docs/real-weights.md)
@@ -371,11 +388,12 @@ def _sample(args) -> int:
         return sample_from_model(args)
     if args.checkpoint is None:
         raise _UsageError("sample needs --checkpoint DIR (a trained run) or --model PATH (Stable Diffusion weights)")
-    directory = Path(args.checkpoint)
+    try:
+        directory = resolve_checkpoint(args.checkpoint)  # a run directory -> its checkpoint/; pretrained:NAME
+    except CheckpointError as err:
+        raise _UsageError(str(err)) from None
     if not directory.exists():
         raise _UsageError(f"--checkpoint {directory} does not exist")
-    if (directory / "checkpoint").is_dir() and not (directory / "config.json").exists():
-        directory = directory / "checkpoint"  # a run directory: use its latest checkpoint
     output = Path(args.output)
     if output.suffix.lower() != ".png":
         raise _UsageError(f"-o {output} must end in .png")
@@ -387,8 +405,10 @@ def _sample(args) -> int:
     except (CheckpointError, LookupError) as err:
         raise _UsageError(str(err)) from None
     state = checkpoint.training_state
-    step = state["step"] if state is not None else "?"
-    weights = "EMA weights" if (state is not None and not args.raw_weights) else "weights"
+    exported = checkpoint.config.get("exported_from", {})  # diffusion-np export: EMA weights, no state
+    step = state["step"] if state is not None else exported.get("step", "?")
+    ema = (state is not None and not args.raw_weights) or exported.get("weights") == "ema"
+    weights = "EMA weights" if ema else "weights"
     title = f"{task.name}, step {step}, {args.sampler} {args.steps} steps, seed {args.seed}"
     try:
         if args.prompt or args.negative_prompt is not None or args.guidance_scale is not None:
@@ -420,6 +440,19 @@ def _sample_prompts(task, args, output: Path, title: str) -> int:
                                  negative_prompt=args.negative_prompt)
     save_image_grid(images, output, prompts, ncols=min(per_prompt, 8), title=f"{title}, guidance {w}")
     return len(prompts)
+
+
+def _export(args) -> int:
+    from diffusion_np.io.checkpoint import CheckpointError
+    from diffusion_np.training.trainer import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, dtype=np.dtype(args.dtype), use_ema=not args.raw_weights)
+    except CheckpointError as err:
+        raise _UsageError(str(err)) from None
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.dtype})")
+    return 0
 
 
 def _evaluate(args) -> int:
@@ -471,6 +504,8 @@ def main(argv=None) -> int:
             return _train(args)
         if args.command == "sample":
             return _sample(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "evaluate":
             return _evaluate(args)
     except _UsageError as err:
