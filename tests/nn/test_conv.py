@@ -178,15 +178,12 @@ def test_im2col_rebuilds_large_columns_in_backward(monkeypatch):
     _compare_methods((2, 9, 7, 4), w_shape, 2, (0, 1, 0, 1), np.float32)
 
 
-def test_rows_rebuilds_large_width_columns_in_backward(monkeypatch):
-    """Above the size limit "rows" keeps x_pad, not the width-columns; the gradients do not change."""
+def test_rows_keeps_the_padded_input_not_the_width_columns():
+    """The width-columns are kw times the input: the backward rebuilds them from x_pad."""
     x_shape, w_shape = (2, 9, 8, 4), (3, 3, 4, 5)
     _, cache = conv2d_forward(np.ones(x_shape), np.ones(w_shape), None, 1, 1, method="rows")
-    assert cache.saved.shape == (2, 11, 8, 12)  # (B, Hp, Wo, kw*C_in), kept
-    monkeypatch.setattr(conv_mod, "_MAX_SAVED_COLUMNS_BYTES", 0)
-    _, cache = conv2d_forward(np.ones(x_shape), np.ones(w_shape), None, 1, 1, method="rows")
-    assert cache.saved.shape == (2, 11, 10, 4)  # the padded input
-    _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns rebuilt
+    assert cache.saved.shape == (2, 11, 10, 4)  # x_pad, not (2, 11, 8, 12) columns
+    _compare_methods(x_shape, w_shape, 1, 1, np.float64)
     _compare_methods(x_shape, (3, 2, 4, 3), 1, (0, 2, 1, 0), np.float32)
 
 
