@@ -25,7 +25,7 @@ def _methods_for(w_shape, stride, padding):
     pad4 = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
     methods = ["reference", "im2col"]
     if stride == 1:
-        methods += ["shifted", "rows"]
+        methods += ["shifted", "rows", "rows_stacked"]
     if w_shape[:2] == (1, 1) and stride == 1 and pad4 == (0, 0, 0, 0):
         methods.append("matmul")
     return methods
@@ -50,7 +50,7 @@ def test_conv2d_op_gradcheck(name, method):
     assert max(errors.values()) < 1e-7, errors
 
 
-@pytest.mark.parametrize("method", ["reference", "im2col", "shifted", "rows"])
+@pytest.mark.parametrize("method", ["reference", "im2col", "shifted", "rows", "rows_stacked"])
 def test_conv2d_op_gradcheck_without_bias(method):
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((1, 5, 4, 2)), rng.standard_normal((3, 3, 2, 3))
@@ -134,8 +134,12 @@ def test_fast_formulations_equal_reference_on_larger_shapes(x_shape, w_shape, st
     "x_shape,w_shape,stride,padding,expected",
     [
         ((64, 16, 16, 32), (3, 3, 32, 32), 1, 1, "rows"),
-        ((16, 32, 32, 64), (3, 3, 64, 32), 1, 1, "rows"),
-        ((16, 32, 32, 64), (3, 3, 64, 64), 1, 1, "rows"),
+        ((16, 32, 32, 64), (3, 3, 64, 32), 1, 1, "rows_stacked"),  # 3.3 M numbers of width-columns
+        ((16, 32, 32, 64), (3, 3, 64, 64), 1, 1, "rows_stacked"),
+        ((64, 32, 32, 32), (3, 3, 32, 32), 1, 1, "rows_stacked"),  # the VAE's 32x32 layers
+        ((64, 16, 16, 64), (3, 3, 64, 64), 1, 1, "rows_stacked"),
+        ((64, 32, 32, 3), (3, 3, 3, 32), 1, 1, "rows"),  # 3 input channels: the kernel-row sum costs more
+        ((64, 8, 8, 128), (3, 3, 128, 128), 1, 1, "rows"),  # the U-Net's 8x8 layers: 2.0 M numbers, under the limit
         ((16, 32, 32, 3), (3, 3, 3, 32), 1, 1, "rows"),  # 3 input channels
         ((16, 32, 32, 32), (3, 3, 32, 3), 1, 1, "rows"),  # 3 output channels
         ((64, 8, 8, 64), (3, 3, 64, 64), 1, 1, "rows"),
@@ -185,6 +189,23 @@ def test_rows_keeps_the_padded_input_not_the_width_columns():
     assert cache.saved.shape == (2, 11, 10, 4)  # x_pad, not (2, 11, 8, 12) columns
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)
     _compare_methods(x_shape, (3, 2, 4, 3), 1, (0, 2, 1, 0), np.float32)
+
+
+def test_kernel_row_slices_are_an_overlapping_view():
+    """rows_stacked's view: slice p of an image is its width-column rows p .. p+Ho-1, no copy."""
+    xw = np.arange(2 * 5 * 3 * 4, dtype=np.float64).reshape(2, 5, 3, 4)  # (B, Hp, Wo, K)
+    view = conv_mod._kernel_row_slices(xw, 3)  # Ho = 3
+    assert view.shape == (2, 3, 9, 4) and np.shares_memory(view, xw)
+    for p in range(3):
+        np.testing.assert_array_equal(view[1, p], xw[1, p : p + 3].reshape(9, 4))
+
+
+def test_dispatcher_picks_rows_stacked_above_the_size_limit(monkeypatch):
+    x_shape, w_shape = (3, 9, 8, 16), (3, 3, 16, 5)
+    assert choose_method(x_shape, w_shape, 1, 1) == "rows"
+    monkeypatch.setattr(conv_mod, "_STACKED_MIN_COLUMNS", 0)
+    assert choose_method(x_shape, w_shape, 1, 1) == "rows_stacked"
+    _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # None (the dispatcher) now runs rows_stacked
 
 
 def test_width_columns_are_a_contiguous_copy():
