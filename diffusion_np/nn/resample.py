@@ -26,6 +26,12 @@ Layers (parameter names as diffusers' ``Upsample2D`` / ``Downsample2D``):
   right 1) and then convolves with no padding (diffusers pads with ``F.pad(x, (0, 1, 0, 1))``).
   Without ``use_conv`` a 2x2 average pool.
 
+Nearest 2x upsampling followed by a 3x3 convolution with padding 1 (Upsample2D)
+is fused into four 2x2 convolutions of the small image, one per output phase
+``(a, c)`` (row parity a, column parity c), see :func:`upsample_conv_forward`:
+2.25x fewer multiplications and no 4x upsampled intermediate. The unfused
+path (upsample, then Conv2d) stays as the reference (``Upsample2D.fused``).
+
 Left out: Upsample2D's ``output_size`` argument and transposed-conv option, the
 FIR/K up- and downsamplers, and Downsample2D's optional norm.
 """
@@ -37,7 +43,7 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
-from diffusion_np.nn.conv import Conv2d
+from diffusion_np.nn.conv import Conv2d, conv2d_backward, conv2d_forward
 from diffusion_np.nn.module import Module
 from diffusion_np.nn.validate import check_finite, check_image
 
@@ -83,13 +89,94 @@ def avg_pool2x2_backward(dy, cache: ResampleCache):
     return dx
 
 
+# ----------------------------------------------------------------------------- fused upsample + 3x3 conv
+#: Along one axis, output phase a (even/odd rows of the upsampled image) of a 3-tap
+#: kernel with padding 1 reads only two source rows: row 2i + a - 1 + p of the
+#: upsampled image is source row i - 1 + r, so tap p adds into the 2-tap kernel's
+#: tap r = _PHASE_TAPS[a][r, p]. a = 0: rows (i - 1, i) with taps (w0, w1 + w2);
+#: a = 1: rows (i, i + 1) with taps (w0 + w1, w2).
+_PHASE_TAPS = (np.array([[1, 0, 0], [0, 1, 1]]), np.array([[1, 1, 0], [0, 0, 1]]))  # (r, p)
+#: The 2-tap kernel of phase a reads rows (i - 1, i) or (i, i + 1): zero padding (before, after).
+_PHASE_PAD = ((1, 0), (0, 1))
+
+
+class UpsampleConvCache(NamedTuple):
+    phases: tuple  # the four conv caches, phases (0, 0), (0, 1), (1, 0), (1, 1)
+    w_shape: tuple  # (3, 3, C_in, C_out)
+
+
+def _phase_kernel(w, a: int, c: int):
+    """The 2x2 kernel of output phase (a, c): w (3, 3, C_in, C_out) -> (2, 2, C_in, C_out)."""
+    m_a, m_c = (get_xp(w).asarray(_PHASE_TAPS[k], dtype=w.dtype) for k in (a, c))
+    return get_xp(w).einsum("rp,sq,pqio->rsio", m_a, m_c, w)  # sums of the taps that read one source pixel
+
+
+def upsample_conv_forward(x, w, b=None):
+    """y = conv3x3(upsample_nearest2x(x), padding 1), as four 2x2 convs of x.
+
+    Output pixel (2i + a, 2j + c) sees a 3x3 patch of the upsampled image that
+    covers only 2x2 source pixels (see :data:`_PHASE_TAPS`), so::
+
+        y[:, a::2, c::2] = conv2d(x, w_ac, padding=(pad_a, pad_c)) + b,   w_ac = M_a w M_c^T
+
+    with ``w_ac`` the 2x2 kernel of :func:`_phase_kernel`. 16 source taps per
+    2x2 output block instead of 36: 2.25x fewer multiplications.
+
+    x (B, H, W, C_in), w (3, 3, C_in, C_out), b (C_out,) or None -> y (B, 2H, 2W, C_out).
+    """
+    xp = get_xp(x)
+    B, H, W, _ = x.shape
+    C_out = w.shape[3]
+    y = xp.empty((B, H, 2, W, 2, C_out), dtype=x.dtype)  # (B, 2H, 2W, C_out) with the phases on axes 2, 4
+    caches = []
+    for a in (0, 1):  # a loop over the four output phases
+        for c in (0, 1):
+            padding = (*_PHASE_PAD[a], *_PHASE_PAD[c])  # (top, bottom, left, right)
+            y[:, :, a, :, c], cache = conv2d_forward(x, _phase_kernel(w, a, c), b, 1, padding)  # (B, H, W, C_out)
+            caches.append(cache)
+    return y.reshape(B, 2 * H, 2 * W, C_out), UpsampleConvCache(tuple(caches), tuple(w.shape))
+
+
+def upsample_conv_backward(dy, cache: UpsampleConvCache):
+    """Gradients of :func:`upsample_conv_forward`: ``(dx, dw, db)``, db None without bias.
+
+    Each phase's conv gives its own (dx, dw_ac, db); dx and db add up over the
+    phases, and ``dw_ac`` goes back to the 3x3 taps it was summed from:
+    ``dw += M_a^T dw_ac M_c``.
+    """
+    xp = get_xp(dy)
+    B, H2, W2, C_out = dy.shape
+    dy6 = dy.reshape(B, H2 // 2, 2, W2 // 2, 2, C_out)  # phases on axes 2, 4
+    dx = dw = db = None
+    for (a, c), conv_cache in zip(((0, 0), (0, 1), (1, 0), (1, 1)), cache.phases):
+        dy_ac = xp.ascontiguousarray(dy6[:, :, a, :, c])  # (B, H, W, C_out)
+        dx_ac, dw_ac, db_ac = conv2d_backward(dy_ac, conv_cache)
+        m_a, m_c = (xp.asarray(_PHASE_TAPS[k], dtype=dy.dtype) for k in (a, c))
+        dw_33 = xp.einsum("rp,sq,rsio->pqio", m_a, m_c, dw_ac)  # (2, 2, ...) -> (3, 3, C_in, C_out)
+        if dx is None:
+            dx, dw, db = dx_ac, dw_33, db_ac
+        else:
+            dx += dx_ac
+            dw += dw_33
+            if db is not None:
+                db += db_ac
+    return dx, dw, db
+
+
 # ----------------------------------------------------------------------------- layers
 class Upsample2D(Module):
     """Nearest-neighbour x2 upsampling, then (``use_conv=True``) a 3x3 conv with padding 1.
 
     (B, H, W, channels) -> (B, 2H, 2W, out_channels). Parameters ``conv.weight``,
     ``conv.bias`` as in diffusers' ``Upsample2D(channels, use_conv=True)``.
+
+    With ``fused = True`` (the default) the two run as :func:`upsample_conv_forward`
+    (four 2x2 convs of the small image, ``self.conv`` holds the parameters and
+    receives the gradients); ``fused = False`` runs them one after the other,
+    the reference the tests compare with.
     """
+
+    fused: bool = True
 
     def __init__(
         self, channels: int, use_conv: bool = True, out_channels: int | None = None, rng=None, dtype=DEFAULT_DTYPE
@@ -109,12 +196,22 @@ class Upsample2D(Module):
     def forward(self, x):
         check_image(self, x, self.channels)
         check_finite(self, x)
+        if self.use_conv and self.fused:
+            y, cache = upsample_conv_forward(x, self.conv.weight, self.conv.params.get("bias"))
+            self._set_cache(cache)
+            return y  # (B, 2H, 2W, C_out)
         h, cache = upsample_nearest2x_forward(x)  # (B, 2H, 2W, C)
         self._set_cache(cache)
         return self.conv(h) if self.use_conv else h  # (B, 2H, 2W, C_out)
 
     def backward(self, dy):
         cache = self._pop_cache()
+        if isinstance(cache, UpsampleConvCache):  # the fused forward ran
+            dx, dw, db = upsample_conv_backward(dy, cache)
+            self.conv.grads["weight"] += dw
+            if db is not None:
+                self.conv.grads["bias"] += db
+            return dx
         dh = self.conv.backward(dy) if self.use_conv else dy  # reverse order: conv first
         return upsample_nearest2x_backward(dh, cache)
 

@@ -3,11 +3,14 @@ import pytest
 from helpers import SOURCES, assert_close, reference
 
 from diffusion_np.gradcheck import check_module, check_op
+from diffusion_np.nn.conv import conv2d_backward, conv2d_forward
 from diffusion_np.nn.resample import (
     Downsample2D,
     Upsample2D,
     avg_pool2x2_backward,
     avg_pool2x2_forward,
+    upsample_conv_backward,
+    upsample_conv_forward,
     upsample_nearest2x_backward,
     upsample_nearest2x_forward,
 )
@@ -43,7 +46,59 @@ def test_avg_pool_drops_odd_last_row_and_column():
     np.testing.assert_array_equal(dx[0, :, :, 0], [[0.25] * 4 + [0], [0.25] * 4 + [0], [0] * 5])
 
 
+def _unfused(layer):
+    layer.fused = False
+    return layer
+
+
+# ----------------------------------------------------------------------------- fused upsample + conv
+@pytest.mark.parametrize("x_shape,c_out", [((2, 5, 7, 3), 4), ((1, 4, 4, 2), 2), ((1, 1, 3, 2), 3), ((3, 8, 8, 16), 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_conv_equals_upsample_then_conv(x_shape, c_out, bias):
+    """The four-phase 2x2 convolutions give the unfused path's output and every gradient (float64)."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal((3, 3, x_shape[3], c_out))
+    b = rng.standard_normal(c_out) if bias else None
+    y, cache = upsample_conv_forward(x, w, b)
+    h, up_cache = upsample_nearest2x_forward(x)
+    y_ref, conv_cache = conv2d_forward(h, w, b, 1, 1, method="reference")
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = upsample_conv_backward(dy, cache)
+    dh, dw_ref, db_ref = conv2d_backward(dy, conv_cache)
+    np.testing.assert_allclose(dx, upsample_nearest2x_backward(dh, up_cache), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-12, atol=1e-12)
+    assert (db is None) == (not bias)
+    if bias:
+        np.testing.assert_allclose(db, db_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("x_shape", [(2, 3, 5, 3), (1, 1, 1, 2), (1, 4, 4, 2)])
+def test_upsample_conv_op_gradcheck(x_shape):
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal(x_shape), rng.standard_normal((3, 3, x_shape[3], 3)), rng.standard_normal(3)
+    errors = check_op(upsample_conv_forward, upsample_conv_backward, [x, w, b])
+    assert max(errors.values()) < 1e-7, errors
+
+
+def test_upsample2d_fused_and_unfused_agree_in_float32():
+    rng = np.random.default_rng(0)
+    layer = Upsample2D(8, out_channels=4, rng=rng)
+    x, dy = rng.standard_normal((2, 6, 5, 8)).astype(np.float32), rng.standard_normal((2, 12, 10, 4)).astype(np.float32)
+    outs = {}
+    for fused in (True, False):
+        layer.fused = fused
+        layer.zero_grad()
+        y = layer(x)
+        dx = layer.backward(dy)
+        assert y.dtype == dx.dtype == layer.conv.grads["weight"].dtype == np.float32
+        outs[fused] = (y, dx, layer.conv.grads["weight"].copy(), layer.conv.grads["bias"].copy())
+    for a, b in zip(outs[True], outs[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 MODULES = {
+    "Upsample2D_conv_unfused": lambda: _unfused(Upsample2D(3, out_channels=2, rng=np.random.default_rng(0))),
     "Upsample2D_conv": lambda: Upsample2D(3, use_conv=True, out_channels=2, rng=np.random.default_rng(0)),
     "Upsample2D_plain": lambda: Upsample2D(3, use_conv=False),
     "Downsample2D_conv_p1": lambda: Downsample2D(3, out_channels=2, padding=1, rng=np.random.default_rng(0)),
@@ -54,7 +109,7 @@ MODULES = {
 
 @pytest.mark.parametrize("name", MODULES)
 @pytest.mark.parametrize("x_shape", [(2, 5, 7, 3), (1, 4, 4, 3)])
-def test_resample_module_gradcheck(name, x_shape):
+def test_resample_module_gradcheck(name, x_shape):  # Upsample2D_conv runs the fused path
     layer = MODULES[name]().to(dtype=np.float64)
     x = np.random.default_rng(1).standard_normal(x_shape)
     errors = check_module(layer, x)
