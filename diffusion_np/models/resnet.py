@@ -22,6 +22,10 @@ Left out on purpose: the ``scale_shift`` (FiLM) and ``ada_group``/``spatial``
 time-embedding norms, the up/down-sampling variants (``up=True``/``down=True``,
 FIR kernels), a 3x3 ``conv_shortcut``, ``skip_time_act`` and
 ``conv_2d_out_channels``; Stable Diffusion 1.x/2.x uses none of them.
+
+``norm1`` and ``norm2`` are built with ``silu=True``: each runs as the fused
+GroupNorm + SiLU op of :mod:`diffusion_np.nn.norm` (same parameters, fewer
+passes over the activations).
 """
 
 from __future__ import annotations
@@ -74,11 +78,11 @@ class ResnetBlock2D(Module):
         self.in_channels, self.out_channels, self.temb_channels = in_channels, out_channels, temb_channels
         self.output_scale_factor = float(output_scale_factor)
 
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype, silu=True)  # silu(norm1(x)), fused
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, rng=rng, dtype=dtype)
         if temb_channels is not None:
             self.time_emb_proj = Linear(temb_channels, out_channels, rng=rng, dtype=dtype)
-        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, dtype=dtype)
+        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, dtype=dtype, silu=True)
         # the dropout owns its generator; seeding it from rng gives every block its own masks
         self.dropout = Dropout(dropout, seed=int(rng.integers(2**31)))
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, rng=rng, dtype=dtype)
@@ -104,8 +108,7 @@ class ResnetBlock2D(Module):
             check_finite(self, temb, "temb")
 
         # main branch, first half: h = conv1(silu(norm1(x)))
-        h = self.norm1(x)  # (B, H, W, C_in)
-        h, silu1 = silu_forward(h)
+        h = self.norm1(x)  # silu(norm1(x)), (B, H, W, C_in)
         h = self.conv1(h)  # (B, H, W, C_in) -> (B, H, W, C_out)
 
         silu_t = None
@@ -115,8 +118,7 @@ class ResnetBlock2D(Module):
             h = h + t[:, None, None, :]  # one value per (sample, channel), broadcast over H and W
 
         # main branch, second half: h = conv2(dropout(silu(norm2(h))))
-        h = self.norm2(h)
-        h, silu2 = silu_forward(h)
+        h = self.norm2(h)  # silu(norm2(h))
         h = self.dropout(h)
         h = self.conv2(h)  # (B, H, W, C_out)
 
@@ -124,12 +126,12 @@ class ResnetBlock2D(Module):
         out = shortcut + h
         if self.output_scale_factor != 1.0:
             out /= self.output_scale_factor
-        self._set_cache((silu1, silu_t, silu2))
+        self._set_cache((silu_t,))  # a tuple: None alone would read as "no forward ran"
         return out
 
     def backward(self, dout):
         """Gradients of the forward, in reverse order; returns ``(dx, dtemb)``."""
-        silu1, silu_t, silu2 = self._pop_cache()
+        (silu_t,) = self._pop_cache()
         if self.output_scale_factor != 1.0:
             dout = dout / self.output_scale_factor
         # out = shortcut + h: both branches receive dout unchanged
@@ -137,8 +139,7 @@ class ResnetBlock2D(Module):
         # main branch, second half (reversed)
         dh = self.conv2.backward(dout)
         dh = self.dropout.backward(dh)
-        dh = silu_backward(dh, silu2)
-        dh = self.norm2.backward(dh)  # gradient w.r.t. h after the time embedding was added
+        dh = self.norm2.backward(dh)  # through SiLU and norm2: the gradient w.r.t. h after the temb was added
 
         dtemb = None
         if silu_t is not None:
@@ -149,7 +150,6 @@ class ResnetBlock2D(Module):
 
         # main branch, first half (reversed)
         dh = self.conv1.backward(dh)
-        dh = silu_backward(dh, silu1)
         dx = self.norm1.backward(dh)  # (B, H, W, C_in)
 
         # the shortcut branch: x reached the output a second time, so its gradients add up

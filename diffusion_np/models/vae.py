@@ -61,7 +61,6 @@ import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, device_of, get_xp, to_device
 from diffusion_np.models.resnet import ResnetBlock2D
-from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.attention import sdpa_backward, sdpa_forward
 from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.linear import Linear
@@ -395,7 +394,7 @@ class Encoder(Module):
                 add_downsample=i < n - 1, downsample_padding=0, rng=rng, dtype=dtype))
         self.mid_block = UNetMidBlock2D(block_out_channels[-1], resnet_groups=norm_num_groups,
                                         add_attention=mid_block_add_attention, rng=rng, dtype=dtype)
-        self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[-1], eps=_VAE_EPS, dtype=dtype)
+        self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[-1], eps=_VAE_EPS, dtype=dtype, silu=True)
         conv_out_channels = 2 * out_channels if double_z else out_channels
         self.conv_out = Conv2d(block_out_channels[-1], conv_out_channels, 3, padding=1, rng=rng, dtype=dtype)
 
@@ -406,15 +405,11 @@ class Encoder(Module):
         for block in self.down_blocks:
             h = block(h)  # halves H and W at every level but the last
         h = self.mid_block(h)
-        h = self.conv_norm_out(h)
-        h, silu_cache = silu_forward(h)
-        self._set_cache(silu_cache)
+        h = self.conv_norm_out(h)  # silu(conv_norm_out(h)), fused
         return self.conv_out(h)  # (B, H/f, W/f, 2 * latent_channels)
 
     def backward(self, dout):
-        silu_cache = self._pop_cache()
         dh = self.conv_out.backward(dout)
-        dh = silu_backward(dh, silu_cache)
         dh = self.conv_norm_out.backward(dh)
         dh = self.mid_block.backward(dh)
         for block in reversed(list(self.down_blocks)):
@@ -447,7 +442,7 @@ class Decoder(Module):
             self.up_blocks.append(UpDecoderBlock2D(
                 prev_ch, out_ch, num_layers=layers_per_block + 1, resnet_groups=norm_num_groups,
                 add_upsample=i < n - 1, rng=rng, dtype=dtype))
-        self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], eps=_VAE_EPS, dtype=dtype)
+        self.conv_norm_out = GroupNorm(norm_num_groups, block_out_channels[0], eps=_VAE_EPS, dtype=dtype, silu=True)
         self.conv_out = Conv2d(block_out_channels[0], out_channels, 3, padding=1, rng=rng, dtype=dtype)
 
     def forward(self, z):
@@ -457,15 +452,11 @@ class Decoder(Module):
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h)  # doubles H and W at every level but the last
-        h = self.conv_norm_out(h)
-        h, silu_cache = silu_forward(h)
-        self._set_cache(silu_cache)
+        h = self.conv_norm_out(h)  # silu(conv_norm_out(h)), fused
         return self.conv_out(h)  # (B, H, W, out_channels)
 
     def backward(self, dout):
-        silu_cache = self._pop_cache()
         dh = self.conv_out.backward(dout)
-        dh = silu_backward(dh, silu_cache)
         dh = self.conv_norm_out.backward(dh)
         for block in reversed(list(self.up_blocks)):
             dh = block.backward(dh)

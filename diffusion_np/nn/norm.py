@@ -23,8 +23,14 @@ Backward, for n numbers sharing one (mu, var) and dx_hat = dy * gamma
 
 where the means run over the same n numbers and rstd = 1 / sqrt(var + eps).
 
+GroupNorm followed by SiLU (every pre-activation block of the U-Net and the VAE)
+has a fused op pair, :func:`group_norm_silu_forward` / :func:`group_norm_silu_backward`,
+that folds SiLU into the normalisation's affine step and keeps silu' for the
+backward instead of SiLU's input and sigmoid: fewer full-size passes and one
+cached array fewer. ``GroupNorm(..., silu=True)`` runs it.
+
 Left out on purpose: BatchNorm and running statistics (Stable Diffusion has
-none), RMSNorm, and fused kernels.
+none), RMSNorm, and fused kernels other than GroupNorm + SiLU.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
+from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.module import Module
 from diffusion_np.nn.validate import check_features, check_finite
 
@@ -78,31 +85,12 @@ def _sum_products_over_positions(a, b):
     return get_xp(a).einsum("bnc,bnc->bc", a, b)
 
 
-def group_norm_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5):
-    """GroupNorm, channels-last.
-
-    For sample b and group g, with S the set of (position, channel) pairs of the
-    group (n = N * C/G numbers, N = H*W positions):
-
-        mu = mean_S(x),   var = mean_S((x - mu)^2)            (Wu & He, Eq. 3)
-        x_hat = (x - mu) / sqrt(var + eps)
-        y = gamma[c] * x_hat + beta[c]
-
-    Parameters
-    ----------
-    x : (B, ..., C) array, e.g. (B, H, W, C) or (B, L, C).
-    gamma, beta : (C,) arrays or None (no affine transform).
-    num_groups : G; C must be divisible by G.
-    eps : added to the variance (PyTorch default 1e-5; SD's VAE uses 1e-6).
-
-    Returns
-    -------
-    y with the shape of x, and a :class:`GroupNormCache`.
-    """
+def _centre_and_rstd(x, num_groups: int, eps: float):
+    """The statistics of GroupNorm: x (B, ..., C) -> centred xc (B, N, C) and rstd (B, G)."""
     C = x.shape[-1]
     if x.ndim < 2 or C % num_groups != 0:
         raise ValueError(
-            f"group_norm_forward: x must be (B, ..., C) with C divisible by num_groups={num_groups}, "
+            f"group_norm: x must be (B, ..., C) with C divisible by num_groups={num_groups}, "
             f"got {tuple(x.shape)}"
         )
     B = x.shape[0]
@@ -126,10 +114,34 @@ def group_norm_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5):
     xc = x3 - _group_to_channel(mu, cpg)  # (B, N, C) centred
     var = _per_channel_to_group(_sum_products_over_positions(xc, xc), num_groups) / n  # (B, G)
     rstd = 1.0 / get_xp(x).sqrt(var + eps)  # (B, G); eps is a Python float: dtype stays
+    return xc, rstd
 
+
+def group_norm_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5):
+    """GroupNorm, channels-last.
+
+    For sample b and group g, with S the set of (position, channel) pairs of the
+    group (n = N * C/G numbers, N = H*W positions):
+
+        mu = mean_S(x),   var = mean_S((x - mu)^2)            (Wu & He, Eq. 3)
+        x_hat = (x - mu) / sqrt(var + eps)
+        y = gamma[c] * x_hat + beta[c]
+
+    Parameters
+    ----------
+    x : (B, ..., C) array, e.g. (B, H, W, C) or (B, L, C).
+    gamma, beta : (C,) arrays or None (no affine transform).
+    num_groups : G; C must be divisible by G.
+    eps : added to the variance (PyTorch default 1e-5; SD's VAE uses 1e-6).
+
+    Returns
+    -------
+    y with the shape of x, and a :class:`GroupNormCache`.
+    """
+    xc, rstd = _centre_and_rstd(x, num_groups, eps)  # (B, N, C), (B, G)
     # y = gamma * rstd * xc + beta: gamma and rstd fold into one (B, 1, C) factor, so
     # x_hat itself is never formed (one full-size pass fewer).
-    scale = _group_to_channel(rstd, cpg)  # (B, 1, C)
+    scale = _group_to_channel(rstd, x.shape[-1] // num_groups)  # (B, 1, C)
     if gamma is not None:
         scale = scale * gamma
     y = xc * scale
@@ -187,21 +199,83 @@ def group_norm_backward(dy, cache: GroupNormCache):
     return dx.reshape(shape), dgamma, dbeta
 
 
+# ----------------------------------------------------------------------------- GroupNorm + SiLU, fused
+class _GroupNormThenSiLUCache(NamedTuple):  # GroupNorm(silu=True) with fused = False
+    norm: GroupNormCache
+    silu: object  # activation.SiLUCache
+
+
+class GroupNormSiLUCache(NamedTuple):
+    norm: GroupNormCache  # what group_norm_backward needs
+    dsilu: object  # (B, N, C) silu'(z) at the GroupNorm output z
+
+
+def group_norm_silu_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5, with_grad: bool = True):
+    """y = silu(group_norm(x)), fused.
+
+    With z = gamma * x_hat + beta the GroupNorm output and sigmoid(z) = (1 + tanh(z/2)) / 2
+    (see ``activation._sigmoid``), SiLU becomes a function of h = z / 2::
+
+        silu(z) = z sigmoid(z) = h p,          p = 1 + tanh(h) = 2 sigmoid(z)
+        silu'(z) = s + silu(z) (1 - s) = (p + y (2 - p)) / 2,     s = p / 2
+
+    The 1/2 folds into GroupNorm's per-channel scale and shift, so h costs the
+    same two passes as z; SiLU's input z and sigmoid are never stored: the
+    backward needs only silu'(z), computed here (``with_grad=False`` skips it,
+    for inference).
+
+    Shapes as :func:`group_norm_forward`; returns y and a :class:`GroupNormSiLUCache`.
+    """
+    xp = get_xp(x)
+    xc, rstd = _centre_and_rstd(x, num_groups, eps)  # (B, N, C), (B, G)
+    scale = _group_to_channel(rstd, x.shape[-1] // num_groups)  # (B, 1, C)
+    if gamma is not None:
+        scale = scale * gamma
+    h = xc * (scale * 0.5)  # z / 2, (B, N, C)
+    if beta is not None:
+        h += beta * 0.5
+    p = xp.tanh(h)
+    p += 1.0  # 2 sigmoid(z)
+    y = h * p  # silu(z)
+    dsilu = None
+    if with_grad:
+        dsilu = 2.0 - p  # Python floats keep float32 float32
+        dsilu *= y
+        dsilu += p
+        dsilu *= 0.5  # silu'(z)
+    cache = GroupNormSiLUCache(GroupNormCache(xc, rstd, gamma, num_groups, beta is not None, tuple(x.shape)), dsilu)
+    return y.reshape(x.shape), cache
+
+
+def group_norm_silu_backward(dy, cache: GroupNormSiLUCache):
+    """Gradients of :func:`group_norm_silu_forward`: dz = dy * silu'(z), then
+    :func:`group_norm_backward`. Returns (dx, dgamma, dbeta)."""
+    dz = dy.reshape(cache.dsilu.shape) * cache.dsilu  # (B, N, C)
+    return group_norm_backward(dz, cache.norm)
+
+
 class GroupNorm(Module):
     """Group normalisation over channels-last input (B, ..., C).
 
     Parameters ``weight`` (gamma, ones) and ``bias`` (beta, zeros), both (C,),
     as in ``torch.nn.GroupNorm`` and diffusers' state_dict.
+
+    ``silu=True``: the layer is GroupNorm followed by SiLU, run as the fused
+    :func:`group_norm_silu_forward` (``fused = False`` runs the two ops one after
+    the other, the reference the tests compare with). Same parameters.
     """
 
+    fused: bool = True
+
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 dtype=DEFAULT_DTYPE):
+                 dtype=DEFAULT_DTYPE, silu: bool = False):
         super().__init__()
         if num_groups < 1 or num_channels % num_groups != 0:
             raise ValueError(
                 f"GroupNorm: num_channels={num_channels} must be divisible by num_groups={num_groups}"
             )
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
+        self.silu = silu
         if affine:
             self.add_param("weight", np.ones(num_channels, dtype=dtype))
             self.add_param("bias", np.zeros(num_channels, dtype=dtype))
@@ -209,21 +283,33 @@ class GroupNorm(Module):
     def forward(self, x):
         check_features(self, x, self.num_channels, min_ndim=2)
         check_finite(self, x)
-        y, cache = group_norm_forward(
-            x, self.params.get("weight"), self.params.get("bias"), self.num_groups, self.eps
-        )
+        gamma, beta = self.params.get("weight"), self.params.get("bias")
+        if self.silu and self.fused:
+            y, cache = group_norm_silu_forward(x, gamma, beta, self.num_groups, self.eps, with_grad=self._keep_cache)
+        else:
+            y, cache = group_norm_forward(x, gamma, beta, self.num_groups, self.eps)
+            if self.silu:  # the reference path: the two ops one after the other
+                y, silu_cache = silu_forward(y)
+                cache = _GroupNormThenSiLUCache(cache, silu_cache)
         self._set_cache(cache)
         return y
 
     def backward(self, dy):
-        dx, dgamma, dbeta = group_norm_backward(dy, self._pop_cache())
+        cache = self._pop_cache()
+        if isinstance(cache, GroupNormSiLUCache):
+            dx, dgamma, dbeta = group_norm_silu_backward(dy, cache)
+        elif isinstance(cache, _GroupNormThenSiLUCache):
+            dx, dgamma, dbeta = group_norm_backward(silu_backward(dy, cache.silu), cache.norm)
+        else:
+            dx, dgamma, dbeta = group_norm_backward(dy, cache)
         if self.affine:
             self.grads["weight"] += dgamma
             self.grads["bias"] += dbeta
         return dx
 
     def __repr__(self) -> str:
-        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
+        silu = ", silu=True" if self.silu else ""
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}{silu})"
 
 
 # ----------------------------------------------------------------------------- LayerNorm

@@ -3,11 +3,14 @@ import pytest
 from helpers import SOURCES, assert_close, reference
 
 from diffusion_np.gradcheck import check_module, check_op
+from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.norm import (
     GroupNorm,
     LayerNorm,
     group_norm_backward,
     group_norm_forward,
+    group_norm_silu_backward,
+    group_norm_silu_forward,
     layer_norm_backward,
     layer_norm_forward,
 )
@@ -95,6 +98,73 @@ def test_group_norm_keeps_float32_and_shape():
     dx = layer.backward(np.ones_like(y))
     assert y.dtype == dx.dtype == layer.grads["weight"].dtype == np.float32
     assert y.shape == dx.shape == x.shape
+
+
+# ----------------------------------------------------------------------------- GroupNorm + SiLU, fused
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,groups", [((2, 3, 4, 6), 3), ((1, 5, 5, 4), 1), ((3, 7, 6), 2), ((2, 6), 2)])
+def test_group_norm_silu_equals_the_two_ops(shape, groups, affine):
+    """Forward and every gradient equal GroupNorm then SiLU (float64, wide range of z)."""
+    rng = np.random.default_rng(3)
+    x = 2.0 * rng.standard_normal(shape) + 0.5
+    gamma, beta = _affine(rng, shape[-1]) if affine else (None, None)
+    if affine:
+        gamma *= 4.0  # z over about -10 .. 10: both tails of the sigmoid
+    y, cache = group_norm_silu_forward(x, gamma, beta, groups, 1e-5)
+    z, norm_cache = group_norm_forward(x, gamma, beta, groups, 1e-5)
+    y_ref, silu_cache = silu_forward(z)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = rng.standard_normal(shape)
+    grads = group_norm_silu_backward(dy, cache)
+    grads_ref = group_norm_backward(silu_backward(dy, silu_cache), norm_cache)
+    for name, g, g_ref in zip(("dx", "dgamma", "dbeta"), grads, grads_ref):
+        if g_ref is None:
+            assert g is None, name
+        else:
+            np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 3, 4, 6), 3), ((1, 5, 5, 4), 1), ((2, 6), 2)])
+def test_group_norm_silu_op_gradcheck(shape, groups):
+    rng = np.random.default_rng(11)
+    x = 2.0 * rng.standard_normal(shape) + 0.5
+    gamma, beta = _affine(rng, shape[-1])
+    errors = check_op(group_norm_silu_forward, group_norm_silu_backward, [x, gamma, beta],
+                      kwargs={"num_groups": groups, "eps": 1e-5})
+    assert set(errors) == {0, 1, 2}
+    assert max(errors.values()) < 1e-7, errors
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_group_norm_silu_module_gradcheck(fused):
+    rng = np.random.default_rng(2)
+    layer = GroupNorm(2, 6, eps=1e-6, silu=True).to(dtype=np.float64)
+    layer.fused = fused
+    gamma, beta = _affine(rng, 6)
+    layer.load_state_dict({"weight": gamma, "bias": beta})
+    errors = check_module(layer, rng.standard_normal((2, 3, 3, 6)))
+    assert set(errors) == {"input0", "weight", "bias"}
+    assert max(errors.values()) < 1e-7, errors
+
+
+def test_group_norm_silu_module_keeps_float32_and_matches_unfused():
+    rng = np.random.default_rng(4)
+    x, dy = (rng.standard_normal((2, 4, 4, 8)).astype(np.float32) for _ in range(2))
+    outs = {}
+    for fused in (True, False):
+        layer = GroupNorm(4, 8, silu=True)
+        layer.fused = fused
+        y = layer(x)
+        dx = layer.backward(dy)
+        assert y.dtype == dx.dtype == np.float32 and y.shape == x.shape
+        outs[fused] = (y, dx, layer.grads["weight"], layer.grads["bias"])
+    for a, b in zip(outs[True], outs[False]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_silu_without_grad_keeps_no_derivative():
+    _, cache = group_norm_silu_forward(np.ones((1, 2, 2, 4)), None, None, 2, with_grad=False)
+    assert cache.dsilu is None
 
 
 @pytest.fixture(params=SOURCES, scope="module")
@@ -222,7 +292,7 @@ def test_backward_without_forward_raises(layer):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["group", "layer"])
+@pytest.mark.parametrize("kind", ["group", "group_silu", "layer"])
 def test_norm_cupy_matches_numpy(kind):
     import cupy as cp
 
@@ -232,6 +302,8 @@ def test_norm_cupy_matches_numpy(kind):
     gamma, beta = (a.astype(np.float32) for a in _affine(rng, 8))
     if kind == "group":
         fwd, bwd, kw = group_norm_forward, group_norm_backward, {"num_groups": 4}
+    elif kind == "group_silu":
+        fwd, bwd, kw = group_norm_silu_forward, group_norm_silu_backward, {"num_groups": 4}
     else:
         fwd, bwd, kw = layer_norm_forward, layer_norm_backward, {}
     y, cache = fwd(x, gamma, beta, **kw)
