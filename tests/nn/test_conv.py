@@ -191,6 +191,30 @@ def test_rows_keeps_the_padded_input_not_the_width_columns():
     _compare_methods(x_shape, (3, 2, 4, 3), 1, (0, 2, 1, 0), np.float32)
 
 
+@pytest.mark.parametrize(
+    "x_shape,w_shape,stride,padding",
+    [
+        ((2, 8, 8, 3), (3, 3, 3, 4), 2, 1),  # the U-Net's downsampler
+        ((2, 9, 7, 3), (3, 3, 3, 2), 2, (0, 1, 0, 1)),  # the VAE's, odd sizes
+        ((1, 7, 7, 2), (3, 3, 2, 2), 3, (2, 0, 1, 1)),
+        ((1, 6, 9, 2), (2, 5, 2, 3), 2, (1, 0, 2, 2)),  # more taps than phases along W
+        ((2, 6, 6, 2), (1, 1, 2, 3), 2, 0),  # kernel smaller than the stride: three phases get nothing
+        ((1, 5, 5, 2), (2, 2, 2, 2), 3, 0),  # rows and columns no output reads
+    ],
+)
+def test_strided_input_gradient_by_phases_equals_the_dilated_gather(x_shape, w_shape, stride, padding):
+    """_dx_phases (what the backward runs for stride > 1) against the dilated-dy convolution."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    pad4 = conv_mod._padding4(padding)
+    y, _ = conv2d_forward(x, w, None, stride, pad4, method="im2col")
+    dy = rng.standard_normal(y.shape)
+    H, W = x_shape[1:3]
+    dx = conv_mod._dx_phases(dy, w, stride, pad4, H, W)
+    np.testing.assert_allclose(dx, conv_mod._dx_gather(dy, w, stride, pad4, H, W, "im2col"), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, conv_mod._dx_col2im(dy, w, stride, pad4, H, W), rtol=1e-12, atol=1e-12)
+
+
 def test_kernel_row_slices_are_an_overlapping_view():
     """rows_stacked's view: slice p of an image is its width-column rows p .. p+Ho-1, no copy."""
     xw = np.arange(2 * 5 * 3 * 4, dtype=np.float64).reshape(2, 5, 3, 4)  # (B, Hp, Wo, K)
