@@ -23,7 +23,7 @@ the kernel flipped in both spatial axes and with C_in and C_out swapped
 (``w[::-1, ::-1].transpose(0, 1, 3, 2)``). That turns the scatter of the
 definition into a gather, which is what a fast implementation wants.
 
-Five formulations compute the same numbers; :func:`conv2d_forward` picks one per
+Six formulations compute the same numbers; :func:`conv2d_forward` picks one per
 shape with :func:`choose_method` (or takes ``method=`` to force one):
 
 ``"reference"``
