@@ -176,10 +176,17 @@ class TextToImageModel(Module):
         return device_of(self.unet.conv_in.weight)
 
     # ------------------------------------------------------------------ sampling
-    def make_sampler(self, name: str = "ddim"):
+    def make_sampler(self, name: str = "ddim", clip_sample: bool = False):
         """Sampler ``name`` (a key of ``SAMPLERS``) on this model's schedule and prediction type.
 
-        DDPM/DDIM clip x0 to [-1, 1] in pixel space only: latents are not bounded.
+        ``clip_sample`` (DDPM/DDIM only, pixel space only: latents are not bounded) clips
+        the predicted x0 to [-1, 1] at every step. It is off by default because it fights
+        classifier-free guidance: diffusers' DDIM clips x0 but keeps the (guided) noise
+        prediction it came from, so the next x_t mixes a clipped image with a noise that
+        no longer matches it. On the shipped digits model (DDIM 50 steps, 100 samples) the
+        conditional accuracy is 0.99 / 0.27 / 0.07 / 0.01 with clipping at guidance
+        1.5 / 2 / 3 / 5, and 1.00 at 2, 3 and 5 without it. The final images are clipped
+        to [-1, 1] either way.
         """
         from diffusion_np.samplers import SAMPLERS
 
@@ -187,7 +194,7 @@ class TextToImageModel(Module):
             raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
         kwargs = dict(self.schedule_config, prediction_type=self.prediction_type)
         if name in ("ddpm", "ddim"):
-            kwargs["clip_sample"] = self.vae is None
+            kwargs["clip_sample"] = bool(clip_sample) and self.vae is None
         return SAMPLERS[name](**kwargs)
 
     def pipeline(self, sampler: str = "ddim"):

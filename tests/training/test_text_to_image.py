@@ -212,3 +212,14 @@ def test_presets_build_and_store_everything():
     assert config.text_encoder["hidden_size"] == config.unet["cross_attention_dim"]
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("digits", "huge")
+
+
+def test_make_sampler_clips_x0_only_when_asked_and_only_in_pixel_space(vae_run):
+    """Clipping x0 is off by default (it fights guidance, see make_sampler); latents are never clipped."""
+    pixels = make_task("digits").model
+    latents = make_task("shapes", vae_run).model
+    assert pixels.make_sampler("ddim").clip_sample is False
+    assert pixels.make_sampler("ddpm", clip_sample=True).clip_sample is True
+    assert latents.make_sampler("ddim", clip_sample=True).clip_sample is False
+    with pytest.raises(ValueError, match="unknown sampler 'plms'"):
+        pixels.make_sampler("plms")
