@@ -6,7 +6,9 @@ A preset fixes the shapes of the networks and the training schedule of one task
     tiny   a few seconds: tests and `train ... --steps 2` smoke runs; learns nothing useful
     demo   about 10 minutes on 2 CPU cores (``make demo-train``): digits you can recognise,
            a VAE that reconstructs shapes, latent samples with the right colours
-    full   the longer run behind shipped weights (hours on a CPU; minutes on a GPU)
+    full   the runs behind the shipped weights (diffusion_np/pretrained, ``make demo-train``):
+           digits 4000 steps (58 min), shapes-vae 3000 steps (31 min), shapes 4500 steps
+           (~60 min), each on one core of a shared 2-core machine; their model cards have the rest
 
 Times were measured with ``OPENBLAS_NUM_THREADS=1`` on a 2-core machine shared with
 other jobs: digits U-Net (32, 64) at 8x8, batch 64: 0.75 s a step; shapes VAE
@@ -81,7 +83,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "demo": dict(unet=_unet((64, 128), 16, 4), text_encoder=_text(64, 2, 4), latent_pool=4096,
                      train=_train(700, 32, 1e-3, 0.995, 100, 350), preview=dict(n=16, steps=25)),
         "full": dict(unet=_unet((64, 128), 16, 4), text_encoder=_text(64, 2, 4), latent_pool=16384,
-                     train=_train(5000, 64, 1e-3, 0.999, 250, 1000), preview=dict(n=32, steps=50)),
+                     train=_train(4500, 64, 1e-3, 0.999, 250, 1000), preview=dict(n=32, steps=50)),
     },
 }
 
