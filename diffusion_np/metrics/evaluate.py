@@ -37,9 +37,9 @@ Noise: each batch of images is seeded from ``seed`` and the batch's index (a
 numbers, and seen and held-out images never share their starting noise.
 
 Defaults were sized on a 2-core machine: the shipped shapes model (a (64, 128) U-Net)
-took 250 s of wall time and 170 s of CPU time for 320 + 144 images with 50 DDIM steps
-and guidance (one BLAS thread, two training jobs running on the same two cores); the
-shipped digits model took 114 s for its 500 images.
+took 180 s of wall time for 320 + 144 images with 50 DDIM steps and guidance, the
+shipped digits model 186 s for its 500 images (one BLAS thread, another job running on
+the second core); DPM-Solver++ with 20 steps takes about 75 s for either.
 
 Left out: the VAE task (``shapes-vae``; its number is
 :func:`~diffusion_np.training.text_to_image.vae_reconstruction_mse`), negative
