@@ -184,8 +184,16 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
+    """--sampler and --steps, shared by sample and evaluate."""
     from diffusion_np.samplers import SAMPLERS
+
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampling method (default ddim)")
+    parser.add_argument("--steps", type=_positive_int, default=50, metavar="N",
+                        help="number of sampling steps (default 50)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     from diffusion_np.training.trainer import TASKS, TaskNotAvailable, TrainConfig, get_task
 
     parser = _Parser(prog="diffusion-np", description="Stable Diffusion in plain NumPy with hand-written backprop.")
@@ -227,9 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--checkpoint", metavar="DIR", default=None,
                      help="a run directory of `diffusion-np train`, the checkpoint/ inside it, or "
                           "pretrained:digits / pretrained:shapes (the shipped weights)")
-    smp.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampling method (default ddim)")
-    smp.add_argument("--steps", type=_positive_int, default=50, metavar="N",
-                     help="number of sampling steps (default 50)")
+    _add_sampler_options(smp)
     smp.add_argument("--seed", type=_nonnegative_int, default=0, metavar="N",
                      help="seed of the initial and per-step noise (default 0)")
     smp.add_argument("-n", type=_positive_int, default=None,
@@ -268,9 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", metavar="DIR", required=True,
                     help="a run directory of `diffusion-np train`, the checkpoint/ inside it, an export, or "
                          "pretrained:digits / pretrained:shapes (the shipped weights)")
-    ev.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampling method (default ddim)")
-    ev.add_argument("--steps", type=_positive_int, default=50, metavar="N",
-                    help="number of sampling steps (default 50)")
+    _add_sampler_options(ev)
     ev.add_argument("--guidance-scale", type=_float_in(1.0, float("inf")), default=None, metavar="W",
                     help="classifier-free guidance weight w >= 1 (default: the checkpoint's; ignored for toy2d)")
     ev.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
