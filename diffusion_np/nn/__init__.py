@@ -45,7 +45,7 @@ from diffusion_np.nn.losses import (
     mse_loss_backward,
     mse_loss_forward,
 )
-from diffusion_np.nn.module import Module, ModuleList
+from diffusion_np.nn.module import BlockGrads, Module, ModuleList
 from diffusion_np.nn.norm import (
     GroupNorm,
     LayerNorm,
@@ -74,6 +74,7 @@ __all__ = [
     "GroupNorm",
     "LayerNorm",
     "Linear",
+    "BlockGrads",
     "Module",
     "ModuleList",
     "QuickGELU",

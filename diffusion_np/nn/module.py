@@ -26,10 +26,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, asnumpy, device_of, to_device
+
+
+class BlockGrads(NamedTuple):
+    """What the backward of every composite block returns: one shape for all of them.
+
+    ``dx`` is the gradient w.r.t. the block's main input (an image ``(B, H, W, C)``
+    or tokens ``(B, L, C)``); the other fields are ``None`` where the block has no
+    such input (a block without attention has no ``dcontext``; only U-Net down/up
+    blocks have skip connections). Unpack by name, ``g.dx``, ``g.dcontext``.
+    """
+
+    dx: Any
+    dtemb: Any = None  # (B, temb_dim): the timestep embedding, for blocks that take one
+    dcontext: Any = None  # (B, L, D_ctx): the encoder states of cross-attention
+    dskips: Any = None  # tuple of skip gradients: outputs of a down block, inputs of an up block
 
 
 class Module:
