@@ -88,6 +88,8 @@ def _title(nb: Path) -> str:
 
 
 def _src_uri(nb: Path) -> str:
+    if not nb.is_relative_to(ROOT):
+        return nb.as_posix()
     return nb.relative_to(ROOT).as_posix()  # e.g. tutorials/solutions/01_forward_process_solutions.ipynb
 
 
@@ -190,7 +192,7 @@ def execute_tutorial(nb_path: Path, mode: str, digest: str) -> Path:
     except CellExecutionError as err:
         failing = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code" and any(
             o.get("output_type") == "error" for o in c.get("outputs", []))), None)  # fmt: skip
-        where = f"cell {failing} (the {failing + 1}th cell)" if failing is not None else "a cell"
+        where = f"cell {failing} (counting from 0)" if failing is not None else "a cell"
         raise PluginError(f"tutorial {_src_uri(nb_path)} failed to execute ({mode} mode) in {where}:\n{err}") from None
     except Exception as err:  # a dead kernel, a timeout
         raise PluginError(f"tutorial {_src_uri(nb_path)} could not be executed ({mode} mode): {err!r}") from None

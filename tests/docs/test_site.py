@@ -96,6 +96,46 @@ def test_tutorial_pages_are_executed_and_solutions_are_not(site):
             assert not _OUTPUT.search(solution.read_text(encoding="utf-8")), f"{solution.name} has outputs"
 
 
+def _hooks():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("site_hooks", ROOT / "docs" / "_gen" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_failing_notebook_fails_the_build_naming_the_notebook_and_cell(tmp_path, monkeypatch):
+    import nbformat
+    from mkdocs.exceptions import PluginError
+
+    hooks = _hooks()
+    monkeypatch.setattr(hooks, "CACHE", tmp_path / "cache")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Broken"),
+                                         nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("raise ValueError('boom')")])  # fmt: skip
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "99_broken.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(PluginError) as err:
+        hooks.execute_tutorial(path, "quick", "digest")
+    message = str(err.value)
+    assert "99_broken.ipynb" in message and "cell 2" in message and "boom" in message, message
+    assert not list((tmp_path / "cache").glob("*.ipynb")), "a failed run must not be cached"
+
+
+def test_full_mode_only_where_the_readme_gives_under_five_minutes(monkeypatch):
+    hooks = _hooks()
+    monkeypatch.delenv("DIFFUSION_NP_QUICK", raising=False)
+    times = hooks.full_mode_seconds()
+    assert times, "no full-mode times parsed from tutorials/README.md"
+    for stem, seconds in times.items():
+        assert hooks.notebook_mode(hooks.TUTORIALS / f"{stem}.ipynb") == ("full" if seconds < 300 else "quick")
+    assert hooks.notebook_mode(hooks.TUTORIALS / "99_not_in_the_table.ipynb") == "quick"
+    monkeypatch.setenv("DIFFUSION_NP_QUICK", "1")
+    assert {hooks.notebook_mode(hooks.TUTORIALS / f"{stem}.ipynb") for stem in times} == {"quick"}
+
+
 def test_article_to_code_page_is_bilingual_and_linked(site):
     html = (site / "article-to-code.html").read_text(encoding="utf-8")
     for words in ("前向扩散", "Forward and reverse diffusion", "尚未实现", "not yet in the project", "ELBO"):
