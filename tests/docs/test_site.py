@@ -55,7 +55,7 @@ def site(tmp_path_factory) -> Path:
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1", "DIFFUSION_NP_QUICK": "1"},  # quick mode: a fast check
     )  # fmt: skip
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     return out
