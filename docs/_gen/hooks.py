@@ -199,8 +199,8 @@ def execute_tutorial(nb_path: Path, mode: str, digest: str) -> Path:
     nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0,
                     _mode_cell(mode, time.perf_counter() - start))  # fmt: skip
     CACHE.mkdir(parents=True, exist_ok=True)
-    for old in CACHE.glob(f"{nb_path.stem}-*.ipynb"):
-        old.unlink()  # one cached copy a notebook
+    for old in CACHE.glob(f"{nb_path.stem}-{mode}-*.ipynb"):
+        old.unlink()  # one cached copy a notebook and mode: make site (full) and make test (quick) both stay warm
     tmp = cached.with_suffix(".tmp")
     nbformat.write(nb, tmp)
     tmp.replace(cached)
