@@ -6,15 +6,17 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 # A CPU wheel of this exact version is what the cross-checks are pinned to.
 TORCH  := torch==2.13.0
 
-.PHONY: help install test test-gpu crosscheck demo demo-train bench fixtures lint clean docs
+.PHONY: help install test test-gpu crosscheck demo demo-train bench fixtures lint clean docs site lab
 
 help:
 	@echo "make test        ruff + the test suite (sets up .venv on first use)"
 	@echo "make crosscheck  parity tests against live torch/diffusers"
 	@echo "make demo        the main demo on built-in data (about a minute)"
+	@echo "make lab         JupyterLab on tutorials/ at http://127.0.0.1:$(LAB_PORT)/lab (sets up the notebooks extra)"
 	@echo "make demo-train  retrain the shipped models (PRESET=full, ~1.5 h; PRESET=demo, ~30 min), evaluate them"
 	@echo "make bench       NumPy vs PyTorch CPU benchmark ratios"
-	@echo "make docs        build the documentation site into site/ and serve it on 127.0.0.1:8000"
+	@echo "make site        build the documentation site, tutorials executed, into site/ (no server)"
+	@echo "make docs        make site, then serve it on 127.0.0.1:8000"
 	@echo "make fixtures    regenerate the golden torch/diffusers fixtures"
 	@echo "make test-gpu    the CuPy tests (needs a CUDA GPU and the gpu extra)"
 
@@ -29,15 +31,21 @@ $(VENV)/.installed-crosscheck: $(VENV)/.installed-dev
 	$(PIP) install -e ".[dev,crosscheck]"
 	touch $@
 
+$(VENV)/.installed-notebooks: $(VENV)/.installed-dev
+	$(PIP) install -e ".[dev,notebooks]"
+	touch $@
+
 install: $(VENV)/.installed-dev
 
 lint: install
 	$(VENV)/bin/ruff check .
 
-# Notebooks run in their QUICK mode (tutorials/README.md); GPU tests skip without a device;
-# tests/docs builds the site with `mkdocs build --strict` and renders it in headless Chromium when installed.
+# Notebooks run in their QUICK mode (tutorials/README.md); GPU tests skip without a device.
+# Each notebook runs once: tests/docs builds the site with `mkdocs build --strict`, which executes the
+# tutorials (docs/_gen/hooks.py; cached in .cache/ by content, an error fails the build) and renders them
+# in headless Chromium when installed; nbmake runs the solutions.
 test: install lint
-	DIFFUSION_NP_QUICK=1 NO_MKDOCS_2_WARNING=1 $(PY) -m pytest -m "not crosscheck" -q --nbmake --nbmake-timeout=300 tests tutorials
+	DIFFUSION_NP_QUICK=1 NO_MKDOCS_2_WARNING=1 $(PY) -m pytest -m "not crosscheck" -q --nbmake --nbmake-timeout=300 tests tutorials/solutions
 
 crosscheck: $(VENV)/.installed-crosscheck
 	$(PY) -m pytest -m crosscheck -q
@@ -50,9 +58,19 @@ fixtures: $(VENV)/.installed-crosscheck
 	cd tests && ../$(PY) fixtures/make_fixtures.py
 
 # The site works offline and from file:// (site/index.html); serve binds to localhost only.
-docs: install
+# The build executes every tutorial (full mode where tutorials/README.md gives a full run under
+# 5 minutes, quick otherwise; the first build takes about 15 minutes, later ones reuse .cache/).
+site: install
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
-	$(PY) -m mkdocs serve --dev-addr 127.0.0.1:8000
+
+docs: site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:8000
+
+# JupyterLab on the tutorials, on this machine only; it prints the URL (with its token) when ready.
+LAB_PORT ?= 8888
+lab: $(VENV)/.installed-notebooks
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --ServerApp.root_dir=tutorials \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 demo: install
 	$(PY) -m diffusion_np demo --out demo
