@@ -146,10 +146,11 @@ class BasicTransformerBlock(Module):
         # out = h2 + ff(norm3(h2)): the residual passes dout straight to h2, the sublayer adds its part
         dh2 = dout + self.norm3.backward(self.ff.backward(dout))
         # h2 = h1 + attn2(norm2(h1), context)
-        da, dcontext = self.attn2.backward(dh2)
+        attn2_grads = self.attn2.backward(dh2)
+        da, dcontext = attn2_grads.dx, attn2_grads.dcontext
         dh1 = dh2 + self.norm2.backward(da)
         # h1 = x + attn1(norm1(x))
-        dx = dh1 + self.norm1.backward(self.attn1.backward(dh1))
+        dx = dh1 + self.norm1.backward(self.attn1.backward(dh1).dx)
         return dx, dcontext
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from diffusion_np.backend import DEFAULT_DTYPE, erf, get_xp
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite, check_float
+from diffusion_np.nn.validate import check_features, check_finite, check_float, check_size
 
 # ----------------------------------------------------------------------------- Sigmoid
 
@@ -309,7 +309,8 @@ class GEGLU(Module):
 
     def __init__(self, dim_in: int, dim_out: int, bias: bool = True, rng=None, dtype=DEFAULT_DTYPE):
         super().__init__()
-        self.dim_in, self.dim_out = dim_in, dim_out
+        self.dim_in, self.dim_out = check_size(self, "dim_in", dim_in), check_size(self, "dim_out", dim_out)
+        dim_in, dim_out = self.dim_in, self.dim_out
         self.proj = Linear(dim_in, 2 * dim_out, bias=bias, rng=rng, dtype=dtype)
 
     def forward(self, x):

@@ -38,8 +38,8 @@ import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
 from diffusion_np.nn.linear import Linear
-from diffusion_np.nn.module import Module, ModuleList
-from diffusion_np.nn.validate import check_features, check_finite
+from diffusion_np.nn.module import BlockGrads, Module, ModuleList
+from diffusion_np.nn.validate import check_features, check_finite, check_size
 
 
 # --------------------------------------------------------------------------- masks
@@ -279,9 +279,9 @@ class Attention(Module):
     -----
     Shapes: x (B, N, query_dim), context (B, L, cross_attention_dim) -> (B, N, query_dim).
 
-    ``backward(dout)`` returns ``dx`` after self-attention (``context=None``: x fed
-    the queries *and* the keys/values, so both paths are summed into dx) and the
-    tuple ``(dx, dcontext)`` after cross-attention.
+    ``backward(dout)`` returns a :class:`~diffusion_np.nn.BlockGrads`: ``dx``, and
+    ``dcontext`` after cross-attention, None after self-attention (``context=None``:
+    x fed the queries *and* the keys/values, so both paths are summed into dx).
     """
 
     def __init__(
@@ -300,8 +300,11 @@ class Attention(Module):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
         self.chunk_size = chunk_size
-        self.query_dim = query_dim
+        self.query_dim = query_dim = check_size(self, "query_dim", query_dim)
+        if cross_attention_dim is not None:
+            cross_attention_dim = check_size(self, "cross_attention_dim", cross_attention_dim)
         self.cross_attention_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        heads, dim_head = check_size(self, "heads", heads), check_size(self, "dim_head", dim_head)
         self.heads, self.dim_head, self.causal = heads, dim_head, causal
         inner = heads * dim_head
         self.to_q = Linear(query_dim, inner, bias=bias, rng=rng, dtype=dtype)
@@ -353,8 +356,8 @@ class Attention(Module):
         if self_attention:
             # x was also the context: its gradient is the sum over both uses
             dx += dcontext
-            return dx
-        return dx, dcontext
+            return BlockGrads(dx)
+        return BlockGrads(dx, dcontext=dcontext)
 
 
 def set_attention_chunk_size(model: Module, chunk_size: int | None) -> int:

@@ -28,7 +28,7 @@ from diffusion_np.backend import DEFAULT_DTYPE, get_xp, scatter_add
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite
+from diffusion_np.nn.validate import check_features, check_finite, check_size
 
 
 # --------------------------------------------------------------------------- timesteps
@@ -110,7 +110,7 @@ class Timesteps(Module):
 
     def __init__(self, num_channels: int, flip_sin_to_cos: bool, downscale_freq_shift: float, scale: float = 1):
         super().__init__()
-        self.num_channels = num_channels
+        self.num_channels = check_size(self, "num_channels", num_channels)
         self.flip_sin_to_cos = flip_sin_to_cos
         self.downscale_freq_shift = downscale_freq_shift
         self.scale = scale
@@ -141,7 +141,8 @@ class TimestepEmbedding(Module):
         if act != "silu":
             raise ValueError(f"TimestepEmbedding supports act='silu' only, got {act!r}")
         rng = rng if rng is not None else np.random.default_rng(0)
-        self.in_channels, self.time_embed_dim = in_channels, time_embed_dim
+        self.in_channels = check_size(self, "in_channels", in_channels)
+        self.time_embed_dim = check_size(self, "time_embed_dim", time_embed_dim)
         self.linear_1 = Linear(in_channels, time_embed_dim, rng=rng, dtype=dtype)
         self.linear_2 = Linear(time_embed_dim, time_embed_dim, rng=rng, dtype=dtype)
 
@@ -202,7 +203,9 @@ class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, rng=None, dtype=DEFAULT_DTYPE):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.num_embeddings = check_size(self, "num_embeddings", num_embeddings)
+        self.embedding_dim = check_size(self, "embedding_dim", embedding_dim)
+        num_embeddings, embedding_dim = self.num_embeddings, self.embedding_dim
         self.add_param("weight", rng.standard_normal((num_embeddings, embedding_dim)).astype(dtype))
 
     def forward(self, ids):

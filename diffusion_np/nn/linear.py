@@ -16,7 +16,7 @@ import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE
 from diffusion_np.nn.module import Module, init_uniform
-from diffusion_np.nn.validate import check_features, check_finite
+from diffusion_np.nn.validate import check_features, check_finite, check_size
 
 
 class LinearCache(NamedTuple):
@@ -36,19 +36,19 @@ def linear_forward(x, w, b=None):
     return y, LinearCache(x, w, b is not None)
 
 
-def linear_backward(dy, cache: LinearCache):
+def linear_backward(dout, cache: LinearCache):
     """Gradients of y = x W^T + b.
 
-    dx = dy W              (..., out) @ (out, in) -> (..., in)
-    dW = sum over rows of dy^T x   (out, N) @ (N, in) -> (out, in)
-    db = sum over rows of dy       (out,)
+    dx = dout W              (..., out) @ (out, in) -> (..., in)
+    dW = sum over rows of dout^T x   (out, N) @ (N, in) -> (out, in)
+    db = sum over rows of dout       (out,)
     """
     x, w, has_bias = cache
-    n_in, n_out = x.shape[-1], dy.shape[-1]
-    dx = dy @ w
-    dy2 = dy.reshape(-1, n_out)  # (N, out) with N = product of leading dims
-    dw = dy2.T @ x.reshape(-1, n_in)  # (out, N) @ (N, in) -> (out, in)
-    db = dy2.sum(axis=0) if has_bias else None
+    n_in, n_out = x.shape[-1], dout.shape[-1]
+    dx = dout @ w
+    dout2 = dout.reshape(-1, n_out)  # (N, out) with N = product of leading dims
+    dw = dout2.T @ x.reshape(-1, n_in)  # (out, N) @ (N, in) -> (out, in)
+    db = dout2.sum(axis=0) if has_bias else None
     return dx, dw, db
 
 
@@ -58,6 +58,8 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rng=None, dtype=DEFAULT_DTYPE):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
+        in_features = check_size(self, "in_features", in_features)
+        out_features = check_size(self, "out_features", out_features)
         self.in_features, self.out_features = in_features, out_features
         self.add_param("weight", init_uniform(rng, (out_features, in_features), in_features, dtype))
         if bias:
@@ -70,8 +72,8 @@ class Linear(Module):
         self._set_cache(cache)
         return y
 
-    def backward(self, dy):
-        dx, dw, db = linear_backward(dy, self._pop_cache())
+    def backward(self, dout):
+        dx, dw, db = linear_backward(dout, self._pop_cache())
         self.grads["weight"] += dw
         if db is not None:
             self.grads["bias"] += db

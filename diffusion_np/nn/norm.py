@@ -16,7 +16,7 @@ They differ only in *which* numbers share one (mu, var):
 Layout is channels-last: images (B, H, W, C), tokens (B, L, C), or any
 (B, ..., C). The variance is the biased one (divide by n), as in PyTorch.
 
-Backward, for n numbers sharing one (mu, var) and dx_hat = dy * gamma
+Backward, for n numbers sharing one (mu, var), the upstream gradient dout and dx_hat = dout * gamma
 (derivation: CS231n batch-norm notes; llm.c ``layernorm_backward``):
 
     dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))
@@ -24,10 +24,10 @@ Backward, for n numbers sharing one (mu, var) and dx_hat = dy * gamma
 where the means run over the same n numbers and rstd = 1 / sqrt(var + eps).
 
 GroupNorm followed by SiLU (every pre-activation block of the U-Net and the VAE)
-has a fused op pair, :func:`group_norm_silu_forward` / :func:`group_norm_silu_backward`,
-that folds SiLU into the normalisation's affine step and keeps silu' for the
-backward instead of SiLU's input and sigmoid: fewer full-size passes and one
-cached array fewer. ``GroupNorm(..., silu=True)`` runs it.
+is ``GroupNorm(..., silu=True)``. Here it runs the two ops one after the other
+(the reference path); the fused op pair that folds SiLU into the normalisation's
+affine step is in :mod:`diffusion_np.nn.fast.norm` and is what ``method="auto"``
+runs outside reference mode.
 
 Left out on purpose: BatchNorm and running statistics (Stable Diffusion has
 none), RMSNorm, and fused kernels other than GroupNorm + SiLU.
@@ -40,9 +40,10 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
+from diffusion_np.nn import fast
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite
+from diffusion_np.nn.validate import check_features, check_finite, check_size
 
 # ----------------------------------------------------------------------------- GroupNorm
 
@@ -156,17 +157,17 @@ def group_norm_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5):
     return y.reshape(x.shape), cache
 
 
-def group_norm_backward(dy, cache: GroupNormCache):
+def group_norm_backward(dout, cache: GroupNormCache):
     """Gradients of :func:`group_norm_forward`.
 
-    With dx_hat = gamma * dy and means over the n numbers of each (sample, group):
+    With dx_hat = gamma * dout and means over the n numbers of each (sample, group):
 
-        dbeta[c]  = sum_{b, positions} dy
-        dgamma[c] = sum_{b, positions} dy * x_hat
+        dbeta[c]  = sum_{b, positions} dout
+        dgamma[c] = sum_{b, positions} dout * x_hat
         dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))
 
     The two group means come from per-channel sums that dgamma and dbeta need
-    anyway: sum(dx_hat) = gamma[c] * sum(dy) per channel, then per group.
+    anyway: sum(dx_hat) = gamma[c] * sum(dout) per channel, then per group.
 
     Returns
     -------
@@ -176,82 +177,32 @@ def group_norm_backward(dy, cache: GroupNormCache):
     B, N, C = xc.shape
     cpg = C // num_groups
     n = N * cpg
-    dy3 = dy.reshape(B, N, C)  # (B, N, C)
+    dout3 = dout.reshape(B, N, C)  # (B, N, C)
     rstd_c = _group_to_channel(rstd, cpg)  # (B, 1, C)
 
-    sum_dy = _sum_over_positions(dy3)  # (B, C)
-    sum_dy_xhat = _sum_products_over_positions(dy3, xc) * rstd_c[:, 0, :]  # (B, C); x_hat = xc * rstd
-    dbeta = sum_dy.sum(axis=0) if has_beta else None  # (C,)
-    dgamma = sum_dy_xhat.sum(axis=0) if gamma is not None else None  # (C,)
+    sum_dout = _sum_over_positions(dout3)  # (B, C)
+    sum_dout_xhat = _sum_products_over_positions(dout3, xc) * rstd_c[:, 0, :]  # (B, C); x_hat = xc * rstd
+    dbeta = sum_dout.sum(axis=0) if has_beta else None  # (C,)
+    dgamma = sum_dout_xhat.sum(axis=0) if gamma is not None else None  # (C,)
 
-    if gamma is not None:  # dx_hat = gamma * dy, so its sums are gamma * the sums of dy
-        sum_dy, sum_dy_xhat = sum_dy * gamma, sum_dy_xhat * gamma
-    mean_dxhat = _per_channel_to_group(sum_dy, num_groups) / n  # (B, G)
-    mean_dxhat_xhat = _per_channel_to_group(sum_dy_xhat, num_groups) / n  # (B, G)
+    if gamma is not None:  # dx_hat = gamma * dout, so its sums are gamma * the sums of dout
+        sum_dout, sum_dout_xhat = sum_dout * gamma, sum_dout_xhat * gamma
+    mean_dxhat = _per_channel_to_group(sum_dout, num_groups) / n  # (B, G)
+    mean_dxhat_xhat = _per_channel_to_group(sum_dout_xhat, num_groups) / n  # (B, G)
 
-    # dx = rstd*gamma*dy - xc*(rstd^2*mean(dx_hat*x_hat)) - rstd*mean(dx_hat), using
+    # dx = rstd*gamma*dout - xc*(rstd^2*mean(dx_hat*x_hat)) - rstd*mean(dx_hat), using
     # x_hat = xc*rstd: fold the per-(b, c) factors first, so that each full-size
     # pass is one multiply or one subtract.
     scale = rstd_c * gamma if gamma is not None else rstd_c  # (B, 1, C)
-    dx = dy3 * scale
+    dx = dout3 * scale
     dx -= xc * (rstd_c * rstd_c * _group_to_channel(mean_dxhat_xhat, cpg))
     dx -= rstd_c * _group_to_channel(mean_dxhat, cpg)
     return dx.reshape(shape), dgamma, dbeta
 
 
-# ----------------------------------------------------------------------------- GroupNorm + SiLU, fused
-class _GroupNormThenSiLUCache(NamedTuple):  # GroupNorm(silu=True) with fused = False
+class _GroupNormThenSiLUCache(NamedTuple):  # GroupNorm(silu=True) on the reference path
     norm: GroupNormCache
     silu: object  # activation.SiLUCache
-
-
-class GroupNormSiLUCache(NamedTuple):
-    norm: GroupNormCache  # what group_norm_backward needs
-    dsilu: object  # (B, N, C) silu'(z) at the GroupNorm output z
-
-
-def group_norm_silu_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5, with_grad: bool = True):
-    """y = silu(group_norm(x)), fused.
-
-    With z = gamma * x_hat + beta the GroupNorm output and sigmoid(z) = (1 + tanh(z/2)) / 2
-    (see ``activation._sigmoid``), SiLU becomes a function of h = z / 2::
-
-        silu(z) = z sigmoid(z) = h p,          p = 1 + tanh(h) = 2 sigmoid(z)
-        silu'(z) = s + silu(z) (1 - s) = (p + y (2 - p)) / 2,     s = p / 2
-
-    The 1/2 folds into GroupNorm's per-channel scale and shift, so h costs the
-    same two passes as z; SiLU's input z and sigmoid are never stored: the
-    backward needs only silu'(z), computed here (``with_grad=False`` skips it,
-    for inference).
-
-    Shapes as :func:`group_norm_forward`; returns y and a :class:`GroupNormSiLUCache`.
-    """
-    xp = get_xp(x)
-    xc, rstd = _centre_and_rstd(x, num_groups, eps)  # (B, N, C), (B, G)
-    scale = _group_to_channel(rstd, x.shape[-1] // num_groups)  # (B, 1, C)
-    if gamma is not None:
-        scale = scale * gamma
-    h = xc * (scale * 0.5)  # z / 2, (B, N, C)
-    if beta is not None:
-        h += beta * 0.5
-    p = xp.tanh(h)
-    p += 1.0  # 2 sigmoid(z)
-    y = h * p  # silu(z)
-    dsilu = None
-    if with_grad:
-        dsilu = 2.0 - p  # Python floats keep float32 float32
-        dsilu *= y
-        dsilu += p
-        dsilu *= 0.5  # silu'(z)
-    cache = GroupNormSiLUCache(GroupNormCache(xc, rstd, gamma, num_groups, beta is not None, tuple(x.shape)), dsilu)
-    return y.reshape(x.shape), cache
-
-
-def group_norm_silu_backward(dy, cache: GroupNormSiLUCache):
-    """Gradients of :func:`group_norm_silu_forward`: dz = dy * silu'(z), then
-    :func:`group_norm_backward`. Returns (dx, dgamma, dbeta)."""
-    dz = dy.reshape(cache.dsilu.shape) * cache.dsilu  # (B, N, C)
-    return group_norm_backward(dz, cache.norm)
 
 
 class GroupNorm(Module):
@@ -260,22 +211,26 @@ class GroupNorm(Module):
     Parameters ``weight`` (gamma, ones) and ``bias`` (beta, zeros), both (C,),
     as in ``torch.nn.GroupNorm`` and diffusers' state_dict.
 
-    ``silu=True``: the layer is GroupNorm followed by SiLU, run as the fused
-    :func:`group_norm_silu_forward` (``fused = False`` runs the two ops one after
-    the other, the reference the tests compare with). Same parameters.
+    ``silu=True``: the layer is GroupNorm followed by SiLU (same parameters).
+    ``method`` says how that pair runs: "auto" (the default) fused
+    (:func:`diffusion_np.nn.fast.norm.group_norm_silu_forward`) unless reference mode
+    is on (:func:`diffusion_np.nn.fast.reference_mode`), "fused" always fused,
+    "reference" always the two ops one after the other. Without ``silu`` it has no effect.
     """
 
-    fused: bool = True
-
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 dtype=DEFAULT_DTYPE, silu: bool = False):
+                 dtype=DEFAULT_DTYPE, silu: bool = False, method: str = "auto"):
         super().__init__()
-        if num_groups < 1 or num_channels % num_groups != 0:
+        num_groups = check_size(self, "num_groups", num_groups)
+        num_channels = check_size(self, "num_channels", num_channels)
+        if num_channels % num_groups != 0:
             raise ValueError(
                 f"GroupNorm: num_channels={num_channels} must be divisible by num_groups={num_groups}"
             )
+        if method not in ("auto", "fused", "reference"):
+            raise ValueError(f"GroupNorm: method must be 'auto', 'fused' or 'reference', got {method!r}")
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
-        self.silu = silu
+        self.silu, self.method = bool(silu), method
         if affine:
             self.add_param("weight", np.ones(num_channels, dtype=dtype))
             self.add_param("bias", np.zeros(num_channels, dtype=dtype))
@@ -284,8 +239,10 @@ class GroupNorm(Module):
         check_features(self, x, self.num_channels, min_ndim=2)
         check_finite(self, x)
         gamma, beta = self.params.get("weight"), self.params.get("bias")
-        if self.silu and self.fused:
-            y, cache = group_norm_silu_forward(x, gamma, beta, self.num_groups, self.eps, with_grad=self._keep_cache)
+        if self.silu and fast.runs_fused(self.method):
+            y, cache = fast_norm.group_norm_silu_forward(
+                x, gamma, beta, self.num_groups, self.eps, with_grad=self._keep_cache
+            )
         else:
             y, cache = group_norm_forward(x, gamma, beta, self.num_groups, self.eps)
             if self.silu:  # the reference path: the two ops one after the other
@@ -294,14 +251,14 @@ class GroupNorm(Module):
         self._set_cache(cache)
         return y
 
-    def backward(self, dy):
+    def backward(self, dout):
         cache = self._pop_cache()
-        if isinstance(cache, GroupNormSiLUCache):
-            dx, dgamma, dbeta = group_norm_silu_backward(dy, cache)
+        if isinstance(cache, fast_norm.GroupNormSiLUCache):
+            dx, dgamma, dbeta = fast_norm.group_norm_silu_backward(dout, cache)
         elif isinstance(cache, _GroupNormThenSiLUCache):
-            dx, dgamma, dbeta = group_norm_backward(silu_backward(dy, cache.silu), cache.norm)
+            dx, dgamma, dbeta = group_norm_backward(silu_backward(dout, cache.silu), cache.norm)
         else:
-            dx, dgamma, dbeta = group_norm_backward(dy, cache)
+            dx, dgamma, dbeta = group_norm_backward(dout, cache)
         if self.affine:
             self.grads["weight"] += dgamma
             self.grads["bias"] += dbeta
@@ -309,7 +266,9 @@ class GroupNorm(Module):
 
     def __repr__(self) -> str:
         silu = ", silu=True" if self.silu else ""
-        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}{silu})"
+        method = f", method={self.method!r}" if self.method != "auto" else ""
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}{silu}{method})"
+
 
 
 # ----------------------------------------------------------------------------- LayerNorm
@@ -351,22 +310,22 @@ def layer_norm_forward(x, gamma, beta, eps: float = 1e-5):
     return y, LayerNormCache(x_hat, rstd, gamma, beta is not None)
 
 
-def layer_norm_backward(dy, cache: LayerNormCache):
+def layer_norm_backward(dout, cache: LayerNormCache):
     """Gradients of :func:`layer_norm_forward`; means over the last axis:
 
-        dbeta  = sum over rows of dy,    dgamma = sum over rows of dy * x_hat
-        dx_hat = gamma * dy
+        dbeta  = sum over rows of dout,    dgamma = sum over rows of dout * x_hat
+        dx_hat = gamma * dout
         dx = rstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))
 
     Returns (dx, dgamma, dbeta); dgamma/dbeta are None without gamma/beta.
     """
     x_hat, rstd, gamma, has_beta = cache
     C = x_hat.shape[-1]
-    dy2 = dy.reshape(-1, C)  # (rows, C)
-    dbeta = dy2.sum(axis=0) if has_beta else None  # (C,)
-    dgamma = (dy2 * x_hat.reshape(-1, C)).sum(axis=0) if gamma is not None else None  # (C,)
+    dout2 = dout.reshape(-1, C)  # (rows, C)
+    dbeta = dout2.sum(axis=0) if has_beta else None  # (C,)
+    dgamma = (dout2 * x_hat.reshape(-1, C)).sum(axis=0) if gamma is not None else None  # (C,)
 
-    dx_hat = dy * gamma if gamma is not None else dy  # (..., C)
+    dx_hat = dout * gamma if gamma is not None else dout  # (..., C)
     mean_dxhat = dx_hat.mean(axis=-1, keepdims=True)  # (..., 1)
     mean_dxhat_xhat = (dx_hat * x_hat).mean(axis=-1, keepdims=True)  # (..., 1)
     dx = dx_hat - mean_dxhat
@@ -392,7 +351,7 @@ class LayerNorm(Module):
                     f"1-tuple, got {tuple(normalized_shape)}"
                 )
             normalized_shape = normalized_shape[0]
-        self.normalized_shape = int(normalized_shape)
+        self.normalized_shape = check_size(self, "normalized_shape", normalized_shape)
         self.eps, self.elementwise_affine = eps, elementwise_affine
         if elementwise_affine:
             self.add_param("weight", np.ones(self.normalized_shape, dtype=dtype))
@@ -405,8 +364,8 @@ class LayerNorm(Module):
         self._set_cache(cache)
         return y
 
-    def backward(self, dy):
-        dx, dgamma, dbeta = layer_norm_backward(dy, self._pop_cache())
+    def backward(self, dout):
+        dx, dgamma, dbeta = layer_norm_backward(dout, self._pop_cache())
         if self.elementwise_affine:
             self.grads["weight"] += dgamma
             self.grads["bias"] += dbeta
@@ -414,3 +373,6 @@ class LayerNorm(Module):
 
     def __repr__(self) -> str:
         return f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
+
+
+from diffusion_np.nn.fast import norm as fast_norm  # noqa: E402  (it builds on this file's GroupNorm ops)

@@ -59,3 +59,16 @@ def check_finite(layer, x, what: str = "x") -> None:
         return
     if not bool(xp.isfinite(x).all()):  # the sum may only have overflowed
         raise ValueError(f"{_name(layer)} got a non-finite value (NaN or Inf) in {what}")
+
+
+def check_size(layer, name: str, value) -> int:
+    """A size (channels, features, groups, heads, ...) must be a positive int.
+
+    TypeError for a float, a string or a bool (``True`` is an int to Python, never
+    a size here); ValueError for 0 or a negative. Returns it as a Python int.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{_name(layer)}: {name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{_name(layer)}: {name} must be a positive int, got {value}")
+    return int(value)

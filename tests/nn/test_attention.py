@@ -3,6 +3,7 @@ import pytest
 from helpers import SOURCES, assert_close, reference
 
 from diffusion_np.gradcheck import check_module, check_op
+from diffusion_np.nn import BlockGrads
 from diffusion_np.nn.attention import Attention, causal_mask, sdpa_backward, sdpa_forward
 
 
@@ -97,8 +98,8 @@ def test_float32_stays_float32():
     assert all(g.dtype == np.float32 for g in sdpa_backward(out, cache))
     layer = Attention(4, 6, heads=2, dim_head=3)
     y = layer(np.ones((1, 2, 4), np.float32), np.ones((1, 3, 6), np.float32))
-    dx, dcontext = layer.backward(y)
-    assert y.dtype == dx.dtype == dcontext.dtype == np.float32
+    g = layer.backward(y)
+    assert y.dtype == g.dx.dtype == g.dcontext.dtype == np.float32
 
 
 def test_parameter_names_follow_diffusers():
@@ -106,12 +107,14 @@ def test_parameter_names_follow_diffusers():
     assert names == ["to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight", "to_out.0.bias"]
 
 
-def test_self_attention_returns_dx_cross_returns_pair():
+def test_backward_returns_block_grads_with_dcontext_only_after_cross_attention():
     layer = Attention(4, heads=1, dim_head=4)
     x = np.ones((1, 2, 4), np.float32)
-    assert isinstance(layer.backward(layer(x)), np.ndarray)
+    result = layer.backward(layer(x))
+    assert isinstance(result, BlockGrads) and result.dx.shape == x.shape
+    assert result.dcontext is None and result.dtemb is None and result.dskips is None
     result = layer.backward(layer(x, x))
-    assert isinstance(result, tuple) and len(result) == 2
+    assert isinstance(result, BlockGrads) and result.dx.shape == result.dcontext.shape == x.shape
 
 
 # ---------------------------------------------------------------------------- q/k/v biases
@@ -169,7 +172,7 @@ def test_attention_with_qkv_bias_matches_diffusers_live():
     layer = Attention(6, 5, heads=2, dim_head=4, bias=True)
     layer.load_state_dict(weights)
     assert_close(layer(x, context), y_ref.detach().numpy(), what="out")
-    dx, dcontext = layer.backward(dout)
+    dx, dcontext = (g := layer.backward(dout)).dx, g.dcontext
     assert_close(dx, tx.grad.numpy(), what="dx")
     assert_close(dcontext, tc.grad.numpy(), what="dcontext")
     ref_grads = dict(ref.named_parameters())
@@ -207,11 +210,11 @@ def test_attention_module_matches_diffusers(torch_cases):
         layer.load_state_dict({k.removeprefix("param."): v for k, v in c.items() if k.startswith("param.")})
         if "context" in c:
             y = layer(c["x"], c["context"])
-            dx, dcontext = layer.backward(c["dout"])
+            dx, dcontext = (g := layer.backward(c["dout"])).dx, g.dcontext
             assert_close(dcontext, c["dcontext"], what=f"{name}: dcontext")
         else:
             y = layer(c["x"])
-            dx = layer.backward(c["dout"])
+            dx = layer.backward(c["dout"]).dx
         assert_close(y, c["out"], what=f"{name}: out")
         assert_close(dx, c["dx"], what=f"{name}: dx")
         for key, grad in layer.named_grads():
@@ -301,6 +304,6 @@ def test_attention_cupy_matches_numpy(causal):
     cpu = Attention(8, heads=2, dim_head=4, causal=causal, rng=np.random.default_rng(1))
     gpu = Attention(8, heads=2, dim_head=4, causal=causal, rng=np.random.default_rng(1)).to("cupy")
     assert_close(gpu(cp.asarray(x)), cpu(x), what="out")
-    assert_close(gpu.backward(cp.asarray(dout)), cpu.backward(dout), what="dx")
+    assert_close(gpu.backward(cp.asarray(dout)).dx, cpu.backward(dout).dx, what="dx")
     for (name, g_gpu), (_, g) in zip(gpu.named_grads(), cpu.named_grads()):
         assert_close(g_gpu, g, what=name)

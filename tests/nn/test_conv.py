@@ -5,8 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import diffusion_np.nn.conv as conv_mod
+import diffusion_np.nn.fast.conv as fast_conv
 from diffusion_np.gradcheck import check_module, check_op
-from diffusion_np.nn.conv import METHODS, Conv2d, choose_method, conv2d_backward, conv2d_forward
+from diffusion_np.nn.conv import METHODS, Conv2d, conv2d_backward, conv2d_forward
+from diffusion_np.nn.fast.conv import choose_method
 
 # (x shape, w shape (kh, kw, C_in, C_out), stride, padding)
 GRAD_CASES = {
@@ -25,7 +27,7 @@ def _methods_for(w_shape, stride, padding):
     pad4 = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
     methods = ["reference", "im2col"]
     if stride == 1:
-        methods += ["shifted", "rows", "rows_stacked"]
+        methods += ["rows", "rows_stacked"]
     if w_shape[:2] == (1, 1) and stride == 1 and pad4 == (0, 0, 0, 0):
         methods.append("matmul")
     return methods
@@ -50,7 +52,7 @@ def test_conv2d_op_gradcheck(name, method):
     assert max(errors.values()) < 1e-7, errors
 
 
-@pytest.mark.parametrize("method", ["reference", "im2col", "shifted", "rows", "rows_stacked"])
+@pytest.mark.parametrize("method", ["reference", "im2col", "rows", "rows_stacked"])
 def test_conv2d_op_gradcheck_without_bias(method):
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((1, 5, 4, 2)), rng.standard_normal((3, 3, 2, 3))
@@ -164,8 +166,8 @@ def test_choose_method(x_shape, w_shape, stride, padding, expected):
 def test_forward_and_input_gradient_may_use_different_formulations(x_shape, w_shape, stride, padding, expected):
     B, H, W, _ = x_shape
     y, _ = conv2d_forward(np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32), None, stride, padding)
-    fwd = conv_mod.choose_method(x_shape, w_shape, stride, padding)
-    assert (fwd, conv_mod._dx_method(y.shape, w_shape, H, W)) == expected
+    fwd = fast_conv.choose_method(x_shape, w_shape, stride, padding)
+    assert (fwd, fast_conv._dx_method(y.shape, w_shape, H, W)) == expected
     _compare_methods(x_shape, w_shape, stride, padding, np.float32)
     _compare_methods(x_shape, w_shape, stride, padding, np.float64)
 
@@ -174,7 +176,7 @@ def test_im2col_rebuilds_large_columns_in_backward(monkeypatch):
     """Above the size limit the forward keeps x_pad, not the columns; the gradients do not change."""
     x_shape, w_shape = (2, 8, 8, 4), (3, 3, 4, 5)
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns kept
-    monkeypatch.setattr(conv_mod, "_MAX_SAVED_COLUMNS_BYTES", 0)
+    monkeypatch.setattr(fast_conv, "_MAX_SAVED_COLUMNS_BYTES", 0)
     x = np.ones(x_shape)
     _, cache = conv2d_forward(x, np.ones(w_shape), None, 1, 1, method="im2col")
     assert cache.saved.shape == (2, 10, 10, 4)  # the padded input, not (128, 36) columns
@@ -210,15 +212,15 @@ def test_strided_input_gradient_by_phases_equals_the_dilated_gather(x_shape, w_s
     y, _ = conv2d_forward(x, w, None, stride, pad4, method="im2col")
     dy = rng.standard_normal(y.shape)
     H, W = x_shape[1:3]
-    dx = conv_mod._dx_phases(dy, w, stride, pad4, H, W)
-    np.testing.assert_allclose(dx, conv_mod._dx_gather(dy, w, stride, pad4, H, W, "im2col"), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dx, conv_mod._dx_col2im(dy, w, stride, pad4, H, W), rtol=1e-12, atol=1e-12)
+    dx = fast_conv._dx_phases(dy, w, stride, pad4, H, W)
+    np.testing.assert_allclose(dx, fast_conv._dx_gather(dy, w, stride, pad4, H, W, "im2col"), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, conv_mod._col2im_dx(dy, w, stride, pad4, H, W), rtol=1e-12, atol=1e-12)
 
 
 def test_kernel_row_slices_are_an_overlapping_view():
     """rows_stacked's view: slice p of an image is its width-column rows p .. p+Ho-1, no copy."""
     xw = np.arange(2 * 5 * 3 * 4, dtype=np.float64).reshape(2, 5, 3, 4)  # (B, Hp, Wo, K)
-    view = conv_mod._kernel_row_slices(xw, 3)  # Ho = 3
+    view = fast_conv._kernel_row_slices(xw, 3)  # Ho = 3
     assert view.shape == (2, 3, 9, 4) and np.shares_memory(view, xw)
     for p in range(3):
         np.testing.assert_array_equal(view[1, p], xw[1, p : p + 3].reshape(9, 4))
@@ -227,7 +229,7 @@ def test_kernel_row_slices_are_an_overlapping_view():
 def test_dispatcher_picks_rows_stacked_above_the_size_limit(monkeypatch):
     x_shape, w_shape = (3, 9, 8, 16), (3, 3, 16, 5)
     assert choose_method(x_shape, w_shape, 1, 1) == "rows"
-    monkeypatch.setattr(conv_mod, "_STACKED_MIN_COLUMNS", 0)
+    monkeypatch.setattr(fast_conv, "_STACKED_MIN_COLUMNS", 0)
     assert choose_method(x_shape, w_shape, 1, 1) == "rows_stacked"
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # None (the dispatcher) now runs rows_stacked
 
@@ -235,7 +237,7 @@ def test_dispatcher_picks_rows_stacked_above_the_size_limit(monkeypatch):
 def test_width_columns_are_a_contiguous_copy():
     """A reshape of the window view would be an overlapping view that BLAS cannot take."""
     x_pad = np.arange(2 * 4 * 5 * 3, dtype=np.float64).reshape(2, 4, 5, 3)
-    xw = conv_mod._width_columns(x_pad, 3, 3)
+    xw = fast_conv._width_columns(x_pad, 3, 3)
     assert xw.shape == (2, 4, 3, 9) and xw.flags.c_contiguous and not np.shares_memory(xw, x_pad)
     np.testing.assert_array_equal(xw[1, 2, 1], x_pad[1, 2, 1:4].reshape(-1))  # pixels j..j+2, (q, c) order
 
@@ -332,10 +334,10 @@ def test_conv2d_op_bad_arguments():
         conv2d_forward(x, w, padding=(1, 1))
     with pytest.raises(ValueError, match="padding must be"):
         conv2d_forward(x, w, padding=-1)
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="method must be 'auto' or one of"):
         conv2d_forward(x, w, method="winograd")
-    with pytest.raises(ValueError, match="'shifted' needs stride 1"):
-        conv2d_forward(x, w, stride=2, method="shifted")
+    with pytest.raises(ValueError, match="method must be 'auto' or one of"):
+        conv2d_forward(x, w, method="shifted")  # removed: "rows" was faster everywhere
     with pytest.raises(ValueError, match="'rows' needs stride 1"):
         conv2d_forward(x, w, stride=2, method="rows")
     with pytest.raises(ValueError, match="'matmul' is for 1x1"):

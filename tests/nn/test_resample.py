@@ -4,13 +4,12 @@ from helpers import SOURCES, assert_close, reference
 
 from diffusion_np.gradcheck import check_module, check_op
 from diffusion_np.nn.conv import conv2d_backward, conv2d_forward
+from diffusion_np.nn.fast.resample import upsample_conv_backward, upsample_conv_forward
 from diffusion_np.nn.resample import (
     Downsample2D,
     Upsample2D,
     avg_pool2x2_backward,
     avg_pool2x2_forward,
-    upsample_conv_backward,
-    upsample_conv_forward,
     upsample_nearest2x_backward,
     upsample_nearest2x_forward,
 )
@@ -46,11 +45,6 @@ def test_avg_pool_drops_odd_last_row_and_column():
     np.testing.assert_array_equal(dx[0, :, :, 0], [[0.25] * 4 + [0], [0.25] * 4 + [0], [0] * 5])
 
 
-def _unfused(layer):
-    layer.fused = False
-    return layer
-
-
 # ----------------------------------------------------------------------------- fused upsample + conv
 @pytest.mark.parametrize("x_shape,c_out", [((2, 5, 7, 3), 4), ((1, 4, 4, 2), 2), ((1, 1, 3, 2), 3), ((3, 8, 8, 16), 8)])
 @pytest.mark.parametrize("bias", [True, False])
@@ -83,12 +77,11 @@ def test_upsample_conv_op_gradcheck(x_shape):
 
 def test_upsample2d_fused_and_unfused_agree_in_float32():
     rng = np.random.default_rng(0)
-    layer = Upsample2D(8, out_channels=4, rng=rng)
     x, dy = rng.standard_normal((2, 6, 5, 8)).astype(np.float32), rng.standard_normal((2, 12, 10, 4)).astype(np.float32)
     outs = {}
     for fused in (True, False):
-        layer.fused = fused
-        layer.zero_grad()
+        method = "fused" if fused else "reference"
+        layer = Upsample2D(8, out_channels=4, rng=np.random.default_rng(0), method=method)
         y = layer(x)
         dx = layer.backward(dy)
         assert y.dtype == dx.dtype == layer.conv.grads["weight"].dtype == np.float32
@@ -98,7 +91,7 @@ def test_upsample2d_fused_and_unfused_agree_in_float32():
 
 
 MODULES = {
-    "Upsample2D_conv_unfused": lambda: _unfused(Upsample2D(3, out_channels=2, rng=np.random.default_rng(0))),
+    "Upsample2D_conv_unfused": lambda: Upsample2D(3, out_channels=2, rng=np.random.default_rng(0), method="reference"),
     "Upsample2D_conv": lambda: Upsample2D(3, use_conv=True, out_channels=2, rng=np.random.default_rng(0)),
     "Upsample2D_plain": lambda: Upsample2D(3, use_conv=False),
     "Downsample2D_conv_p1": lambda: Downsample2D(3, out_channels=2, padding=1, rng=np.random.default_rng(0)),

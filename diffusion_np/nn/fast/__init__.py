@@ -1,0 +1,61 @@
+"""Fast variants of the nn ops, kept beside their reference versions, and the one
+switch that turns them all off.
+
+Every op has a *reference* path, the plain code a student reads, in its own file
+(``nn/conv.py``: im2col + one matmul, col2im backward; ``nn/norm.py``: GroupNorm,
+then SiLU; ``nn/resample.py``: nearest 2x upsampling, then the conv). The faster
+formulations of the same numbers live here, one module per op, each tested equal
+to its reference in float64:
+
+* :mod:`diffusion_np.nn.fast.conv`: the "im2col" (gather backward), "rows",
+  "rows_stacked" and "matmul" convolutions and :func:`~diffusion_np.nn.fast.conv.choose_method`.
+* :mod:`diffusion_np.nn.fast.norm`: GroupNorm + SiLU in one pass.
+* :mod:`diffusion_np.nn.fast.resample`: nearest 2x upsampling + 3x3 conv as four 2x2 convolutions.
+
+Selection is local and explicit: ``Conv2d(..., method="auto" | "reference" | "rows" | ...)``,
+``GroupNorm(..., silu=True)`` (fused unless reference mode is on), ``Upsample2D`` (fused
+unless reference mode is on). ``"auto"`` (the default) picks the fast path.
+
+Reference mode runs every layer on its reference forward and backward, for
+teaching and for bisecting a wrong number::
+
+    with diffusion_np.nn.fast.reference_mode():
+        y = model(x)             # conv reference, GroupNorm then SiLU, upsample then conv
+
+or ``DIFFUSION_NP_REFERENCE=1`` in the environment (read once, at import). Only an
+explicit per-layer choice overrides it (``Conv2d(..., method="rows")`` still runs
+"rows"). The mode is consulted at forward time; the backward follows whatever its
+forward cached.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+_reference = os.environ.get("DIFFUSION_NP_REFERENCE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def reference_on() -> bool:
+    """True while every layer is to run its reference path."""
+    return _reference
+
+
+def runs_fused(method: str) -> bool:
+    """Whether a layer built with ``method`` ("auto", "fused" or "reference") runs its fused path now."""
+    return method == "fused" or (method == "auto" and not _reference)
+
+
+@contextmanager
+def reference_mode(on: bool = True):
+    """Run every layer on its reference path inside the ``with`` block (``on=False``:
+    on its fast paths, whatever the environment says); the previous mode comes back after."""
+    global _reference
+    before, _reference = _reference, bool(on)
+    try:
+        yield
+    finally:
+        _reference = before
+
+
+__all__ = ["reference_mode", "reference_on", "runs_fused"]

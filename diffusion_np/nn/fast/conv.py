@@ -1,0 +1,347 @@
+"""Fast formulations of the 2-D convolution, beside the reference one in nn/conv.py.
+
+All compute the numbers of :func:`diffusion_np.nn.conv.conv2d_reference_forward` /
+``conv2d_reference_backward`` (the math is in nn/conv.py's docstring), tested equal in
+float64 (tests/nn/test_conv.py); :func:`choose_method` picks one per shape, and
+``conv2d_forward(..., method=...)`` or ``Conv2d(..., method=...)`` forces one.
+
+``"im2col"``
+    The reference forward; the backward computes dx as the flipped-kernel
+    convolution of dout, a gather instead of col2im's scatter: put ``s - 1``
+    zeros between the rows and columns of dout, pad it with ``kh - 1`` zeros, and
+    correlate it with the kernel flipped in both spatial axes and with C_in and
+    C_out swapped (``w[::-1, ::-1].transpose(0, 1, 3, 2)``). That convolution runs
+    as whichever formulation :func:`choose_method` picks for its C_out -> C_in
+    shape; with a stride > 1, as one small convolution per output phase
+    (:func:`_dx_phases`) instead of one over the dilated dout.
+``"rows"``
+    Stride 1 only. im2col along W only (each pixel's ``kw`` horizontal neighbours
+    side by side: ``kw`` times the input, not ``kh * kw``), then one matmul per
+    kernel *row* ``p``. For every image, the output rows ``i`` read the
+    width-columns of image rows ``i + p``: a contiguous slice of that image's rows,
+    so the matmul is batched over the images with no further copy.
+``"rows_stacked"``
+    Stride 1 only. "rows" with the ``kh`` kernel-row products of one image in ONE
+    batched matmul over a strided view (no copy), summed over the kernel rows
+    after: an image's width-columns are read ``kh`` times from the cache instead
+    of once per pass over the whole batch. The weight gradient is stacked the same way.
+``"matmul"``
+    A 1x1 convolution with stride 1 and no padding is a Linear layer on the
+    channel axis: one matmul.
+
+(A seventh, "shifted": kh*kw matmuls of row slices of the flattened padded image,
+no copy at all, was removed: "rows" was faster on every shape measured.)
+Timings: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+from diffusion_np.backend import get_xp
+from diffusion_np.nn.conv import (
+    Conv2dCache,
+    _im2col,
+    _out_size,
+    _pad_hw,
+    _padding4,
+    _sliding_window_view,
+    _sum_rows,
+    conv2d_forward,
+)
+
+
+def _width_columns(x_pad, kw: int, Wo: int):
+    """im2col along W only: row ``(b, u, j)`` holds the ``kw`` pixels
+    ``x_pad[b, u, j : j + kw]`` side by side, in the weight's (q, c) order.
+
+    x_pad (B, Hp, Wp, C) -> (B, Hp, Wo, kw * C), a contiguous copy (stride 1).
+    """
+    B, Hp, _, C = x_pad.shape
+    windows = _sliding_window_view(x_pad, (1, kw), axis=(1, 2))[:, :, :Wo, :, 0]  # (B, Hp, Wo, C, kw), a view
+    windows = windows.transpose(0, 1, 2, 4, 3)  # (B, Hp, Wo, kw, C), still a view
+    # explicit copy: reshape alone would give an overlapping *view* (a pixel's kw*C numbers
+    # are contiguous in x_pad), which BLAS cannot use and every later reshape would copy again
+    return get_xp(x_pad).ascontiguousarray(windows).reshape(B, Hp, Wo, kw * C)
+
+
+def _flipped(w):
+    """The kernel of the input-gradient convolution: flipped in space, C_in and
+    C_out swapped. (kh, kw, C_in, C_out) -> (kh, kw, C_out, C_in)."""
+    return w[::-1, ::-1].transpose(0, 1, 3, 2)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def choose_method(x_shape: tuple, w_shape: tuple, stride: int = 1, padding=0) -> str:
+    """The fastest formulation for this shape (measured on a CPU with NumPy/OpenBLAS;
+    the timings behind each rule are in docs/performance.md, "Convolution formulations").
+
+    * 1x1, stride 1, no padding: "matmul", nothing to gather.
+    * stride 1 and at least 8x8 outputs (64 positions): "rows" (a copy ``kw``
+      times the input instead of ``kh*kw`` times, each image's product
+      accumulated while it is in the cache).
+    * "rows_stacked" instead of "rows" when the batch's width-columns are large
+      (at least :data:`_STACKED_MIN_COLUMNS` numbers, 12 MiB in float32) and
+      C_in >= 16: "rows" would read them from memory once per kernel row.
+    * everything else (4x4, stride 2, 1x1 with stride or padding): "im2col"
+      (rows' matmuls per image are too small at 4x4; with a stride the image
+      rows a kernel row reads are not one contiguous slice).
+
+    The input gradient of a convolution is itself a stride-1 convolution (of dout,
+    C_out -> C_in channels), and :func:`conv2d_backward` asks this function again
+    for that shape, so the two directions may use different formulations.
+    """
+    kh, kw, C_in, C_out = w_shape
+    padding = _padding4(padding)
+    if kh == kw == 1 and stride == 1 and padding == (0, 0, 0, 0):
+        return "matmul"
+    Ho, Wo = _out_size(tuple(x_shape), tuple(w_shape), stride, padding)
+    if stride == 1 and Ho * Wo >= 64:
+        columns = x_shape[0] * (Ho + kh - 1) * Wo * kw * C_in  # numbers in the width-columns
+        return "rows_stacked" if columns >= _STACKED_MIN_COLUMNS and C_in >= 16 else "rows"
+    return "im2col"
+
+
+#: Width-columns of at least this many numbers (12 MiB in float32) no longer stay
+#: in the cache between the kernel-row passes of "rows": "rows_stacked" is chosen.
+_STACKED_MIN_COLUMNS = 3 * 2**20
+
+
+def _dx_method(dout_shape: tuple, w_shape: tuple, H: int, W: int) -> str:
+    """Formulation of the input-gradient convolution (dout padded to (B, H + kh - 1,
+    W + kw - 1, C_out), kernel (kh, kw, C_out, C_in), stride 1, no padding)."""
+    kh, kw, C_in, C_out = w_shape
+    method = choose_method((dout_shape[0], H + kh - 1, W + kw - 1, C_out), (kh, kw, C_out, C_in), 1, 0)
+    return "im2col" if method == "matmul" else method
+
+
+#: Above this many bytes the "im2col" forward keeps the padded input instead of the
+#: columns (``kh*kw`` times larger) and the backward rebuilds them: one more copy
+#: (about 25% of the weight-gradient matmul) for a ninth of the memory. Below it
+#: (the 4x4 and stride-2 layers of a small U-Net) the columns are kept.
+_MAX_SAVED_COLUMNS_BYTES = 32 * 2**20
+
+
+# ----------------------------------------------------------------------------- the op pair
+def conv2d_fast_forward(x, w, b, stride: int, padding: tuple, method: str):
+    """:func:`diffusion_np.nn.conv.conv2d_forward` by ``method`` ("im2col", "rows",
+    "rows_stacked" or "matmul"); the caller has checked the shapes and the name."""
+    kh, kw, C_in, C_out = w.shape
+    B = x.shape[0]
+    Ho, Wo = _out_size(x.shape, w.shape, stride, padding)
+    if method == "matmul":
+        if (kh, kw, stride, padding) != (1, 1, 1, (0, 0, 0, 0)):
+            raise ValueError("method 'matmul' is for 1x1 convolutions with stride 1 and no padding")
+        y = x.reshape(-1, C_in) @ w.reshape(C_in, C_out)  # (B*H*W, C_in) @ (C_in, C_out)
+        saved = x
+    elif method in ("rows", "rows_stacked"):
+        if stride != 1:
+            raise ValueError(f"method '{method}' needs stride 1")
+        x_pad = _pad_hw(x, *padding)  # (B, Hp, Wp, C_in), contiguous
+        conv = _conv_rows if method == "rows" else _conv_rows_stacked
+        y = conv(_width_columns(x_pad, kw, Wo), w)  # (B, Ho, Wo, C_out), a fresh array
+        # keep x_pad, not the kw times larger width-columns: rebuilding them in the backward
+        # costs one copy, while keeping them made the VAE's training step page-fault
+        saved = x_pad
+    else:  # "im2col": the reference forward; what it keeps and its backward differ
+        x_pad = _pad_hw(x, *padding)
+        cols = _im2col(x_pad, kh, kw, stride, Ho, Wo)  # (B*Ho*Wo, kh*kw*C_in)
+        y = cols @ w.reshape(kh * kw * C_in, C_out)  # (B*Ho*Wo, K) @ (K, C_out)
+        # keep the columns for dw, or (when they are large) the 9x smaller padded input
+        saved = cols if cols.nbytes <= _MAX_SAVED_COLUMNS_BYTES else x_pad
+    y = y.reshape(B, Ho, Wo, C_out)
+    if b is not None:
+        y += b  # y is a fresh matmul result: add in place, no second full-size array
+    return y, Conv2dCache(method, saved, w, tuple(x.shape), stride, padding, b is not None)
+
+
+def conv2d_fast_backward(dout, cache: Conv2dCache):
+    """Gradients of :func:`conv2d_fast_forward`: ``(dx, dw, db)``, db None without bias.
+
+    dx is a gather, never col2im: for stride 1 the flipped-kernel convolution of
+    dout (:func:`_dx_gather`, itself run as the formulation :func:`_dx_method`
+    picks), for a larger stride one small convolution per output phase
+    (:func:`_dx_phases`). dw by the forward's formulation.
+    """
+    method, saved, w, x_shape, stride, padding, has_bias = cache
+    kh, kw, C_in, C_out = w.shape
+    _, H, W, _ = x_shape
+    dout2 = dout.reshape(-1, C_out)  # (B*Ho*Wo, C_out)
+    db = _sum_rows(dout2) if has_bias else None
+    if method == "matmul":
+        x2 = saved.reshape(-1, C_in)  # (B*H*W, C_in)
+        dw = (x2.T @ dout2).reshape(w.shape)  # (C_in, N) @ (N, C_out)
+        dx = (dout2 @ w.reshape(C_in, C_out).T).reshape(x_shape)  # (N, C_out) @ (C_out, C_in)
+        return dx, dw, db
+    if stride == 1:  # dx is a stride-1 convolution of dout (C_out -> C_in): its own formulation
+        dx = _dx_gather(dout, w, stride, padding, H, W, _dx_method(dout.shape, w.shape, H, W))
+    else:  # no dilated dout (3/4 zeros at stride 2): one small convolution per output phase
+        dx = _dx_phases(dout, w, stride, padding, H, W)
+    _, Ho, Wo, _ = dout.shape
+    if method in ("rows", "rows_stacked"):
+        dw_rows = _dw_rows if method == "rows" else _dw_rows_stacked
+        dw = dw_rows(_width_columns(saved, kw, Wo), dout, w.shape)  # the forward's columns, rebuilt
+    else:
+        cols = saved if saved.ndim == 2 else _im2col(saved, kh, kw, stride, Ho, Wo)  # rebuilt if not kept
+        dw = (cols.T @ dout2).reshape(w.shape)  # (K, B*Ho*Wo) @ (B*Ho*Wo, C_out) -> (K, C_out)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- the formulations
+def _dx_gather(dout, w, stride: int, padding: tuple, H: int, W: int, method: str):
+    """Input gradient as a stride-1 convolution (a gather, no scatter), run as
+    ``method`` ("im2col", "rows" or "rows_stacked").
+
+    dx[u] = sum_p dout_d[u + top - p] w[p] with dout_d the dilated dout; substituting
+    p' = kh - 1 - p makes it a correlation with the flipped kernel of dout_d padded
+    by ``kh - 1 - top`` before and ``H + top - (s*(Ho-1) + 1)`` after (so that
+    exactly H outputs come out); negative amounts crop. The same along W.
+    The backward runs it for stride 1; for stride > 1 it runs :func:`_dx_phases`
+    (no multiplications by the dilation's zeros), tested against this one.
+    """
+    B, Ho, Wo, C_out = dout.shape
+    kh, kw, C_in, _ = w.shape
+    top, bottom, left, right = padding
+    dout_pad = _pad_hw(
+        dout,
+        kh - 1 - top,
+        H + top - (stride * (Ho - 1) + 1),
+        kw - 1 - left,
+        W + left - (stride * (Wo - 1) + 1),
+        stride=stride,
+    )  # (B, H + kh - 1, W + kw - 1, C_out)
+    w_flip = _flipped(w)  # (kh, kw, C_out, C_in)
+    if method in ("rows", "rows_stacked"):
+        conv = _conv_rows if method == "rows" else _conv_rows_stacked
+        return conv(_width_columns(dout_pad, kw, W), w_flip)  # (B, H, W, C_in)
+    cols = _im2col(dout_pad, kh, kw, 1, H, W)  # (B*H*W, kh*kw*C_out)
+    dx = cols @ w_flip.reshape(kh * kw * C_out, C_in)  # (B*H*W, K') @ (K', C_in)
+    return dx.reshape(B, H, W, C_in)
+
+
+def _dx_phases(dout, w, stride: int, padding: tuple, H: int, W: int):
+    """Input gradient of a strided convolution, one stride-1 convolution per phase.
+
+    ``dx_pad[s*i + p] += dout[i] w[p]``: the padded-input rows of phase a
+    (``u = s*t + a``) receive only the taps ``p = a + m*s`` (m = 0, 1, ...),
+    from ``i = t - m``::
+
+        dx_pad[s*t + a] = sum_m dout[t - m] @ w[a + m*s]^T
+
+    a correlation of dout (padded with M - 1 zero rows before) with the phase's
+    taps ``w[a::s]`` in reverse order: ``_flipped(w[a::s])``. The same along W.
+    Equal to the flipped-kernel convolution of the dilated dout (:func:`_dx_gather`)
+    without its multiplications by zero: s*s times fewer.
+    """
+    xp = get_xp(dout)
+    B, Ho, Wo, C_out = dout.shape
+    kh, kw, C_in, _ = w.shape
+    top, bottom, left, right = padding
+    Hp, Wp = H + top + bottom, W + left + right
+    dx_pad = xp.zeros((B, Hp, Wp, C_in), dtype=dout.dtype)
+    for a in range(stride):  # a loop over the stride*stride phases
+        for c in range(stride):
+            w_ac = w[a::stride, c::stride]  # (Ma, Mc, C_in, C_out): the taps that land on this phase
+            Ma, Mc = w_ac.shape[:2]
+            n_t, n_v = len(range(a, Hp, stride)), len(range(c, Wp, stride))  # phase rows and columns
+            if Ma == 0 or Mc == 0 or n_t == 0 or n_v == 0:
+                continue  # no tap lands here (kernel smaller than the stride), or no such rows
+            # dout zero-padded to exactly n_t + Ma - 1 rows (a negative amount crops rows that land in no phase row)
+            dout_pad = _pad_hw(dout, Ma - 1, n_t - Ho, Mc - 1, n_v - Wo)
+            dout_pad = xp.ascontiguousarray(dout_pad)  # a crop may have left a view
+            w_flip = _flipped(w_ac)  # (Ma, Mc, C_out, C_in)
+            method = choose_method(dout_pad.shape, w_flip.shape)  # explicit: the same in reference mode
+            dx_ac, _ = conv2d_forward(dout_pad, w_flip, None, 1, 0, method)  # (B, n_t, n_v, C_in)
+            dx_pad[:, a::stride, c::stride] = dx_ac
+    return xp.ascontiguousarray(dx_pad[:, top : top + H, left : left + W])  # drop the padding
+
+
+def _conv_rows(xw, w):
+    """Stride-1 valid correlation from width-columns, one batched matmul per kernel row.
+
+    With ``xw[b, u, j] = x_pad[b, u, j : j + kw]`` flattened (:func:`_width_columns`),
+
+        y[b, i, j] = sum_p xw[b, i + p, j] @ w[p]      (w[p] as a (kw*C_in, C_out) matrix)
+
+    For one image, the rows ``i + p`` for i = 0 .. Ho-1 are the contiguous slice
+    ``[p*Wo, (p + Ho)*Wo)`` of its (Hp*Wo, kw*C_in) rows, so tap row p is one
+    matmul batched over the images, added into the output.
+
+    xw (B, Hp, Wo, kw*C_in), w (kh, kw, C_in, C_out) -> y (B, Ho, Wo, C_out), Ho = Hp - kh + 1.
+    """
+    xp = get_xp(xw)
+    B, Hp, Wo, K = xw.shape
+    kh, C_out = w.shape[0], w.shape[3]
+    Ho = Hp - kh + 1
+    x_rows = xw.reshape(B, Hp * Wo, K)  # a view: xw is contiguous
+    y = xp.empty((B, Ho * Wo, C_out), dtype=xw.dtype)
+    tmp = xp.empty_like(y) if kh > 1 else None
+    for p in range(kh):  # a loop over the kh kernel rows
+        x_p = x_rows[:, p * Wo : (p + Ho) * Wo]  # (B, Ho*Wo, K): image rows p .. p+Ho-1, a view
+        w_p = w[p].reshape(K, C_out)  # (kw, C_in, C_out) -> (kw*C_in, C_out)
+        if p == 0:
+            xp.matmul(x_p, w_p, out=y)  # (B, Ho*Wo, K) @ (K, C_out)
+        else:
+            xp.matmul(x_p, w_p, out=tmp)
+            y += tmp
+    return y.reshape(B, Ho, Wo, C_out)
+
+
+def _kernel_row_slices(xw, kh: int):
+    """The rows each kernel row reads, stacked as a view: (B, Hp, Wo, K) -> (B, kh, Ho*Wo, K).
+
+    ``view[b, p] = xw[b, p : p + Ho].reshape(Ho*Wo, K)``: slice p starts ``p``
+    image rows later, so the kh axis has the stride of one image row and the
+    slices overlap (no copy; read-only use only).
+    """
+    B, Hp, Wo, K = xw.shape
+    Ho = Hp - kh + 1
+    s_b, s_u, s_j, s_k = xw.strides  # xw is contiguous: s_u = Wo * s_j, s_j = K * s_k
+    return get_xp(xw).lib.stride_tricks.as_strided(xw, (B, kh, Ho * Wo, K), (s_b, s_u, s_j, s_k))
+
+
+def _conv_rows_stacked(xw, w):
+    """The same correlation as :func:`_conv_rows`, all kernel rows of an image in one batched matmul.
+
+        prod[b, p] = xw[b, p : p + Ho] @ w[p]       (B, kh, Ho*Wo, C_out), one matmul
+        y[b]       = sum_p prod[b, p]
+
+    The matmul loops over (b, p) with p innermost, so an image's width-columns
+    are read kh times while they are in the cache.
+
+    xw (B, Hp, Wo, kw*C_in), w (kh, kw, C_in, C_out) -> y (B, Ho, Wo, C_out), Ho = Hp - kh + 1.
+    """
+    B, Hp, Wo, K = xw.shape
+    kh, C_out = w.shape[0], w.shape[3]
+    Ho = Hp - kh + 1
+    prod = _kernel_row_slices(xw, kh) @ w.reshape(kh, K, C_out)  # (B, kh, Ho*Wo, K) @ (kh, K, C_out)
+    return prod.sum(axis=1).reshape(B, Ho, Wo, C_out)  # sum over the kernel rows
+
+
+def _dw_rows_stacked(xw, dout, w_shape: tuple):
+    """:func:`_dw_rows` with all kernel rows of an image in one batched matmul.
+
+        dw[p] = sum_b xw[b, p : p + Ho]^T @ dout[b]     (B, kh, K, C_out), summed over b
+    """
+    B, Hp, Wo, K = xw.shape
+    _, Ho, _, C_out = dout.shape
+    kh = w_shape[0]
+    x_p = _kernel_row_slices(xw, kh).transpose(0, 1, 3, 2)  # (B, kh, K, Ho*Wo), a view
+    dw = x_p @ dout.reshape(B, 1, Ho * Wo, C_out)  # (B, kh, K, Ho*Wo) @ (B, 1, Ho*Wo, C_out)
+    return dw.sum(axis=0).reshape(w_shape)  # (kh, K, C_out) -> (kh, kw, C_in, C_out)
+
+
+def _dw_rows(xw, dout, w_shape: tuple):
+    """Weight gradient from width-columns: ``dw[p] = sum_b xw[b, rows of tap p]^T @ dout[b]``.
+
+    Each image's (K, Ho*Wo) @ (Ho*Wo, C_out) product is small; the batched
+    matmul gives one (K, C_out) matrix per image, summed over the images.
+    """
+    B, Hp, Wo, K = xw.shape
+    _, Ho, _, C_out = dout.shape
+    kh = w_shape[0]
+    x_rows = xw.reshape(B, Hp * Wo, K)
+    dout3 = dout.reshape(B, Ho * Wo, C_out)  # (B, Ho*Wo, C_out)
+    dw = get_xp(xw).empty((kh, K, C_out), dtype=dout.dtype)
+    for p in range(kh):
+        x_p = x_rows[:, p * Wo : (p + Ho) * Wo]  # (B, Ho*Wo, K), the rows tap row p read
+        dw[p] = (x_p.transpose(0, 2, 1) @ dout3).sum(axis=0)  # (B, K, Ho*Wo) @ (B, Ho*Wo, C_out) -> (K, C_out)
+    return dw.reshape(w_shape)  # (kh, kw*C_in, C_out) -> (kh, kw, C_in, C_out)
