@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from diffusion_np.gradcheck import gradcheck_report
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line instead of usage + traceback
