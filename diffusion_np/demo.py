@@ -49,7 +49,7 @@ HELDOUT_PROMPTS = [
 def run_demo(out_dir="demo", steps: int = 6000, n: int = 10_000, progress: bool = True, out=None) -> dict:
     """Run the demo; returns ``{"worst_gradcheck_error", "sliced_wasserstein": {...}, "toy2d_verdict": {...},
     "files": [...], "text_to_image": {...}}``."""
-    from diffusion_np.cli import gradcheck_report
+    from diffusion_np.gradcheck import gradcheck_report
     from diffusion_np.metrics.distances import toy2d_verdict
     from diffusion_np.samplers import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler
     from diffusion_np.training.toy2d import evaluate_toy2d, train_toy2d

@@ -46,7 +46,17 @@ from safetensors.numpy import save as _safetensors_save
 from diffusion_np.backend import asnumpy
 from diffusion_np.nn.module import Module
 
-__all__ = ["PICKLE_SUFFIXES", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "PRETRAINED",
+    "PRETRAINED_PREFIX",
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "pretrained_path",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT = "diffusion_np.checkpoint"
 VERSION = 1
@@ -321,6 +331,53 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+# ----------------------------------------------------------------------------- names of checkpoints
+# The shipped weights (diffusion_np/pretrained/) are named here, beside the loader that
+# resolves their names, so that neither module needs the other at import time;
+# diffusion_np.pretrained re-exports these names.
+
+#: what a checkpoint argument starts with to name shipped weights
+PRETRAINED_PREFIX = "pretrained:"
+#: name -> one line on what it is
+PRETRAINED = {
+    "digits": "text-conditioned U-Net on 8x8 digits, pixel space",
+    "shapes": "latent text-to-image on 32x32 shapes (VAE + U-Net + text encoder)",
+}
+_PRETRAINED_ROOT = Path(__file__).resolve().parent.parent / "pretrained"
+
+
+def pretrained_path(name: str) -> Path:
+    """The directory of shipped model ``name`` (a key of :data:`PRETRAINED`)."""
+    if not isinstance(name, str):
+        raise TypeError(f"pretrained model name must be a str, got {type(name).__name__}")
+    if name not in PRETRAINED:
+        raise CheckpointError(f"no pretrained model {name!r}; the shipped ones are "
+                              + ", ".join(PRETRAINED_PREFIX + n for n in PRETRAINED))
+    path = _PRETRAINED_ROOT / name
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{PRETRAINED_PREFIX}{name}: the weights are missing from {path} (this copy of "
+                              "diffusion_np was installed without its package data; reinstall it from the repository)")
+    return path
+
+
+def resolve_checkpoint(spec) -> Path:
+    """The checkpoint directory that ``spec`` names.
+
+    ``"pretrained:NAME"`` -> the shipped weights; a run directory of ``diffusion-np train``
+    (one holding ``checkpoint/``) -> its latest checkpoint; anything else -> ``Path(spec)``
+    unchanged (:func:`load_checkpoint` says what is wrong with it, if anything).
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"checkpoint directory must be a str or path, got {type(spec).__name__}")
+    text = str(spec)
+    if text.startswith(PRETRAINED_PREFIX):
+        return pretrained_path(text[len(PRETRAINED_PREFIX):])
+    path = Path(spec)
+    if (path / "checkpoint").is_dir() and not (path / "config.json").exists():
+        return path / "checkpoint"
+    return path
+
+
 # ----------------------------------------------------------------------------- loading
 def load_checkpoint(directory) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
@@ -334,8 +391,6 @@ def load_checkpoint(directory) -> Checkpoint:
     module docstring). Weights come back as NumPy arrays; put them into modules
     with :meth:`Checkpoint.load_weights`.
     """
-    from diffusion_np.pretrained import resolve_checkpoint
-
     path = resolve_checkpoint(directory)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(_PICKLE_REFUSAL.format(path=path, suffix=path.suffix))
@@ -366,7 +421,16 @@ def load_checkpoint(directory) -> Checkpoint:
     if header.get("version") != VERSION:
         raise CheckpointError(f"{config_path} has format version {header.get('version')}; this library reads {VERSION}")
 
-    weights = {name: _read_safetensors(path / file) for name, file in header["modules"].items()}
+    modules = header.get("modules")
+    if not isinstance(modules, dict) or not all(
+        isinstance(name, str) and isinstance(file, str) and "/" not in file and "\\" not in file
+        for name, file in modules.items()
+    ):
+        raise CheckpointError(f'{config_path}: "modules" must map module names to .safetensors file names, '
+                              f"got {modules!r}")
+    if not isinstance(header.get("config"), dict):
+        raise CheckpointError(f'{config_path}: "config" must be a JSON object, got {header.get("config")!r}')
+    weights = {name: _read_safetensors(path / file) for name, file in modules.items()}
     training_state = None
     if header.get("training_state"):
         try:
