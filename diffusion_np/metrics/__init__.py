@@ -11,7 +11,7 @@ from diffusion_np.metrics.digits import (
     real_baseline,
     train_digit_classifier,
 )
-from diffusion_np.metrics.distances import mmd_rbf, sliced_wasserstein
+from diffusion_np.metrics.distances import floor_band, mmd_rbf, sliced_wasserstein, toy2d_verdict
 from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, score_digits, score_shapes
 from diffusion_np.metrics.shapes import analyse_shapes, prompt_accuracy
 
@@ -21,6 +21,7 @@ __all__ = [
     "conditional_accuracy",
     "digits_frechet_distance",
     "evaluate_checkpoint",
+    "floor_band",
     "format_report",
     "frechet_distance",
     "load_digit_classifier",
@@ -30,5 +31,6 @@ __all__ = [
     "score_digits",
     "score_shapes",
     "sliced_wasserstein",
+    "toy2d_verdict",
     "train_digit_classifier",
 ]

@@ -27,7 +27,9 @@ draws samples with any sampler and scores them with the metrics beside this file
 * ``toy2d``: :func:`~diffusion_np.training.toy2d.evaluate_toy2d` gives the sliced
   Wasserstein distance to fresh data and the data-vs-data floor; the squared MMD
   with a Gaussian kernel (:func:`~diffusion_np.metrics.distances.mmd_rbf`) is added
-  on the first 2000 points, with one bandwidth for the model and its floor.
+  on the first 2000 points, with one bandwidth for the model and its floor; and the
+  verdict, :func:`~diffusion_np.metrics.distances.toy2d_verdict` (an MMD with a kernel
+  narrower than the data's structure, against the band of several fresh draws).
 
 Generation and scoring are separate functions, so that a set of real images (an
 "oracle" model) can be scored to show what a perfect model gets.
@@ -62,7 +64,7 @@ from diffusion_np.metrics.digits import (
     digits_frechet_distance,
     load_digit_classifier,
 )
-from diffusion_np.metrics.distances import mmd_rbf
+from diffusion_np.metrics.distances import mmd_rbf, toy2d_verdict
 from diffusion_np.metrics.shapes import analyse_shapes, prompt_accuracy
 
 __all__ = [
@@ -369,6 +371,7 @@ def _evaluate_toy2d(task, sampler: str, steps: int, n: int, seed: int, progress:
         "sliced_wasserstein": distances[sampler],
         "sliced_wasserstein_data_vs_data": distances["data_vs_data"],
         **_score_toy2d_mmd(samples[sampler], samples["data"], fresh),
+        "verdict": toy2d_verdict(samples[sampler], dataset, seed=seed),
     }
 
 
@@ -426,6 +429,14 @@ def format_report(result: dict) -> str:
             f"{'MMD^2, RBF (' + str(m['mmd_points']) + ' points)':34s} {m['mmd_rbf']:10.5f} "
             f"{m['mmd_rbf_data_vs_data']:13.5f}",
         ]
+        v = m.get("verdict")
+        if v is not None:
+            lines += [
+                f"{'MMD^2, kernel width ' + str(v['bandwidth']):34s} {v['distance']:10.5f} "
+                f"{v['floor']:13.5f} +- {v['floor_std']:.5f}",
+                "verdict: " + ("within the floor band (indistinguishable from the data at this size)"
+                               if v["within_floor"] else f"above the floor band (up to {v['floor_high']:.5f})"),
+            ]
     return "\n".join(lines)
 
 

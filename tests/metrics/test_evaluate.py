@@ -103,7 +103,8 @@ def test_toy2d_result_has_distances_and_floors(runs):
     assert m["dataset"] == "swiss_roll" and m["mmd_points"] == 300
     assert 0 < m["sliced_wasserstein_data_vs_data"] < m["sliced_wasserstein"]  # 4 steps of training: far off
     assert 0 <= m["mmd_rbf_data_vs_data"] < m["mmd_rbf"]
-    assert "sliced Wasserstein" in format_report(result)
+    assert m["verdict"]["points"] == 300 and not m["verdict"]["within_floor"]  # 4 steps: above the floor band
+    assert "sliced Wasserstein" in format_report(result) and "above the floor band" in format_report(result)
 
 
 def test_exported_checkpoint_reports_its_training_step(runs, tmp_path):
