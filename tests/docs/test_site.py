@@ -79,9 +79,7 @@ _OUTPUT = re.compile(r'<div class="[^"]*\bjp-OutputArea-output\b')  # a rendered
 
 # Notebook markdown that MathJax accepts but KaTeX does not; each entry is a bug to fix in the notebook,
 # tolerated here (not required) so that the site's other checks keep running meanwhile.
-KNOWN_TEX_ERRORS = {
-    "08_samplers": "\\sigma_\\max: KaTeX needs the subscript in braces, \\sigma_{\\max}",
-}
+KNOWN_TEX_ERRORS: dict[str, str] = {}
 
 
 def test_tutorial_pages_are_executed_and_solutions_are_not(site):
