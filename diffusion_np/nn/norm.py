@@ -240,7 +240,7 @@ class GroupNorm(Module):
         check_finite(self, x)
         gamma, beta = self.params.get("weight"), self.params.get("bias")
         if self.silu and fast.runs_fused(self.method):
-            y, cache = fast_norm.group_norm_silu_forward(
+            y, cache = _fast_norm().group_norm_silu_forward(
                 x, gamma, beta, self.num_groups, self.eps, with_grad=self._keep_cache
             )
         else:
@@ -253,8 +253,8 @@ class GroupNorm(Module):
 
     def backward(self, dout):
         cache = self._pop_cache()
-        if isinstance(cache, fast_norm.GroupNormSiLUCache):
-            dx, dgamma, dbeta = fast_norm.group_norm_silu_backward(dout, cache)
+        if isinstance(cache, _fast_norm().GroupNormSiLUCache):
+            dx, dgamma, dbeta = _fast_norm().group_norm_silu_backward(dout, cache)
         elif isinstance(cache, _GroupNormThenSiLUCache):
             dx, dgamma, dbeta = group_norm_backward(silu_backward(dout, cache.silu), cache.norm)
         else:
@@ -375,4 +375,8 @@ class LayerNorm(Module):
         return f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
 
 
-from diffusion_np.nn.fast import norm as fast_norm  # noqa: E402  (it builds on this file's GroupNorm ops)
+def _fast_norm():
+    """nn/fast/norm.py, imported on first use: it builds on this file's ops, so a top-level import would be a cycle."""
+    from diffusion_np.nn.fast import norm
+
+    return norm

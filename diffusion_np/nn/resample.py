@@ -128,7 +128,7 @@ class Upsample2D(Module):
         check_image(self, x, self.channels)
         check_finite(self, x)
         if self.use_conv and fast.runs_fused(self.method):
-            y, cache = fast_resample.upsample_conv_forward(x, self.conv.weight, self.conv.params.get("bias"))
+            y, cache = _fast_resample().upsample_conv_forward(x, self.conv.weight, self.conv.params.get("bias"))
             self._set_cache(cache)
             return y  # (B, 2H, 2W, C_out)
         h, cache = upsample_nearest2x_forward(x)  # (B, 2H, 2W, C)
@@ -137,8 +137,8 @@ class Upsample2D(Module):
 
     def backward(self, dout):
         cache = self._pop_cache()
-        if isinstance(cache, fast_resample.UpsampleConvCache):  # the fused forward ran
-            dx, dw, db = fast_resample.upsample_conv_backward(dout, cache)
+        if isinstance(cache, _fast_resample().UpsampleConvCache):  # the fused forward ran
+            dx, dw, db = _fast_resample().upsample_conv_backward(dout, cache)
             self.conv.grads["weight"] += dw
             if db is not None:
                 self.conv.grads["bias"] += db
@@ -197,4 +197,8 @@ class Downsample2D(Module):
         return avg_pool2x2_backward(dout, cache)
 
 
-from diffusion_np.nn.fast import resample as fast_resample  # noqa: E402  (it builds on this file's ops)
+def _fast_resample():
+    """nn/fast/resample.py, imported on first use (it builds on this file's ops: a top-level import is a cycle)."""
+    from diffusion_np.nn.fast import resample
+
+    return resample
