@@ -384,7 +384,8 @@ def _sample(args) -> int:
 
 def _sample_prompts(task, args, output: Path, title: str) -> int:
     """Text-to-image from the command line: each --prompt ``-n`` times, one grid with the prompts as captions."""
-    from diffusion_np.training.text_to_image import TextToImageModel, save_image_grid
+    from diffusion_np.training.model import TextToImageModel
+    from diffusion_np.training.plots import save_image_grid
 
     if not isinstance(getattr(task, "model", None), TextToImageModel):
         raise _UsageError(f"--prompt, --negative-prompt and --guidance-scale need a digits or shapes checkpoint, "

@@ -52,8 +52,8 @@ def run_demo(out_dir="demo", steps: int = 6000, n: int = 10_000, progress: bool 
     from diffusion_np.gradcheck import gradcheck_report
     from diffusion_np.metrics.distances import toy2d_verdict
     from diffusion_np.samplers import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler
+    from diffusion_np.training.plots import save_loss_plot
     from diffusion_np.training.toy2d import evaluate_toy2d, train_toy2d
-    from diffusion_np.training.trainer import save_loss_plot
 
     out = out if out is not None else sys.stdout
     out_dir = Path(out_dir)
@@ -111,7 +111,8 @@ def text_to_image_demo(path, steps: int = 25, guidance_scale: float = 4.0, seed:
     from diffusion_np.data.shapes import parse_caption
     from diffusion_np.metrics.digits import classifier_logits
     from diffusion_np.metrics.shapes import analyse_shapes
-    from diffusion_np.training.text_to_image import TextToImageModel, draw_image_grid
+    from diffusion_np.training.model import TextToImageModel
+    from diffusion_np.training.plots import draw_image_grid
 
     out = out if out is not None else sys.stdout
     print(f"\nText-to-image with the shipped weights (DDIM {steps} steps, guidance {guidance_scale})...", file=out)

@@ -44,7 +44,7 @@ shipped digits model 186 s for its 500 images (one BLAS thread, another job runn
 the second core); DPM-Solver++ with 20 steps takes about 75 s for either.
 
 Left out: the VAE task (``shapes-vae``; its number is
-:func:`~diffusion_np.training.text_to_image.vae_reconstruction_mse`), negative
+:func:`~diffusion_np.training.vae_helpers.vae_reconstruction_mse`), negative
 prompts, and confidence intervals (run with several seeds to see the spread).
 """
 
@@ -99,7 +99,7 @@ _SHAPES_CHANCE_ALL = float(np.prod(list(_SHAPES_CHANCE.values())))
 def generate_images(model, prompts: list[str], sampler: str = "ddim", steps: int = 50,
                     guidance_scale: float = 3.0, seed: int = 0, stream: int = 0, batch_size: int = 64,
                     progress: bool = False, desc: str = "generating") -> np.ndarray:
-    """One image per prompt from a :class:`~diffusion_np.training.text_to_image.TextToImageModel`,
+    """One image per prompt from a :class:`~diffusion_np.training.model.TextToImageModel`,
     in batches of ``batch_size`` (each doubled by classifier-free guidance).
 
     Batch ``b`` is seeded with ``SeedSequence([seed, stream, b])``: reproducible, and

@@ -8,7 +8,7 @@ exported with ``diffusion-np export`` (EMA weights, float16, no training state):
 
 Wherever a checkpoint directory is accepted (``diffusion-np sample --checkpoint``,
 ``diffusion-np evaluate --checkpoint``, :func:`~diffusion_np.io.load_checkpoint`,
-:meth:`~diffusion_np.training.text_to_image.TextToImageModel.load`), the name
+:meth:`~diffusion_np.training.model.TextToImageModel.load`), the name
 ``pretrained:NAME`` stands for the shipped directory. Each directory has a model card,
 ``MODEL_CARD.md``, with the training command, the number of steps, the time it took and
 the measured metrics.

@@ -1,7 +1,7 @@
 """Named sizes for the text-to-image tasks: "tiny" (tests), "demo" (minutes), "full" (shipped weights).
 
 A preset fixes the shapes of the networks and the training schedule of one task
-(:mod:`diffusion_np.training.text_to_image`)::
+(:mod:`diffusion_np.training.tasks`)::
 
     tiny   a few seconds: tests and `train ... --steps 2` smoke runs; learns nothing useful
     demo   about 10 minutes on 2 CPU cores (``make demo-train``): digits you can recognise,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -34,7 +33,10 @@ from diffusion_np.metrics.distances import sliced_wasserstein
 from diffusion_np.models.toy_mlp import ToyDenoiser
 from diffusion_np.nn.losses import mse_loss_backward, mse_loss_forward
 from diffusion_np.optim import EMA
+from diffusion_np.samplers import SAMPLERS, loop
 from diffusion_np.schedules import NoiseSchedule
+from diffusion_np.training.argtypes import positive_int
+from diffusion_np.training.plots import save_scatter
 from diffusion_np.training.trainer import TrainConfig, Trainer
 
 #: points in the training pool: an unlimited dataset in practice
@@ -109,8 +111,6 @@ class Toy2DTask:
 
     def make_sampler(self, name: str):
         """The sampler ``name`` (a key of ``SAMPLERS``) for this task's schedule and prediction type."""
-        from diffusion_np.samplers import SAMPLERS
-
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
         kwargs = dict(self.config.schedule_kwargs(), prediction_type=self.config.prediction_type)
@@ -121,10 +121,8 @@ class Toy2DTask:
 
     def sample(self, sampler: str, steps: int, n: int, seed: int, progress: bool = False) -> np.ndarray:
         """``n`` points (n, 2) drawn with the current weights."""
-        from diffusion_np.samplers.loop import sample
-
-        x = sample(lambda x, t: self.model(x, t), (n, 2), self.make_sampler(sampler), steps, seed=seed,
-                   progress=progress)
+        x = loop.sample(lambda x, t: self.model(x, t), (n, 2), self.make_sampler(sampler), steps, seed=seed,
+                        progress=progress)
         return asnumpy(x)
 
     def save_png(self, samples, path, title: str = "") -> None:
@@ -145,42 +143,10 @@ class Toy2DTask:
                             help=f"toy distribution to learn (default {d.dataset})")
         parser.add_argument("--prediction-type", choices=("epsilon", "sample", "v_prediction"), default=s,
                             help=f"what the network predicts: noise, x_0 or v (default {d.prediction_type})")
-        parser.add_argument("--hidden", type=_positive_int, default=s, metavar="N",
+        parser.add_argument("--hidden", type=positive_int, default=s, metavar="N",
                             help=f"width of the MLP's hidden layers (default {d.hidden})")
-        parser.add_argument("--depth", type=_positive_int, default=s, metavar="N",
+        parser.add_argument("--depth", type=positive_int, default=s, metavar="N",
                             help=f"number of hidden layers (default {d.depth})")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def save_scatter(points, path, reference=None, title: str = "") -> Path:
-    """A square scatter plot PNG of (n, 2) ``points``, optionally over grey ``reference`` points.
-
-    Uses a bare Figure with the Agg canvas (pyplot's global state is left alone).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    points = asnumpy(points)
-    fig = Figure(figsize=(4.5, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if reference is not None:
-        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.8", label="data")
-        lim = 1.15 * float(np.abs(reference).max())  # the data's extent; far-off samples fall outside on purpose
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
-    ax.scatter(points[:, 0], points[:, 1], s=2, c="C0", label="samples")
-    ax.set_aspect("equal")
-    ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper right", fontsize=8, markerscale=4)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return Path(path)
 
 
 @dataclass
@@ -240,14 +206,12 @@ def evaluate_toy2d(run: ToyRun, dataset: str, samplers: dict, n: int = 10_000, s
     well-trained one 1.0x. Use n >= 10,000 when the number has to mean something.
     With ``return_samples=True`` also returns ``{label: (n, 2) samples, "data": reference}``.
     """
-    from diffusion_np.samplers.loop import sample
-
     reference = sample_toy2d(dataset, n, seed=seed + 1000)
     results = {"data_vs_data": sliced_wasserstein(sample_toy2d(dataset, n, seed=seed + 2000), reference)}
     samples = {"data": reference}
     with run.ema.average_parameters(run.model):
         for label, (sampler, steps) in samplers.items():
-            x = sample(lambda x, t: run.model(x, t), (n, 2), sampler, steps, seed=seed, progress=progress)
+            x = loop.sample(lambda x, t: run.model(x, t), (n, 2), sampler, steps, seed=seed, progress=progress)
             results[label] = sliced_wasserstein(x, reference)
             samples[label] = asnumpy(x)
     return (results, samples) if return_samples else results

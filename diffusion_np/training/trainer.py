@@ -71,7 +71,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -86,6 +85,7 @@ from tqdm.auto import tqdm
 from diffusion_np.io.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from diffusion_np.nn.module import Module
 from diffusion_np.optim import EMA, Adam, AdamW, LRScheduler, clip_grad_norm, linear_warmup_cosine
+from diffusion_np.training.plots import save_loss_plot
 
 __all__ = [
     "TASKS",
@@ -97,7 +97,6 @@ __all__ = [
     "TrainingTask",
     "export_checkpoint",
     "get_task",
-    "save_loss_plot",
     "task_from_checkpoint",
 ]
 
@@ -106,9 +105,9 @@ __all__ = [
 #: ``None``: planned, not written yet; ``get_task`` then says so.
 TASKS: dict[str, str | None] = {
     "toy2d": "diffusion_np.training.toy2d:Toy2DTask",
-    "digits": "diffusion_np.training.text_to_image:DigitsTask",
-    "shapes-vae": "diffusion_np.training.text_to_image:ShapesVAETask",
-    "shapes": "diffusion_np.training.text_to_image:ShapesTask",
+    "digits": "diffusion_np.training.tasks:DigitsTask",
+    "shapes-vae": "diffusion_np.training.tasks:ShapesVAETask",
+    "shapes": "diffusion_np.training.tasks:ShapesTask",
 }
 
 
@@ -555,36 +554,3 @@ def _sigint_between_steps():
 
 class _Flag:
     requested = False
-
-
-def save_loss_plot(losses, path, title: str = "training loss") -> Path:
-    """Plot the loss per step (and a running mean) to a PNG at ``path``.
-
-    Uses a bare ``matplotlib.figure.Figure`` with the Agg canvas, so it never
-    touches pyplot's global state or the user's chosen backend. The file is
-    written beside ``path`` and renamed, so a viewer never sees half a PNG.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    losses = np.asarray(losses, dtype=np.float64)
-    steps = np.arange(1, len(losses) + 1)
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(steps, losses, lw=0.6, alpha=0.4, color="C0", label="per step")
-    window = max(1, len(losses) // 50)
-    if window > 1:  # a running mean over ~2% of the run shows the trend through the minibatch noise
-        mean = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], mean, color="C0", label=f"mean of {window}")
-        ax.legend()
-    if np.all(losses > 0):
-        ax.set_yscale("log")
-    ax.set(xlabel="step", ylabel="loss", title=title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path

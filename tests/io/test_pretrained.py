@@ -8,8 +8,9 @@ import pytest
 from diffusion_np.cli import main
 from diffusion_np.io import CheckpointError, load_checkpoint
 from diffusion_np.pretrained import PRETRAINED, pretrained_path, resolve_checkpoint
-from diffusion_np.training.text_to_image import TextToImageModel, load_vae
+from diffusion_np.training.model import TextToImageModel
 from diffusion_np.training.trainer import export_checkpoint, task_from_checkpoint
+from diffusion_np.training.vae_helpers import load_vae
 
 TINY = ["--preset", "tiny", "--steps", "3", "--quiet"]
 

@@ -8,21 +8,12 @@ import pytest
 from diffusion_np.data.digits import digit_captions
 from diffusion_np.io import load_checkpoint
 from diffusion_np.optim import AdamW
+from diffusion_np.training.configs import DigitsConfig, ShapesConfig, ShapesVAEConfig
+from diffusion_np.training.model import TextToImageModel
 from diffusion_np.training.presets import PRESETS, get_preset
-from diffusion_np.training.text_to_image import (
-    DigitsConfig,
-    DigitsTask,
-    ShapesConfig,
-    ShapesTask,
-    ShapesVAEConfig,
-    ShapesVAETask,
-    TextToImageModel,
-    drop_captions,
-    latent_scaling_factor,
-    load_vae,
-    vae_reconstruction_mse,
-)
+from diffusion_np.training.tasks import DigitsTask, ShapesTask, ShapesVAETask, drop_captions
 from diffusion_np.training.trainer import TrainConfig, Trainer
+from diffusion_np.training.vae_helpers import latent_scaling_factor, load_vae, vae_reconstruction_mse
 
 
 def tiny_train(task, **overrides) -> TrainConfig:

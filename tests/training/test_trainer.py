@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from diffusion_np.io import CheckpointError, load_checkpoint
+from diffusion_np.training.plots import save_loss_plot
 from diffusion_np.training.toy2d import Toy2DConfig, Toy2DTask
 from diffusion_np.training.trainer import (
     TASKS,
@@ -16,7 +17,6 @@ from diffusion_np.training.trainer import (
     Trainer,
     TrainingInterrupted,
     get_task,
-    save_loss_plot,
     task_from_checkpoint,
 )
 
