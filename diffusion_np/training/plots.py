@@ -19,21 +19,25 @@ from diffusion_np.backend import asnumpy
 __all__ = ["draw_image_grid", "save_image_grid", "save_loss_plot", "save_scatter"]
 
 
-def save_loss_plot(losses, path, title: str = "training loss") -> Path:
-    """Plot the loss per step (and a running mean) to a PNG at ``path``.
-
-    Uses a bare ``matplotlib.figure.Figure`` with the Agg canvas, so it never
-    touches pyplot's global state or the user's chosen backend. The file is
-    written beside ``path`` and renamed, so a viewer never sees half a PNG.
-    """
+def _figure(figsize: tuple[float, float]):
+    """A bare matplotlib Figure on the Agg canvas, 100 dpi."""
     # matplotlib loads on the first picture, not when training is imported (it adds about 0.5 s)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_loss_plot(losses, path, title: str = "training loss") -> Path:
+    """Plot the loss per step (and a running mean) to a PNG at ``path``.
+
+    The file is written beside ``path`` and renamed, so a viewer never sees half a PNG.
+    """
     losses = np.asarray(losses, dtype=np.float64)
     steps = np.arange(1, len(losses) + 1)
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _figure((6, 3.5))
     ax = fig.add_subplot()
     ax.plot(steps, losses, lw=0.6, alpha=0.4, color="C0", label="per step")
     window = max(1, len(losses) // 50)
@@ -54,17 +58,9 @@ def save_loss_plot(losses, path, title: str = "training loss") -> Path:
 
 
 def save_scatter(points, path, reference=None, title: str = "") -> Path:
-    """A square scatter plot PNG of (n, 2) ``points``, optionally over grey ``reference`` points.
-
-    Uses a bare Figure with the Agg canvas (pyplot's global state is left alone).
-    """
-    # matplotlib loads on the first picture, not when training is imported (it adds about 0.5 s)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """A square scatter plot PNG of (n, 2) ``points``, optionally over grey ``reference`` points."""
     points = asnumpy(points)
-    fig = Figure(figsize=(4.5, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _figure((4.5, 4.5))
     ax = fig.add_subplot()
     if reference is not None:
         ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.8", label="data")
@@ -80,20 +76,12 @@ def save_scatter(points, path, reference=None, title: str = "") -> Path:
 
 
 def save_image_grid(images, path, titles=None, ncols: int = 8, title: str = "") -> Path:
-    """A PNG grid of images (B, H, W, 1 or 3) in [-1, 1], each with an optional small title.
-
-    A bare Figure with the Agg canvas: pyplot's global state is left alone.
-    """
-    # matplotlib loads on the first picture, not when training is imported (it adds about 0.5 s)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """A PNG grid of images (B, H, W, 1 or 3) in [-1, 1], each with an optional small title."""
     B, H, W, _ = images.shape
     ncols = max(1, min(ncols, B))
     nrows = -(-B // ncols)
     cell = 1.3 * max(1.0, W / H)
-    fig = Figure(figsize=(cell * ncols, 1.5 * nrows + 0.4), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _figure((cell * ncols, 1.5 * nrows + 0.4))
     draw_image_grid(fig, images, titles, ncols)
     if title:
         fig.suptitle(title, fontsize=8)
