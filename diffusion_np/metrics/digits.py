@@ -47,11 +47,16 @@ kernel (KID) distances, and any pretrained network (nothing is downloaded).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from diffusion_np.backend import DEFAULT_DTYPE, asnumpy, get_xp
 from diffusion_np.data.digits import load_digits
@@ -195,11 +200,10 @@ class DigitClassifier(Module):
 # ----------------------------------------------------------------------------- training
 def _blas_threads(n: int | None):
     """A context limiting the BLAS to n threads (threadpoolctl), or doing nothing."""
-    import contextlib
-
     if n is None:
         return contextlib.nullcontext()
     try:
+        # threadpoolctl is optional (a dev extra): without it the BLAS keeps its own thread count
         from threadpoolctl import threadpool_limits
     except ImportError:
         return contextlib.nullcontext()
@@ -292,8 +296,6 @@ def train_digit_classifier(
 # ----------------------------------------------------------------------------- shipped weights
 def save_digit_classifier(classifier: DigitClassifier, path, metadata: dict | None = None) -> None:
     """Write the classifier's weights (float32) with safetensors; widths go in the metadata."""
-    from safetensors.numpy import save_file
-
     meta = {
         "channels": ",".join(map(str, classifier.channels)),
         "hidden": str(classifier.hidden),
@@ -307,9 +309,6 @@ def save_digit_classifier(classifier: DigitClassifier, path, metadata: dict | No
 def load_digit_classifier(path=None) -> DigitClassifier:
     """The trained classifier, in eval mode, from ``path`` (default: the weights shipped
     with the package, :data:`WEIGHTS_PATH`)."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
     path = Path(path) if path is not None else WEIGHTS_PATH
     if not path.is_file():
         raise FileNotFoundError(
@@ -443,11 +442,62 @@ def real_baseline(
     return digits_frechet_distance(first, second, classifier)
 
 
+def score_digits(images, labels, image_size: int | None = None, data_seed: int = 0, seed: int = 0,
+                 classifier: DigitClassifier | None = None) -> dict:
+    """Score digit images asked for ``labels``: conditional accuracy and Frechet distance, with its floor.
+
+    The conditional accuracy is the share of images the shipped classifier reads as the
+    digit they were asked for (chance is 0.1). The Frechet distance in the classifier's
+    feature space (Heusel et al. 2017, Eq. 6) is to the *test* split, which the model never
+    saw; the floor beside it is the same distance for as many real *train* digits against
+    the same test split: same reference, same sample size, so the two numbers compare
+    directly (Frechet distances are biased upwards at small n, Chong and Forsyth 2020).
+    :func:`real_baseline` compares two draws of n from all digits, test split included,
+    so it is not that floor.
+
+    Parameters
+    ----------
+    images : float (N, S, S, 1) in [-1, 1], N >= 2
+    labels : int (N,) the digit each image was generated for
+    image_size : side of the real digits to compare with (default S, the images' own)
+    data_seed : seed of the train/test split the model was trained with
+        (``DigitsConfig.data_seed``), so that the reference is really held out
+    seed : seed of the draw of real train digits behind the floor
+    classifier : default :func:`load_digit_classifier`
+
+    Returns
+    -------
+    dict with ``conditional_accuracy``, ``per_digit_accuracy`` (10 values, None for a
+    digit with no image), ``frechet_distance`` (to the test split),
+    ``frechet_distance_real_baseline`` (real train digits to the same test split),
+    ``reference_images`` and ``baseline_images`` (the two real set sizes).
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.ndim != 4 or images.shape[0] < 2:
+        raise ValueError(f"score_digits needs at least 2 images (N, S, S, 1), got shape {images.shape}")
+    classifier = classifier if classifier is not None else load_digit_classifier()
+    size = int(image_size) if image_size is not None else images.shape[1]
+    reference, _, _ = load_digits("test", image_size=size, seed=data_seed)
+    train, _, _ = load_digits("train", image_size=size, seed=data_seed)
+    n_base = min(len(images), len(train))  # train has 1437 digits; more samples get a floor at 1437
+    baseline = train[np.random.default_rng(seed).choice(len(train), n_base, replace=False)]
+
+    accuracy = conditional_accuracy(images, labels, classifier)  # checks the labels too
+    predicted = np.asarray(classifier_logits(images, classifier)).argmax(axis=1)  # (N,) for the per-digit split
+    per_digit = [float(np.mean(predicted[labels == d] == d)) if np.any(labels == d) else None for d in range(10)]
+    return {
+        "conditional_accuracy": accuracy,
+        "per_digit_accuracy": per_digit,
+        "frechet_distance": digits_frechet_distance(images, reference, classifier),
+        "frechet_distance_real_baseline": digits_frechet_distance(baseline, reference, classifier),
+        "reference_images": int(len(reference)),
+        "baseline_images": int(n_base),
+    }
+
+
 def _main(argv: list[str] | None = None) -> None:
     """python -m diffusion_np.metrics.digits [OUT] [--steps N] [--seed S]: train and save the weights."""
-    import argparse
-    import time
-
     parser = argparse.ArgumentParser(description="Train the digit classifier used by the digits metrics.")
     parser.add_argument("out", nargs="?", default=str(WEIGHTS_PATH))
     parser.add_argument("--steps", type=int, default=2000)

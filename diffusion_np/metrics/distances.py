@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_np.backend import asnumpy
+from diffusion_np.data.toy2d import sample_toy2d
 
 #: Gaussian-kernel bandwidth of the toy2d MMD: narrower than the swiss roll's arm spacing
 #: (2 pi / 5 = 1.26), wider than its noise (0.05), about the std of eight_gaussians' modes
@@ -115,8 +116,6 @@ def toy2d_verdict(samples, dataset: str, n_points: int = TOY2D_POINTS, n_draws: 
     the floor band comes from ``n_draws`` more independent draws (:func:`floor_band`).
     Returns floor_band's dict plus ``"points"`` and ``"bandwidth"``.
     """
-    from diffusion_np.data.toy2d import sample_toy2d
-
     x = _points(samples, "samples")[:n_points]
     m = len(x)
     reference = sample_toy2d(dataset, m, seed=seed + 10_000)

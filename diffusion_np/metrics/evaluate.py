@@ -5,17 +5,13 @@ checkpoint (a run directory, its ``checkpoint/``, an export, or ``pretrained:NAM
 draws samples with any sampler and scores them with the metrics beside this file:
 
 * ``digits``: images for the captions "the digit zero" ... "the digit nine", cycled.
-  Scored by :func:`score_digits` with the shipped digit classifier
-  (:mod:`diffusion_np.metrics.digits`): the conditional accuracy (share of images
-  classified as the digit they were asked for; chance is 0.1) and the Frechet distance
-  in the classifier's feature space (Heusel et al. 2017, Eq. 6) to the *test* split,
-  which the model never saw. The floor beside it is the same distance for as many real
-  *train* digits against the same test split: same reference, same sample size, so the
-  two numbers compare directly (Frechet distances are biased upwards at small n,
-  Chong and Forsyth 2020). :func:`~diffusion_np.metrics.digits.real_baseline` compares
-  two draws of n from all digits, test split included, so it is not that floor.
+  Scored by :func:`~diffusion_np.metrics.digits.score_digits` with the shipped digit
+  classifier: the conditional accuracy (chance is 0.1) and the Frechet distance to the
+  *test* split, which the model never saw, beside the same distance for as many real
+  *train* digits (the floor).
 * ``shapes``: GenEval-style prompt accuracy (Ghosh et al. 2023) read by
-  :func:`~diffusion_np.metrics.shapes.analyse_shapes`, scored by :func:`score_shapes`:
+  :func:`~diffusion_np.metrics.shapes.analyse_shapes`, scored by
+  :func:`~diffusion_np.metrics.shapes.score_shapes`:
 
   - *seen* prompts: the 162 combinations of the training split, cycled in a seeded
     shuffled order (320 images by default: every prompt once or twice);
@@ -50,22 +46,26 @@ prompts, and confidence intervals (run with several seeds to see the spread).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from diffusion_np.data.digits import digit_captions, load_digits
-from diffusion_np.data.shapes import COLOURS, LABEL_COLUMNS, POSITIONS, SHAPES, SIZES, all_prompts, parse_caption
-from diffusion_np.metrics.digits import (
-    DigitClassifier,
-    classifier_logits,
-    conditional_accuracy,
-    digits_frechet_distance,
-    load_digit_classifier,
-)
+from diffusion_np import __version__
+from diffusion_np.data.digits import digit_captions
+from diffusion_np.data.shapes import COLOURS, LABEL_COLUMNS, POSITIONS, SHAPES, SIZES, all_prompts
+from diffusion_np.data.toy2d import sample_toy2d
+from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
+from diffusion_np.metrics.digits import score_digits
 from diffusion_np.metrics.distances import mmd_rbf, toy2d_verdict
-from diffusion_np.metrics.shapes import analyse_shapes, prompt_accuracy
+from diffusion_np.metrics.shapes import score_shapes
+from diffusion_np.optim import EMA
+from diffusion_np.pretrained import resolve_checkpoint
+from diffusion_np.samplers import SAMPLERS
+from diffusion_np.training.toy2d import ToyRun, evaluate_toy2d
+from diffusion_np.training.trainer import task_from_checkpoint
 
 __all__ = [
     "DEFAULT_HELDOUT_SAMPLES",
@@ -76,8 +76,6 @@ __all__ = [
     "format_report",
     "generate_images",
     "heldout_shapes_prompts",
-    "score_digits",
-    "score_shapes",
     "seen_shapes_prompts",
 ]
 
@@ -110,8 +108,6 @@ def generate_images(model, prompts: list[str], sampler: str = "ddim", steps: int
     -------
     images : float32 (len(prompts), H, W, C) in [-1, 1], on the host.
     """
-    from tqdm.auto import tqdm
-
     starts = range(0, len(prompts), batch_size)
     batch_seeds = np.random.SeedSequence([seed, stream]).spawn(len(starts))
     images = []
@@ -145,79 +141,6 @@ def heldout_shapes_prompts(n: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- scoring
-def score_digits(images, labels, image_size: int | None = None, data_seed: int = 0, seed: int = 0,
-                 classifier: DigitClassifier | None = None) -> dict:
-    """Score digit images asked for ``labels`` (see the module docstring).
-
-    Parameters
-    ----------
-    images : float (N, S, S, 1) in [-1, 1], N >= 2
-    labels : int (N,) the digit each image was generated for
-    image_size : side of the real digits to compare with (default S, the images' own)
-    data_seed : seed of the train/test split the model was trained with
-        (``DigitsConfig.data_seed``), so that the reference is really held out
-    seed : seed of the draw of real train digits behind the floor
-    classifier : default :func:`~diffusion_np.metrics.digits.load_digit_classifier`
-
-    Returns
-    -------
-    dict with ``conditional_accuracy``, ``per_digit_accuracy`` (10 values, None for a
-    digit with no image), ``frechet_distance`` (to the test split),
-    ``frechet_distance_real_baseline`` (real train digits to the same test split),
-    ``reference_images`` and ``baseline_images`` (the two real set sizes).
-    """
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    if images.ndim != 4 or images.shape[0] < 2:
-        raise ValueError(f"score_digits needs at least 2 images (N, S, S, 1), got shape {images.shape}")
-    classifier = classifier if classifier is not None else load_digit_classifier()
-    size = int(image_size) if image_size is not None else images.shape[1]
-    reference, _, _ = load_digits("test", image_size=size, seed=data_seed)
-    train, _, _ = load_digits("train", image_size=size, seed=data_seed)
-    n_base = min(len(images), len(train))  # train has 1437 digits; more samples get a floor at 1437
-    baseline = train[np.random.default_rng(seed).choice(len(train), n_base, replace=False)]
-
-    accuracy = conditional_accuracy(images, labels, classifier)  # checks the labels too
-    predicted = np.asarray(classifier_logits(images, classifier)).argmax(axis=1)  # (N,) for the per-digit split
-    per_digit = [float(np.mean(predicted[labels == d] == d)) if np.any(labels == d) else None for d in range(10)]
-    return {
-        "conditional_accuracy": accuracy,
-        "per_digit_accuracy": per_digit,
-        "frechet_distance": digits_frechet_distance(images, reference, classifier),
-        "frechet_distance_real_baseline": digits_frechet_distance(baseline, reference, classifier),
-        "reference_images": int(len(reference)),
-        "baseline_images": int(n_base),
-    }
-
-
-def score_shapes(images, prompts: list[str], heldout_images=None, heldout_prompts: list[str] | None = None) -> dict:
-    """Prompt accuracy of shapes images on seen prompts and, if given, on held-out ones.
-
-    Returns
-    -------
-    dict with ``prompt_accuracy_all`` and ``per_attribute`` ({colour, shape, size,
-    position}) of the seen prompts, ``heldout_prompt_accuracy_all`` and
-    ``heldout_per_attribute`` (None without held-out images), ``distinct_prompts``
-    and ``heldout_distinct_prompts``, and ``unreadable``: the share of all images
-    the reader could not read at all (no object found).
-    """
-    seen = prompt_accuracy(images, parse_caption(list(prompts)))
-    unreadable = [np.all(analyse_shapes(images) == -1, axis=1)]
-    held = None
-    if heldout_images is not None and len(heldout_images):
-        held = prompt_accuracy(heldout_images, parse_caption(list(heldout_prompts)))
-        unreadable.append(np.all(analyse_shapes(heldout_images) == -1, axis=1))
-    return {
-        "prompt_accuracy_all": seen["all"],
-        "per_attribute": seen["per_attribute"],
-        "heldout_prompt_accuracy_all": None if held is None else held["all"],
-        "heldout_per_attribute": None if held is None else held["per_attribute"],
-        "distinct_prompts": len(set(prompts)),
-        "heldout_distinct_prompts": 0 if held is None else len(set(heldout_prompts)),
-        "unreadable": float(np.concatenate(unreadable).mean()),
-    }
-
-
 def _score_toy2d_mmd(samples, reference, fresh) -> dict:
     """Squared MMD of samples and of fresh data to the reference, on their first MMD_POINTS points.
 
@@ -279,7 +202,8 @@ def evaluate_checkpoint(
     dict, JSON-ready: ``task``, ``checkpoint`` (as given), ``checkpoint_dir``, ``step``
     (None if unknown), ``weights`` ("ema" or "raw"), ``sampler``, ``steps``,
     ``guidance_scale`` (None for toy2d), ``num_samples``, ``heldout_samples`` (shapes),
-    ``seed``, ``metrics`` (the task's, see :func:`score_digits`, :func:`score_shapes`;
+    ``seed``, ``metrics`` (the task's, see :func:`~diffusion_np.metrics.digits.score_digits`,
+    :func:`~diffusion_np.metrics.shapes.score_shapes`;
     for toy2d ``sliced_wasserstein``, ``sliced_wasserstein_data_vs_data``, ``mmd_rbf``,
     ``mmd_rbf_data_vs_data``), ``wall_time_s`` and ``diffusion_np_version``.
 
@@ -288,12 +212,6 @@ def evaluate_checkpoint(
     CheckpointError (a ValueError) for a missing checkpoint or one of another task;
     ValueError for a bad argument, checked before any sample is drawn.
     """
-    from diffusion_np import __version__
-    from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
-    from diffusion_np.pretrained import resolve_checkpoint
-    from diffusion_np.samplers import SAMPLERS
-    from diffusion_np.training.trainer import task_from_checkpoint
-
     start = time.perf_counter()
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -356,10 +274,6 @@ def evaluate_checkpoint(
 
 def _evaluate_toy2d(task, sampler: str, steps: int, n: int, seed: int, progress: bool) -> dict:
     """evaluate_toy2d on the checkpoint's weights, plus the MMD of the same samples."""
-    from diffusion_np.data.toy2d import sample_toy2d
-    from diffusion_np.optim import EMA
-    from diffusion_np.training.toy2d import ToyRun, evaluate_toy2d
-
     # evaluate_toy2d samples with run.ema's weights: an EMA that starts at the loaded weights is those weights
     run = ToyRun(task.model, EMA(task.model), task.schedule, task.config.prediction_type)
     dataset = task.config.dataset
@@ -442,8 +356,6 @@ def format_report(result: dict) -> str:
 
 def write_json(result: dict, path) -> Path:
     """Write ``result`` as indented JSON to ``path``; returns the path."""
-    import json
-
     path = Path(path)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path

@@ -45,6 +45,9 @@ statistic lies outside the range any real object gives (a colour far from all si
 a fill ratio or size no shape has, a box centre far from every position) gets -1 in
 its column.
 
+:func:`score_shapes` sums this up for a set of images: the share right in every
+attribute and in each, on seen and on held-out prompts, and the share unreadable.
+
 Left out on purpose: several objects per image (the data has one), and any learned
 component.
 """
@@ -54,7 +57,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_np.backend import asnumpy, get_xp
-from diffusion_np.data.shapes import COLOUR_RGB, LABEL_COLUMNS, POSITION_XY
+from diffusion_np.data.shapes import COLOUR_RGB, LABEL_COLUMNS, POSITION_XY, parse_caption
 
 #: label value meaning "could not be read"
 NONE = -1
@@ -180,4 +183,32 @@ def prompt_accuracy(images, labels) -> dict:
     return {
         "per_attribute": {name: float(correct[:, j].mean()) for j, name in enumerate(LABEL_COLUMNS)},
         "all": float(correct.all(axis=1).mean()),
+    }
+
+
+def score_shapes(images, prompts: list[str], heldout_images=None, heldout_prompts: list[str] | None = None) -> dict:
+    """Prompt accuracy of shapes images on seen prompts and, if given, on held-out ones.
+
+    Returns
+    -------
+    dict with ``prompt_accuracy_all`` and ``per_attribute`` ({colour, shape, size,
+    position}) of the seen prompts, ``heldout_prompt_accuracy_all`` and
+    ``heldout_per_attribute`` (None without held-out images), ``distinct_prompts``
+    and ``heldout_distinct_prompts``, and ``unreadable``: the share of all images
+    the reader could not read at all (no object found).
+    """
+    seen = prompt_accuracy(images, parse_caption(list(prompts)))
+    unreadable = [np.all(analyse_shapes(images) == -1, axis=1)]
+    held = None
+    if heldout_images is not None and len(heldout_images):
+        held = prompt_accuracy(heldout_images, parse_caption(list(heldout_prompts)))
+        unreadable.append(np.all(analyse_shapes(heldout_images) == -1, axis=1))
+    return {
+        "prompt_accuracy_all": seen["all"],
+        "per_attribute": seen["per_attribute"],
+        "heldout_prompt_accuracy_all": None if held is None else held["all"],
+        "heldout_per_attribute": None if held is None else held["per_attribute"],
+        "distinct_prompts": len(set(prompts)),
+        "heldout_distinct_prompts": 0 if held is None else len(set(heldout_prompts)),
+        "unreadable": float(np.concatenate(unreadable).mean()),
     }

@@ -12,10 +12,12 @@ from diffusion_np.cli import main
 from diffusion_np.data.digits import load_digits
 from diffusion_np.data.shapes import LABEL_COLUMNS, all_prompts, parse_caption, render
 from diffusion_np.io import load_checkpoint
-from diffusion_np.metrics import evaluate_checkpoint, format_report, score_digits, score_shapes
+from diffusion_np.metrics import score_digits, score_shapes
 from diffusion_np.metrics.evaluate import (
     DEFAULT_HELDOUT_SAMPLES,
     DEFAULT_NUM_SAMPLES,
+    evaluate_checkpoint,
+    format_report,
     generate_images,
     heldout_shapes_prompts,
     seen_shapes_prompts,
