@@ -42,6 +42,7 @@ def _json(value):
     return json.loads(json.dumps(value))
 
 
+# ============================================================================ shared checks
 def _check_common(config) -> None:
     if config.preset not in PRESETS[config.task]:
         raise ValueError(f"unknown preset {config.preset!r}; choose one of {', '.join(PRESETS[config.task])}")

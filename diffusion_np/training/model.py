@@ -194,4 +194,3 @@ class TextToImageModel(Module):
         if checkpoint.config.get("task") in ("digits", "shapes"):
             return task_from_checkpoint(checkpoint, use_ema=use_ema).model
         raise CheckpointError(f"{directory} holds neither a text-to-image model nor a digits/shapes training run")
-

@@ -109,4 +109,3 @@ def draw_image_grid(container, images, titles=None, ncols: int = 8) -> None:
             half = (len(words) + 1) // 2 if len(words) > 4 else len(words)
             ax.set_title(" ".join(words[:half]) + ("\n" + " ".join(words[half:]) if half < len(words) else ""),
                          fontsize=6)
-

@@ -180,6 +180,9 @@ def _add_common_arguments(parser, defaults, task: str) -> None:
     parser.add_argument("--guidance-scale", type=at_least_one, default=s, metavar="W",
                         help="classifier-free guidance weight of the preview samples "
                              f"(default {defaults.guidance_scale})")
+
+
+# ============================================================================ digits
 class DigitsTask(_TextToImageTask):
     """Pixel-space diffusion on 8x8 digits, conditioned on "the digit seven"."""
 
@@ -223,6 +226,9 @@ class DigitsTask(_TextToImageTask):
         _add_common_arguments(parser, d, "digits")
         parser.add_argument("--image-size", type=int, choices=(8, 16, 32), default=argparse.SUPPRESS,
                             help=f"side of the images: 8 is the digits' own size (default {d.image_size})")
+
+
+# ============================================================================ shapes VAE
 class ShapesVAETask:
     """:class:`~diffusion_np.models.AutoencoderKL` on 32x32 shapes: 4 x 8 x 8 latents."""
 
@@ -275,6 +281,9 @@ class ShapesVAETask:
                             help=f"weight of the KL term (default {d.kl_weight})")
         parser.add_argument("--recon", choices=("l1", "mse"), default=argparse.SUPPRESS,
                             help=f"reconstruction loss (default {d.recon})")
+
+
+# ============================================================================ shapes (latent diffusion)
 class ShapesTask(_TextToImageTask):
     """Latent text-to-image on shapes: U-Net + text encoder trained jointly, the VAE frozen."""
 
