@@ -20,7 +20,7 @@ as in diffusers' ``examples/text_to_image/train_text_to_image.py``::
     5. loss = mean_b w_b || target_b - unet(x_t, t, c)_b ||^2               (DDPM Eq. 14)
           target = eps ("epsilon") or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 ("v_prediction",
           Salimans & Ho 2022); w_b = 1 or min-SNR-gamma (Hang et al. 2023)
-    6. backward: unet.backward -> (dx_t, dc);  text_encoder.backward(dc)
+    6. backward: unet.backward -> BlockGrads(dx_t, dcontext);  text_encoder.backward(dcontext)
 
 Step 6 is what "trained jointly" means: the gradient of the diffusion loss with
 respect to the text embeddings ``c`` is the sum of what every cross-attention layer
@@ -167,9 +167,9 @@ class TextToImageModel(Module):
         return self.unet(x_t, t, context)  # (B, h, w, C)
 
     def backward(self, dout):
-        dx_t, dcontext = self.unet.backward(dout)  # dcontext: the sum over every cross-attention layer
-        self.text_encoder.backward(dcontext)  # ... becomes the text encoder's parameter gradients
-        return dx_t
+        g = self.unet.backward(dout)  # g.dcontext: the sum over every cross-attention layer
+        self.text_encoder.backward(g.dcontext)  # ... becomes the text encoder's parameter gradients
+        return g.dx
 
     @property
     def device(self) -> str:

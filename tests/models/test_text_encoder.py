@@ -243,7 +243,7 @@ def test_bad_upstream_gradient_and_backward_without_forward():
     with pytest.raises(RuntimeError, match="backward called without a preceding forward"):
         model.backward(np.zeros((1, 3, 6), np.float32))
     model(np.array([[2, 3, 0]]))
-    with pytest.raises(ValueError, match=r"TextEncoder expects dlast of shape \(\.\.\., 6\)"):
+    with pytest.raises(ValueError, match=r"TextEncoder expects dout of shape \(\.\.\., 6\)"):
         model.backward(np.zeros((1, 3, 5), np.float32))
 
 
