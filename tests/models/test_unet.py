@@ -19,6 +19,7 @@ from fixtures.cases_unet import (
 from helpers import SOURCES, assert_close, reference
 
 from diffusion_np.gradcheck import sampled_grad_error
+from diffusion_np.models.config import UNetConfig
 from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.models.unet_blocks import DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
 
@@ -349,6 +350,55 @@ def test_from_config_takes_a_diffusers_config_json():
 def test_unsupported_config_raises(change, match):
     with pytest.raises(ValueError, match=match):
         UNet2DConditionModel(**{**TINY_UNET, **change})
+
+
+def test_a_unet_config_builds_the_same_model_as_its_fields():
+    config = UNetConfig(**TINY_UNET)
+    a = UNet2DConditionModel(config, rng=np.random.default_rng(3))
+    b = UNet2DConditionModel(**TINY_UNET, rng=np.random.default_rng(3))
+    assert a.config == b.config == config.to_dict()
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        np.testing.assert_array_equal(p, q, err_msg=name)
+    assert UNetConfig(**{**TINY_UNET, "block_out_channels": [32, 64]}) == config  # a parsed JSON list
+    assert config.per_level("layers_per_block") == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"in_channels": "4"}, TypeError, "UNetConfig: in_channels must be a positive int"),
+        ({"block_out_channels": (32, 0)}, TypeError, "block_out_channels must be a non-empty tuple of positive ints"),
+        ({"down_block_types": "DownBlock2D"}, TypeError, "down_block_types must be a list or tuple"),
+        ({"layers_per_block": 0}, TypeError, "layers_per_block must be a positive int"),
+        ({"conv_in_kernel": 2}, ValueError, "conv_in_kernel and conv_out_kernel must be odd"),
+    ],
+)
+def test_unet_config_names_the_bad_field(change, error, match):
+    with pytest.raises(error, match=match):
+        UNetConfig(**{**TINY_UNET, **change})
+
+
+def test_unet_constructor_refuses_a_dict_or_a_config_with_fields():
+    with pytest.raises(TypeError, match="expects a UNetConfig, got dict.*from_config"):
+        UNet2DConditionModel(dict(TINY_UNET))
+    with pytest.raises(TypeError, match="a UNetConfig or fields, not both"):
+        UNet2DConditionModel(UNetConfig(**TINY_UNET), in_channels=3)
+
+
+def test_blocks_with_and_without_attention_check_the_context(rng):
+    plain = DownBlock2D(4, 4, T, resnet_groups=2, add_downsample=False, rng=rng)
+    cross = UpBlock2D(4, 4, 4, T, resnet_groups=2, add_upsample=False, cross_attention=True, num_attention_heads=2,
+                      cross_attention_dim=D, rng=rng)
+    x, temb, ctx = rng.standard_normal((1, 2, 2, 4)), rng.standard_normal((1, T)), rng.standard_normal((1, L, D))
+    assert not plain.has_cross_attention and "attentions" not in plain._modules
+    assert cross.has_cross_attention and len(cross.attentions) == 1
+    with pytest.raises(ValueError, match="cross_attention=False, so it takes no context"):
+        plain(x, temb, ctx)
+    with pytest.raises(ValueError, match="cross_attention=True: pass the context"):
+        cross(x, (x,), temb)
+    h, skips = plain(x, temb)
+    g = plain.backward(np.ones_like(h), tuple(np.ones_like(s) for s in skips))
+    assert g.dcontext is None and g.dskips is None and g.dtemb.shape == temb.shape
 
 
 # ---------------------------------------------------------------------------- bad input
