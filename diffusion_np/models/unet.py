@@ -285,6 +285,8 @@ def _config(config: UNetConfig | None, fields: dict) -> UNetConfig:
         if fields:
             raise TypeError(f"UNet2DConditionModel: pass a UNetConfig or fields, not both (got {sorted(fields)})")
         return config
+    # imported on first use: at the top it would run io/__init__.py, which imports io.diffusers,
+    # which imports this module (an import cycle through the package)
     from diffusion_np.io.diffusers_config import unet_config
 
     return unet_config(fields)

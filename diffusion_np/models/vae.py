@@ -692,6 +692,8 @@ def _config(config: VAEConfig | None, fields: dict) -> VAEConfig:
         if fields:
             raise TypeError(f"AutoencoderKL: pass a VAEConfig or fields, not both (got {sorted(fields)})")
         return config
+    # imported on first use: at the top it would run io/__init__.py, which imports io.diffusers,
+    # which imports this module (an import cycle through the package)
     from diffusion_np.io.diffusers_config import vae_config
 
     return vae_config(fields)
