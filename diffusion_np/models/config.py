@@ -1,10 +1,11 @@
-"""The sizes of the U-Net and the VAE: two validated dataclasses, apart from the networks.
+"""The sizes of the U-Net, the VAE and the text encoder: validated dataclasses, apart from the networks.
 
 :class:`UNetConfig` and :class:`VAEConfig` hold the fields that change the network, with
-diffusers' names and defaults (Stable Diffusion 1.x's U-Net; a one-level VAE), and check
-them when they are made, so a wrong size fails here with the field's name instead of
-deep inside a constructor. ``UNet2DConditionModel(config)`` and ``AutoencoderKL(config)``
-build from them; :meth:`to_dict` is what a checkpoint stores.
+diffusers' names and defaults (Stable Diffusion 1.x's U-Net; a one-level VAE);
+:class:`TextEncoderConfig` those of transformers' ``CLIPTextConfig``. Each checks its
+fields when it is made, so a wrong size fails here with the field's name instead of
+deep inside a constructor. ``UNet2DConditionModel(config)``, ``AutoencoderKL(config)`` and
+``TextEncoder(config)`` build from them; ``to_dict()`` is what a checkpoint stores.
 
 A diffusers ``config.json`` has more fields than these: the ones we refuse (SDXL's class
 embeddings, ...) or accept and ignore (``upcast_attention``, ...) are listed, and mapped
@@ -22,6 +23,8 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from diffusion_np.models.tokenizer import EOS_ID
+
 #: diffusers' block-type names -> does the block have cross-attention (DownBlock2D / UpBlock2D's switch)
 DOWN_BLOCK_TYPES = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
 UP_BLOCK_TYPES = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
@@ -36,10 +39,13 @@ def _is_int(value) -> bool:
 
 
 def _positive_int(owner: str, name: str, value, allow_none: bool = False) -> None:
+    """TypeError for a value that is not an int (a bool is not one), ValueError for one below 1."""
     if value is None and allow_none:
         return
-    if not _is_int(value) or value < 1:
+    if not _is_int(value):
         raise TypeError(f"{owner}: {name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 def _tuple_of_str(owner: str, name: str, value) -> tuple:
@@ -49,8 +55,10 @@ def _tuple_of_str(owner: str, name: str, value) -> tuple:
 
 
 def _channels(owner: str, value) -> tuple:
-    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(c) and c > 0 for c in value):
+    if not isinstance(value, (list, tuple)) or not all(_is_int(c) for c in value):
         raise TypeError(f"{owner}: block_out_channels must be a non-empty tuple of positive ints, got {value!r}")
+    if not value or min(value) < 1:
+        raise ValueError(f"{owner}: block_out_channels must be a non-empty tuple of positive ints, got {value!r}")
     return tuple(int(c) for c in value)
 
 
@@ -228,6 +236,60 @@ class VAEConfig:
 
     def to_dict(self) -> dict:
         """A dict of every field (diffusers' names); ``VAEConfig(**d)`` reads it back."""
+        return asdict(self)
+
+
+#: the text encoder's activations (transformers' ACT2FN names; text_encoder.ACTIVATIONS maps them to modules)
+HIDDEN_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Sizes of the text encoder; field names and defaults as transformers' ``CLIPTextConfig``.
+
+    Stable Diffusion 1.5 (CLIP ViT-L/14): vocab_size=49408, hidden_size=768,
+    num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2 (see
+    :func:`~diffusion_np.models.text_encoder.eos_positions`).
+
+    ``eos_token_id`` defaults to the <eos> id of :class:`~diffusion_np.models.tokenizer.WordTokenizer`;
+    it is used only for the pooled output.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = EOS_ID
+
+    def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"TextEncoderConfig: {name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"TextEncoderConfig: hidden_size={self.hidden_size} must be divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"TextEncoderConfig: hidden_act must be one of {sorted(HIDDEN_ACTS)}, "
+                             f"got {self.hidden_act!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"TextEncoderConfig: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict; ``TextEncoderConfig(**d)`` reads it back."""
         return asdict(self)
 
 

@@ -47,12 +47,11 @@ trick); and a backward through the pooled output.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
-from diffusion_np.models.tokenizer import EOS_ID
+from diffusion_np.models.config import TextEncoderConfig
 from diffusion_np.nn.activation import GELU, QuickGELU
 from diffusion_np.nn.attention import _merge_heads, _split_heads, causal_mask, sdpa_backward, sdpa_forward
 from diffusion_np.nn.embedding import Embedding
@@ -61,62 +60,13 @@ from diffusion_np.nn.module import Module, ModuleList
 from diffusion_np.nn.norm import LayerNorm
 from diffusion_np.nn.validate import check_features, check_finite
 
-#: hidden_act name (transformers' ACT2FN) -> activation module
+#: hidden_act name (transformers' ACT2FN) -> activation module; TextEncoderConfig accepts these names
+#: (its sizes and their checks are in models/config.py)
 ACTIVATIONS = {
     "quick_gelu": QuickGELU,  # x sigmoid(1.702 x): CLIP ViT-L/14, Stable Diffusion 1.x
     "gelu": GELU,  # exact x Phi(x): OpenCLIP ViT-H, Stable Diffusion 2.x
     "gelu_pytorch_tanh": lambda: GELU("tanh"),
 }
-
-
-@dataclass(frozen=True)
-class TextEncoderConfig:
-    """Sizes of the text encoder; field names and defaults as transformers' ``CLIPTextConfig``.
-
-    Stable Diffusion 1.5 (CLIP ViT-L/14): vocab_size=49408, hidden_size=768,
-    num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2 (see
-    :func:`eos_positions`).
-
-    ``eos_token_id`` defaults to the <eos> id of :class:`~diffusion_np.models.tokenizer.WordTokenizer`;
-    it is used only for the pooled output.
-    """
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    eos_token_id: int = EOS_ID
-
-    def __post_init__(self) -> None:
-        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "max_position_embeddings")
-        for name in sizes:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"TextEncoderConfig: {name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"TextEncoderConfig: hidden_size={self.hidden_size} must be divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"TextEncoderConfig: hidden_act must be one of {sorted(ACTIVATIONS)}, "
-                             f"got {self.hidden_act!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"TextEncoderConfig: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict; ``TextEncoderConfig(**d)`` reads it back."""
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- init

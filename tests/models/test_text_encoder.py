@@ -5,7 +5,9 @@ import pytest
 from helpers import SOURCES, assert_close, reference
 
 from diffusion_np.gradcheck import check_module
+from diffusion_np.models import config as config_module
 from diffusion_np.models.text_encoder import (
+    ACTIVATIONS,
     CLIPMLP,
     CLIPAttention,
     CLIPEncoderLayer,
@@ -287,3 +289,8 @@ def test_text_encoder_cupy_matches_numpy():
     cpu.backward(dout)
     for (name, g_gpu), (_, g) in zip(gpu.named_grads(), cpu.named_grads()):
         assert_close(g_gpu, g, what=name)
+
+
+def test_every_hidden_act_the_config_accepts_has_a_module():
+    assert set(config_module.HIDDEN_ACTS) == set(ACTIVATIONS)
+    assert TextEncoderConfig is config_module.TextEncoderConfig  # one class, importable from both modules

@@ -367,9 +367,10 @@ def test_a_unet_config_builds_the_same_model_as_its_fields():
     "change,error,match",
     [
         ({"in_channels": "4"}, TypeError, "UNetConfig: in_channels must be a positive int"),
-        ({"block_out_channels": (32, 0)}, TypeError, "block_out_channels must be a non-empty tuple of positive ints"),
+        ({"block_out_channels": (32, 0)}, ValueError, "block_out_channels must be a non-empty tuple of positive ints"),
         ({"down_block_types": "DownBlock2D"}, TypeError, "down_block_types must be a list or tuple"),
-        ({"layers_per_block": 0}, TypeError, "layers_per_block must be a positive int"),
+        ({"norm_num_groups": True}, TypeError, "norm_num_groups must be a positive int, got True"),
+        ({"layers_per_block": 0}, ValueError, "layers_per_block must be a positive int"),
         ({"conv_in_kernel": 2}, ValueError, "conv_in_kernel and conv_out_kernel must be odd"),
     ],
 )
