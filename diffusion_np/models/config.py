@@ -293,6 +293,18 @@ class TextEncoderConfig:
         return asdict(self)
 
 
+def given_config(model: str, config_class, config, fields: dict):
+    """The config a model's constructor got: a TypeError unless it is a ``config_class`` given alone."""
+    if not isinstance(config, config_class):
+        raise TypeError(
+            f"{model} expects a {config_class.__name__}, got {type(config).__name__} "
+            f"(a dict goes through {model}.from_config)"
+        )
+    if fields:
+        raise TypeError(f"{model}: pass a {config_class.__name__} or fields, not both (got {sorted(fields)})")
+    return config
+
+
 def field_names(config_class) -> tuple:
     """The field names of :class:`UNetConfig` or :class:`VAEConfig`."""
     return tuple(f.name for f in fields(config_class))

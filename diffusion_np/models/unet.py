@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
-from diffusion_np.models.config import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNetConfig
+from diffusion_np.models.config import DOWN_BLOCK_TYPES, UP_BLOCK_TYPES, UNetConfig, given_config
 from diffusion_np.models.unet_blocks import DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.conv import Conv2d
@@ -277,14 +277,7 @@ def _config(config: UNetConfig | None, fields: dict) -> UNetConfig:
     (:mod:`diffusion_np.io.diffusers_config`), imported here on first use.
     """
     if config is not None:
-        if not isinstance(config, UNetConfig):
-            raise TypeError(
-                f"UNet2DConditionModel expects a UNetConfig, got {type(config).__name__} "
-                "(a dict goes through UNet2DConditionModel.from_config)"
-            )
-        if fields:
-            raise TypeError(f"UNet2DConditionModel: pass a UNetConfig or fields, not both (got {sorted(fields)})")
-        return config
+        return given_config("UNet2DConditionModel", UNetConfig, config, fields)
     # imported on first use: at the top it would run io/__init__.py, which imports io.diffusers,
     # which imports this module (an import cycle through the package)
     from diffusion_np.io.diffusers_config import unet_config

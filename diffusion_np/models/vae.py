@@ -60,7 +60,7 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, device_of, get_xp, to_device
-from diffusion_np.models.config import VAEConfig
+from diffusion_np.models.config import VAEConfig, given_config
 from diffusion_np.models.resnet import ResnetBlock2D
 from diffusion_np.nn.attention import sdpa_backward, sdpa_forward
 from diffusion_np.nn.conv import Conv2d
@@ -684,14 +684,7 @@ def _config(config: VAEConfig | None, fields: dict) -> VAEConfig:
     """The constructor's config: the VAEConfig given, or one made from diffusers' field names
     (the fields a diffusers config has and we ignore are listed in :mod:`diffusion_np.io.diffusers_config`)."""
     if config is not None:
-        if not isinstance(config, VAEConfig):
-            raise TypeError(
-                f"AutoencoderKL expects a VAEConfig, got {type(config).__name__} "
-                "(a dict goes through AutoencoderKL.from_config)"
-            )
-        if fields:
-            raise TypeError(f"AutoencoderKL: pass a VAEConfig or fields, not both (got {sorted(fields)})")
-        return config
+        return given_config("AutoencoderKL", VAEConfig, config, fields)
     # imported on first use: at the top it would run io/__init__.py, which imports io.diffusers,
     # which imports this module (an import cycle through the package)
     from diffusion_np.io.diffusers_config import vae_config
