@@ -74,6 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_np.io.checkpoint import _PICKLE_REFUSAL, PICKLE_SUFFIXES
+from diffusion_np.io.diffusers_config import unet_config
 from diffusion_np.models.clip_tokenizer import CLIPTokenizer
 from diffusion_np.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion_np.models.unet import UNet2DConditionModel
@@ -482,7 +483,7 @@ def _build(kind: str, config: dict, dtype):
         return TextEncoder(text_encoder_config(config), rng=rng, dtype=dtype)
     except WeightsError:
         raise
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # the config dataclasses name the field
         raise WeightsError(f"{kind} config: {err}") from None
 
 
@@ -602,10 +603,6 @@ _UNET_RESNET = (("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_la
 _VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def _per_level(value, n: int) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value] * n
-
-
 def _unet_tables(config: dict) -> tuple[dict, dict]:
     """LDM block index -> diffusers place, for ``input_blocks.i`` and ``output_blocks.i``.
 
@@ -615,8 +612,8 @@ def _unet_tables(config: dict) -> tuple[dict, dict]:
     last one of a level also holding the upsampler.
     Returns ({i: (level, layer or "down")}, {i: (level, layer, is_last_of_level)}).
     """
-    n = len(config["block_out_channels"])
-    layers = _per_level(config.get("layers_per_block", 2), n)
+    layers = unet_config(config).per_level("layers_per_block")
+    n = len(layers)
     inputs, i = {}, 1
     for level in range(n):
         for layer in range(layers[level]):

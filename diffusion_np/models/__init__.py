@@ -1,6 +1,7 @@
 """The networks of Stable Diffusion, shaped like the real ones, with hand-written backward passes.
 
 * :class:`UNet2DConditionModel` (unet.py, built from unet_blocks.py, resnet.py, transformer.py)
+* :class:`UNetConfig`, :class:`VAEConfig` (config.py): their validated sizes
 * :class:`AutoencoderKL` (vae.py), the VAE of latent diffusion
 * :class:`TextEncoder` (a CLIP-shaped text transformer) and :class:`WordTokenizer`
 * :class:`ToyDenoiser`, the MLP for 2-D toy data
@@ -9,19 +10,14 @@ Parameter names are diffusers' / transformers' state_dict keys.
 """
 
 from diffusion_np.models.clip_tokenizer import CLIPTokenizer
+from diffusion_np.models.config import UNetConfig, VAEConfig
 from diffusion_np.models.resnet import ResnetBlock2D
 from diffusion_np.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion_np.models.tokenizer import WordTokenizer
 from diffusion_np.models.toy_mlp import ToyDenoiser
 from diffusion_np.models.transformer import BasicTransformerBlock, FeedForward, Transformer2DModel
 from diffusion_np.models.unet import UNet2DConditionModel
-from diffusion_np.models.unet_blocks import (
-    CrossAttnDownBlock2D,
-    CrossAttnUpBlock2D,
-    DownBlock2D,
-    UNetMidBlock2DCrossAttn,
-    UpBlock2D,
-)
+from diffusion_np.models.unet_blocks import DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
 from diffusion_np.models.vae import AutoencoderKL, DiagonalGaussian
 
 __all__ = [
@@ -29,8 +25,6 @@ __all__ = [
     "DiagonalGaussian",
     "BasicTransformerBlock",
     "CLIPTokenizer",
-    "CrossAttnDownBlock2D",
-    "CrossAttnUpBlock2D",
     "DownBlock2D",
     "FeedForward",
     "ResnetBlock2D",
@@ -39,7 +33,9 @@ __all__ = [
     "ToyDenoiser",
     "Transformer2DModel",
     "UNet2DConditionModel",
+    "UNetConfig",
     "UNetMidBlock2DCrossAttn",
     "UpBlock2D",
+    "VAEConfig",
     "WordTokenizer",
 ]

@@ -36,7 +36,7 @@ from diffusion_np.backend import DEFAULT_DTYPE
 from diffusion_np.nn.activation import Dropout, silu_backward, silu_forward
 from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.linear import Linear
-from diffusion_np.nn.module import Module
+from diffusion_np.nn.module import BlockGrads, Module
 from diffusion_np.nn.norm import GroupNorm
 from diffusion_np.nn.validate import check_features, check_finite, check_image
 
@@ -55,7 +55,8 @@ class ResnetBlock2D(Module):
 
     Notes
     -----
-    ``backward(dout)`` returns ``(dx, dtemb)``; ``dtemb`` is None when the forward had no temb.
+    ``backward(dout)`` returns :class:`~diffusion_np.nn.BlockGrads` ``(dx, dtemb)``; ``dtemb`` is None
+    when the forward had no temb.
     """
 
     def __init__(
@@ -78,11 +79,12 @@ class ResnetBlock2D(Module):
         self.in_channels, self.out_channels, self.temb_channels = in_channels, out_channels, temb_channels
         self.output_scale_factor = float(output_scale_factor)
 
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype, silu=True)  # silu(norm1(x)), fused
+        # silu=True: norm1 and norm2 apply GroupNorm *and then SiLU*, fused into one op (same parameters)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps, dtype=dtype, silu=True)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, rng=rng, dtype=dtype)
         if temb_channels is not None:
             self.time_emb_proj = Linear(temb_channels, out_channels, rng=rng, dtype=dtype)
-        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, dtype=dtype, silu=True)
+        self.norm2 = GroupNorm(groups_out, out_channels, eps=eps, dtype=dtype, silu=True)  # GroupNorm, then SiLU
         # the dropout owns its generator; seeding it from rng gives every block its own masks
         self.dropout = Dropout(dropout, seed=int(rng.integers(2**31)))
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, rng=rng, dtype=dtype)
@@ -108,7 +110,7 @@ class ResnetBlock2D(Module):
             check_finite(self, temb, "temb")
 
         # main branch, first half: h = conv1(silu(norm1(x)))
-        h = self.norm1(x)  # silu(norm1(x)), (B, H, W, C_in)
+        h = self.norm1(x)  # GroupNorm, then SiLU (fused: silu=True), (B, H, W, C_in)
         h = self.conv1(h)  # (B, H, W, C_in) -> (B, H, W, C_out)
 
         silu_t = None
@@ -118,7 +120,7 @@ class ResnetBlock2D(Module):
             h = h + t[:, None, None, :]  # one value per (sample, channel), broadcast over H and W
 
         # main branch, second half: h = conv2(dropout(silu(norm2(h))))
-        h = self.norm2(h)  # silu(norm2(h))
+        h = self.norm2(h)  # GroupNorm, then SiLU (fused: silu=True)
         h = self.dropout(h)
         h = self.conv2(h)  # (B, H, W, C_out)
 
@@ -130,7 +132,7 @@ class ResnetBlock2D(Module):
         return out
 
     def backward(self, dout):
-        """Gradients of the forward, in reverse order; returns ``(dx, dtemb)``."""
+        """Gradients of the forward, in reverse order; returns ``BlockGrads(dx, dtemb)``."""
         (silu_t,) = self._pop_cache()
         if self.output_scale_factor != 1.0:
             dout = dout / self.output_scale_factor
@@ -139,7 +141,7 @@ class ResnetBlock2D(Module):
         # main branch, second half (reversed)
         dh = self.conv2.backward(dout)
         dh = self.dropout.backward(dh)
-        dh = self.norm2.backward(dh)  # through SiLU and norm2: the gradient w.r.t. h after the temb was added
+        dh = self.norm2.backward(dh)  # back through SiLU, then GroupNorm: the gradient w.r.t. h after + temb
 
         dtemb = None
         if silu_t is not None:
@@ -150,11 +152,11 @@ class ResnetBlock2D(Module):
 
         # main branch, first half (reversed)
         dh = self.conv1.backward(dh)
-        dx = self.norm1.backward(dh)  # (B, H, W, C_in)
+        dx = self.norm1.backward(dh)  # back through SiLU, then GroupNorm, (B, H, W, C_in)
 
         # the shortcut branch: x reached the output a second time, so its gradients add up
         dx += self.conv_shortcut.backward(dout) if self.has_shortcut else dout
-        return dx, dtemb
+        return BlockGrads(dx, dtemb=dtemb)
 
     def __repr__(self) -> str:
         return (

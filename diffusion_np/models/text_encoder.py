@@ -47,12 +47,11 @@ trick); and a backward through the pooled output.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
-from diffusion_np.models.tokenizer import EOS_ID
+from diffusion_np.models.config import TextEncoderConfig
 from diffusion_np.nn.activation import GELU, QuickGELU
 from diffusion_np.nn.attention import _merge_heads, _split_heads, causal_mask, sdpa_backward, sdpa_forward
 from diffusion_np.nn.embedding import Embedding
@@ -61,62 +60,13 @@ from diffusion_np.nn.module import Module, ModuleList
 from diffusion_np.nn.norm import LayerNorm
 from diffusion_np.nn.validate import check_features, check_finite
 
-#: hidden_act name (transformers' ACT2FN) -> activation module
+#: hidden_act name (transformers' ACT2FN) -> activation module; TextEncoderConfig accepts these names
+#: (its sizes and their checks are in models/config.py)
 ACTIVATIONS = {
     "quick_gelu": QuickGELU,  # x sigmoid(1.702 x): CLIP ViT-L/14, Stable Diffusion 1.x
     "gelu": GELU,  # exact x Phi(x): OpenCLIP ViT-H, Stable Diffusion 2.x
     "gelu_pytorch_tanh": lambda: GELU("tanh"),
 }
-
-
-@dataclass(frozen=True)
-class TextEncoderConfig:
-    """Sizes of the text encoder; field names and defaults as transformers' ``CLIPTextConfig``.
-
-    Stable Diffusion 1.5 (CLIP ViT-L/14): vocab_size=49408, hidden_size=768,
-    num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=2 (see
-    :func:`eos_positions`).
-
-    ``eos_token_id`` defaults to the <eos> id of :class:`~diffusion_np.models.tokenizer.WordTokenizer`;
-    it is used only for the pooled output.
-    """
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    max_position_embeddings: int
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    eos_token_id: int = EOS_ID
-
-    def __post_init__(self) -> None:
-        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                 "max_position_embeddings")
-        for name in sizes:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"TextEncoderConfig: {name} must be a positive int, got {value!r}")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"TextEncoderConfig: hidden_size={self.hidden_size} must be divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"TextEncoderConfig: hidden_act must be one of {sorted(ACTIVATIONS)}, "
-                             f"got {self.hidden_act!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"TextEncoderConfig: layer_norm_eps must be > 0, got {self.layer_norm_eps}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def to_dict(self) -> dict:
-        """JSON-ready dict; ``TextEncoderConfig(**d)`` reads it back."""
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- init
@@ -165,11 +115,11 @@ class CLIPTextEmbeddings(Module):
         h += self.position_embedding(position_ids)  # (1, L, D) broadcast over the batch
         return h
 
-    def backward(self, dh):
+    def backward(self, dout):
         """Adds into both tables; returns None (ids have no gradient)."""
-        self.token_embedding.backward(dh)  # scatter-add of (B, L, D) rows into (V, D)
+        self.token_embedding.backward(dout)  # scatter-add of (B, L, D) rows into (V, D)
         # the position rows were broadcast over the batch: their gradient is the batch sum
-        self.position_embedding.backward(dh.sum(axis=0, keepdims=True))  # (B, L, D) -> (1, L, D)
+        self.position_embedding.backward(dout.sum(axis=0, keepdims=True))  # (B, L, D) -> (1, L, D)
         return None
 
 
@@ -216,9 +166,9 @@ class CLIPAttention(Module):
         self._set_cache(sdpa_cache)
         return y
 
-    def backward(self, dy):
+    def backward(self, dout):
         sdpa_cache = self._pop_cache()
-        d_merged = self.out_proj.backward(dy)  # (B, L, D)
+        d_merged = self.out_proj.backward(dout)  # (B, L, D)
         dq, dk, dv = sdpa_backward(_split_heads(d_merged, self.num_heads), sdpa_cache)  # each (B, H, L, d)
         # x fed all three projections: its gradient is the sum over the three paths
         dx = self.q_proj.backward(_merge_heads(dq))  # (B, L, D)
@@ -244,8 +194,8 @@ class CLIPMLP(Module):
     def forward(self, x):
         return self.fc2(self.activation_fn(self.fc1(x)))  # Linear validates x
 
-    def backward(self, dy):
-        return self.fc1.backward(self.activation_fn.backward(self.fc2.backward(dy)))
+    def backward(self, dout):
+        return self.fc1.backward(self.activation_fn.backward(self.fc2.backward(dout)))
 
 
 # --------------------------------------------------------------------------- blocks
@@ -266,9 +216,9 @@ class CLIPEncoderLayer(Module):
         h += self.mlp(self.layer_norm2(h))  # residual 2
         return h
 
-    def backward(self, dh):
-        # residual 2: h2 = h1 + mlp(ln2(h1)) -> dh1 = dh2 + ln2'(mlp'(dh2))
-        dh1 = dh + self.layer_norm2.backward(self.mlp.backward(dh))
+    def backward(self, dout):
+        # residual 2: h2 = h1 + mlp(ln2(h1)) -> dh1 = dh2 + ln2'(mlp'(dh2)), dh2 = dout
+        dh1 = dout + self.layer_norm2.backward(self.mlp.backward(dout))
         # residual 1: h1 = h0 + attn(ln1(h0)) -> dh0 = dh1 + ln1'(attn'(dh1))
         dh0 = self.layer_norm1.backward(self.self_attn.backward(dh1))
         dh0 += dh1
@@ -289,7 +239,8 @@ class CLIPEncoder(Module):
             h = layer(h)
         return h
 
-    def backward(self, dh):
+    def backward(self, dout):
+        dh = dout
         for layer in reversed(list(self.layers)):
             dh = layer.backward(dh)
         return dh
@@ -311,8 +262,8 @@ class CLIPTextTransformer(Module):
         h = self.encoder(h)  # (B, L, D)
         return self.final_layer_norm(h)  # (B, L, D)
 
-    def backward(self, dlast):
-        dh = self.final_layer_norm.backward(dlast)
+    def backward(self, dout):
+        dh = self.final_layer_norm.backward(dout)
         dh = self.encoder.backward(dh)
         return self.embeddings.backward(dh)  # None: ids have no gradient
 
@@ -348,7 +299,7 @@ class TextEncoder(Module):
     ``(last_hidden_state, pooled_output)``, the pooled output (B, hidden_size) being the
     last hidden state at each row's <eos> (:func:`eos_positions`).
 
-    ``backward(dlast_hidden_state)`` adds every parameter's gradient into ``grads``
+    ``backward(dout)`` (the gradient w.r.t. ``last_hidden_state``) adds every parameter's gradient into ``grads``
     and returns None. The pooled output has no backward.
     """
 
@@ -369,6 +320,6 @@ class TextEncoder(Module):
         pooled = last[rows, eos_positions(input_ids, self.config.eos_token_id)]  # (B, D)
         return last, pooled
 
-    def backward(self, dlast):
-        check_features(self, dlast, self.config.hidden_size, min_ndim=3, what="dlast")
-        return self.text_model.backward(dlast)
+    def backward(self, dout):
+        check_features(self, dout, self.config.hidden_size, min_ndim=3, what="dout")
+        return self.text_model.backward(dout)

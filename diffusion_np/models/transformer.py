@@ -40,7 +40,7 @@ from diffusion_np.nn.activation import GEGLU, Dropout
 from diffusion_np.nn.attention import Attention
 from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.linear import Linear
-from diffusion_np.nn.module import Module, ModuleList
+from diffusion_np.nn.module import BlockGrads, Module, ModuleList
 from diffusion_np.nn.norm import GroupNorm, LayerNorm
 from diffusion_np.nn.validate import check_features, check_finite, check_image
 
@@ -92,7 +92,7 @@ class BasicTransformerBlock(Module):
     """Self-attention, cross-attention and feed-forward, each pre-normed and residual.
 
     ``forward(x (B, N, dim), context (B, L, cross_attention_dim)) -> (B, N, dim)``;
-    ``backward(dout)`` returns ``(dx, dcontext)``.
+    ``backward(dout)`` returns :class:`~diffusion_np.nn.BlockGrads` ``(dx, dcontext)``.
 
     Parameters
     ----------
@@ -151,14 +151,14 @@ class BasicTransformerBlock(Module):
         dh1 = dh2 + self.norm2.backward(da)
         # h1 = x + attn1(norm1(x))
         dx = dh1 + self.norm1.backward(self.attn1.backward(dh1).dx)
-        return dx, dcontext
+        return BlockGrads(dx, dcontext=dcontext)
 
 
 class Transformer2DModel(Module):
     """GroupNorm, proj_in, transformer blocks over pixels-as-tokens, proj_out, plus the input.
 
     ``forward(x (B, H, W, in_channels), context (B, L, cross_attention_dim)) -> (B, H, W, in_channels)``;
-    ``backward(dout)`` returns ``(dx, dcontext)``.
+    ``backward(dout)`` returns :class:`~diffusion_np.nn.BlockGrads` ``(dx, dcontext)``.
 
     Parameters
     ----------
@@ -230,11 +230,12 @@ class Transformer2DModel(Module):
         dh = dh.reshape(B, H * W, self.inner_dim)  # (B, H, W, inner) -> (B, HW, inner)
         dcontext = None
         for block in reversed(list(self.transformer_blocks)):
-            dh, dc = block.backward(dh)
+            g = block.backward(dh)
+            dh = g.dx
             # every block read the same context: its gradient is the sum over blocks
-            dcontext = dc if dcontext is None else dcontext + dc
+            dcontext = g.dcontext if dcontext is None else dcontext + g.dcontext
         dh = dh.reshape(B, H, W, self.inner_dim)  # (B, HW, inner) -> (B, H, W, inner)
         dh = self.proj_in.backward(dh)  # (B, H, W, C)
         dx = self.norm.backward(dh)
         dx += dout  # the residual branch
-        return dx, dcontext
+        return BlockGrads(dx, dcontext=dcontext)

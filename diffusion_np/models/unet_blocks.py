@@ -2,22 +2,30 @@
 
 A U-Net (Ronneberger et al. 2015) goes down through resolutions, then back up,
 and every up block is fed the activations the down path left behind at its
-resolution (the *skip connections*). The blocks here are diffusers' five:
+resolution (the *skip connections*). Three blocks build every level:
 
-* :class:`DownBlock2D`: ``num_layers`` ResnetBlock2D, then (optionally) a stride-2 conv.
-* :class:`CrossAttnDownBlock2D`: the same with a Transformer2DModel after every resnet.
+* :class:`DownBlock2D`: ``num_layers`` ResnetBlock2D, each followed by a Transformer2DModel
+  when ``cross_attention=True`` (diffusers' ``CrossAttnDownBlock2D``), then (optionally) a
+  stride-2 conv.
 * :class:`UNetMidBlock2DCrossAttn`: resnet, (transformer, resnet) x num_layers, at the lowest resolution.
-* :class:`UpBlock2D`: ``num_layers`` ResnetBlock2D, each eating one skip concatenated
-  on the channels, then (optionally) a nearest x2 upsample and a 3x3 conv.
-* :class:`CrossAttnUpBlock2D`: the same with a Transformer2DModel after every resnet.
+* :class:`UpBlock2D`: ``num_layers`` ResnetBlock2D, each eating one skip concatenated on the
+  channels and followed by a Transformer2DModel when ``cross_attention=True`` (diffusers'
+  ``CrossAttnUpBlock2D``), then (optionally) a nearest x2 upsample and a 3x3 conv.
 
-Interfaces (channels-last, ``temb`` (B, T) the time embedding, ``context`` (B, L, D) the text)::
+diffusers has separate classes with and without attention; here the attention is one
+switch, so the with-attention block reads as the plain one plus one line per resnet.
+The U-Net maps diffusers' block-type names onto the switch (``"CrossAttnDownBlock2D"``
+-> ``DownBlock2D(..., cross_attention=True)``), and the parameter names are the same.
 
-    down:  h, skips = block(x, temb[, context])       skips: tuple, one per resnet (+ the downsampled h)
-           dx, dtemb[, dcontext] = block.backward(dh, dskips)
-    mid:   h = block(x, temb, context);  dx, dtemb, dcontext = block.backward(dh)
-    up:    h = block(x, skips, temb[, context])        skips are used last-first, as diffusers pops them
-           dx, dskips, dtemb[, dcontext] = block.backward(dh)   dskips in the order of ``skips``
+Interfaces (channels-last, ``temb`` (B, T) the time embedding, ``context`` (B, L, D) the text;
+``context`` is required with attention and must be None without). Every backward returns a
+:class:`~diffusion_np.nn.BlockGrads`, with ``dcontext`` None for a block without attention::
+
+    down:  h, skips = block(x, temb, context)      skips: tuple, one per resnet (+ the downsampled h)
+           g = block.backward(dout, dskips)        g.dx, g.dtemb, g.dcontext
+    mid:   h = block(x, temb, context);  g = block.backward(dout)       g.dx, g.dtemb, g.dcontext
+    up:    h = block(x, skips, temb, context)      skips are used last-first, as diffusers pops them
+           g = block.backward(dout)                g.dx, g.dtemb, g.dcontext, g.dskips (in the order of skips)
 
 Every module that read ``temb`` (each resnet) or ``context`` (each transformer)
 adds its part of their gradient; the sums are written out in the backward passes.
@@ -37,7 +45,7 @@ import numpy as np
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
 from diffusion_np.models.resnet import ResnetBlock2D
 from diffusion_np.models.transformer import Transformer2DModel
-from diffusion_np.nn.module import Module, ModuleList
+from diffusion_np.nn.module import BlockGrads, Module, ModuleList
 from diffusion_np.nn.resample import Downsample2D, Upsample2D
 from diffusion_np.nn.validate import check_image
 
@@ -57,6 +65,14 @@ def _transformer(out_channels: int, num_attention_heads: int, cross_attention_di
     )
 
 
+def _check_context(block, context) -> None:
+    """A block with attention needs the text; one without must not silently drop it."""
+    if block.has_cross_attention and context is None:
+        raise ValueError(f"{type(block).__name__} was built with cross_attention=True: pass the context (B, L, D)")
+    if not block.has_cross_attention and context is not None:
+        raise ValueError(f"{type(block).__name__} was built with cross_attention=False, so it takes no context")
+
+
 def _add(total, part):
     """Accumulate a gradient that several modules send to one input (None means nothing yet)."""
     return part if total is None else total + part
@@ -66,14 +82,15 @@ def _add(total, part):
 
 
 class DownBlock2D(Module):
-    """Resnets, then an optional stride-2 conv; every intermediate output is kept as a skip.
+    """Resnets (each followed by a transformer with ``cross_attention=True``), then an optional
+    stride-2 conv; every intermediate output is kept as a skip.
 
-    ``forward(x (B, H, W, C_in), temb) -> (h, skips)`` with ``h`` (B, H/2, W/2, C_out)
+    ``forward(x (B, H, W, C_in), temb, context=None) -> (h, skips)`` with ``h`` (B, H/2, W/2, C_out)
     (or (B, H, W, C_out) without a downsampler) and ``skips`` one tensor per resnet
-    plus the downsampled ``h`` itself.
+    plus the downsampled ``h`` itself. ``backward(dout, dskips) -> BlockGrads(dx, dtemb, dcontext)``.
+    With attention, ``num_attention_heads`` heads of ``out_channels // num_attention_heads``
+    channels each (parameters ``attentions.i.*``); without, the attention arguments are unused.
     """
-
-    has_cross_attention = False
 
     def __init__(
         self,
@@ -87,86 +104,10 @@ class DownBlock2D(Module):
         output_scale_factor: float = 1.0,
         add_downsample: bool = True,
         downsample_padding: int = 1,
-        rng=None,
-        dtype=DEFAULT_DTYPE,
-    ):
-        super().__init__()
-        rng = rng if rng is not None else np.random.default_rng(0)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.resnets = ModuleList([
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
-                          groups=resnet_groups, eps=resnet_eps, dropout=dropout,
-                          output_scale_factor=output_scale_factor, rng=rng, dtype=dtype)
-            for i in range(num_layers)
-        ])
-        self.add_downsample = add_downsample
-        self.num_skips = num_layers + int(add_downsample)  # what forward returns as skips
-        if add_downsample:
-            self.downsamplers = ModuleList([
-                Downsample2D(out_channels, use_conv=True, out_channels=out_channels, padding=downsample_padding,
-                             rng=rng, dtype=dtype)
-            ])
-
-    def forward(self, x, temb):
-        check_image(self, x, self.in_channels)
-        h = x
-        skips = []
-        for resnet in self.resnets:
-            h = resnet(h, temb)
-            skips.append(h)
-        if self.add_downsample:
-            h = self.downsamplers[0](h)  # (B, H, W, C) -> (B, H/2, W/2, C)
-            skips.append(h)
-        self._set_cache(len(skips))
-        return h, tuple(skips)
-
-    def backward(self, dh, dskips):
-        """``dh``: gradient w.r.t. the returned h; ``dskips``: one per returned skip. -> (dx, dtemb)."""
-        n_skips = self._pop_cache()
-        if len(dskips) != n_skips:
-            raise ValueError(f"DownBlock2D.backward expects {n_skips} skip gradients, got {len(dskips)}")
-        dskips = list(dskips)
-        dtemb = None
-        if self.add_downsample:
-            # the downsampled h was returned twice (as h and as the last skip): sum both gradients
-            dh = dh + dskips.pop()
-            dh = self.downsamplers[0].backward(dh)
-            # the last resnet's output went on to the downsampler and into a skip
-            dh = dh + dskips.pop()
-        else:
-            dh = dh + dskips.pop()  # the last resnet's output is both h and the last skip
-        for i in reversed(range(len(self.resnets))):
-            dh, dt = self.resnets[i].backward(dh)
-            dtemb = _add(dtemb, dt)  # every resnet read temb
-            if i > 0:
-                dh = dh + dskips.pop()  # resnet i-1's output also went into a skip
-        return dh, dtemb
-
-
-class CrossAttnDownBlock2D(Module):
-    """Like :class:`DownBlock2D`, with a Transformer2DModel after every resnet.
-
-    ``forward(x, temb, context) -> (h, skips)``; ``backward(dh, dskips) -> (dx, dtemb, dcontext)``.
-    ``num_attention_heads`` heads of ``out_channels // num_attention_heads`` channels each.
-    """
-
-    has_cross_attention = True
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
+        cross_attention: bool = False,
         transformer_layers_per_block: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_groups: int = 32,
         num_attention_heads: int = 1,
         cross_attention_dim: int = 1280,
-        dropout: float = 0.0,
-        output_scale_factor: float = 1.0,
-        add_downsample: bool = True,
-        downsample_padding: int = 1,
         use_linear_projection: bool = False,
         rng=None,
         dtype=DEFAULT_DTYPE,
@@ -174,18 +115,21 @@ class CrossAttnDownBlock2D(Module):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.has_cross_attention = bool(cross_attention)
         self.resnets = ModuleList()
-        self.attentions = ModuleList()
-        for i in range(num_layers):
+        if self.has_cross_attention:
+            self.attentions = ModuleList()
+        for i in range(num_layers):  # resnet i, then (with attention) transformer i: the order of the weights
             self.resnets.append(
                 ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels,
                               groups=resnet_groups, eps=resnet_eps, dropout=dropout,
                               output_scale_factor=output_scale_factor, rng=rng, dtype=dtype)
             )
-            self.attentions.append(
-                _transformer(out_channels, num_attention_heads, cross_attention_dim, resnet_groups,
-                             use_linear_projection, transformer_layers_per_block, rng, dtype)
-            )
+            if self.has_cross_attention:
+                self.attentions.append(
+                    _transformer(out_channels, num_attention_heads, cross_attention_dim, resnet_groups,
+                                 use_linear_projection, transformer_layers_per_block, rng, dtype)
+                )
         self.add_downsample = add_downsample
         self.num_skips = num_layers + int(add_downsample)  # what forward returns as skips
         if add_downsample:
@@ -194,13 +138,15 @@ class CrossAttnDownBlock2D(Module):
                              rng=rng, dtype=dtype)
             ])
 
-    def forward(self, x, temb, context):
+    def forward(self, x, temb, context=None):
         check_image(self, x, self.in_channels)
+        _check_context(self, context)
         h = x
         skips = []
-        for resnet, attn in zip(self.resnets, self.attentions):
+        for i, resnet in enumerate(self.resnets):
             h = resnet(h, temb)
-            h = attn(h, context)
+            if self.has_cross_attention:
+                h = self.attentions[i](h, context)
             skips.append(h)
         if self.add_downsample:
             h = self.downsamplers[0](h)  # (B, H, W, C) -> (B, H/2, W/2, C)
@@ -208,25 +154,31 @@ class CrossAttnDownBlock2D(Module):
         self._set_cache(len(skips))
         return h, tuple(skips)
 
-    def backward(self, dh, dskips):
-        """-> (dx, dtemb, dcontext); see :meth:`DownBlock2D.backward`."""
+    def backward(self, dout, dskips):
+        """``dout``: gradient w.r.t. the returned h; ``dskips``: one per returned skip.
+
+        Returns ``BlockGrads(dx, dtemb, dcontext)`` (``dcontext`` None without attention).
+        """
         n_skips = self._pop_cache()
         if len(dskips) != n_skips:
-            raise ValueError(f"CrossAttnDownBlock2D.backward expects {n_skips} skip gradients, got {len(dskips)}")
+            raise ValueError(f"{type(self).__name__}.backward expects {n_skips} skip gradients, got {len(dskips)}")
         dskips = list(dskips)
         dtemb = dcontext = None
+        dh = dout
         if self.add_downsample:
-            dh = dh + dskips.pop()  # the downsampled h is both the output and the last skip
+            # the downsampled h was returned twice (as h and as the last skip): sum both gradients
+            dh = dh + dskips.pop()
             dh = self.downsamplers[0].backward(dh)
-        dh = dh + dskips.pop()  # the last transformer's output also went into a skip
+        dh = dh + dskips.pop()  # the last resnet's (or transformer's) output is also the last skip
         for i in reversed(range(len(self.resnets))):
-            dh, dc = self.attentions[i].backward(dh)
-            dcontext = _add(dcontext, dc)  # every transformer read the context
-            dh, dt = self.resnets[i].backward(dh)
-            dtemb = _add(dtemb, dt)  # every resnet read temb
+            if self.has_cross_attention:
+                g = self.attentions[i].backward(dh)
+                dh, dcontext = g.dx, _add(dcontext, g.dcontext)  # every transformer read the context
+            g = self.resnets[i].backward(dh)
+            dh, dtemb = g.dx, _add(dtemb, g.dtemb)  # every resnet read temb
             if i > 0:
-                dh = dh + dskips.pop()  # the previous transformer's output also went into a skip
-        return dh, dtemb, dcontext
+                dh = dh + dskips.pop()  # layer i-1's output also went into a skip
+        return BlockGrads(dh, dtemb=dtemb, dcontext=dcontext)
 
 
 # ----------------------------------------------------------------------------- mid block
@@ -236,7 +188,7 @@ class UNetMidBlock2DCrossAttn(Module):
     """The bottleneck: ``resnets.0``, then (``attentions.i``, ``resnets.i+1``) for i < num_layers.
 
     ``forward(x (B, H, W, C), temb, context) -> (B, H, W, C)``;
-    ``backward(dh) -> (dx, dtemb, dcontext)``.
+    ``backward(dout) -> BlockGrads(dx, dtemb, dcontext)``.
     """
 
     has_cross_attention = True
@@ -283,17 +235,17 @@ class UNetMidBlock2DCrossAttn(Module):
         self._set_cache(True)
         return h
 
-    def backward(self, dh):
+    def backward(self, dout):
         self._pop_cache()
         dtemb = dcontext = None
+        dh = dout
         for i in reversed(range(len(self.attentions))):
-            dh, dt = self.resnets[i + 1].backward(dh)
-            dtemb = _add(dtemb, dt)
-            dh, dc = self.attentions[i].backward(dh)
-            dcontext = _add(dcontext, dc)
-        dh, dt = self.resnets[0].backward(dh)
-        dtemb = _add(dtemb, dt)
-        return dh, dtemb, dcontext
+            g = self.resnets[i + 1].backward(dh)
+            dh, dtemb = g.dx, _add(dtemb, g.dtemb)
+            g = self.attentions[i].backward(dh)
+            dh, dcontext = g.dx, _add(dcontext, g.dcontext)
+        g = self.resnets[0].backward(dh)
+        return BlockGrads(g.dx, dtemb=_add(dtemb, g.dtemb), dcontext=dcontext)
 
 
 # ----------------------------------------------------------------------------- up blocks
@@ -310,18 +262,18 @@ def _concat_skip(h, skip):
 
 
 class UpBlock2D(Module):
-    """Resnets fed ``concat(h, skip)``, then an optional nearest x2 upsample + 3x3 conv.
+    """Resnets fed ``concat(h, skip)`` (each followed by a transformer with ``cross_attention=True``),
+    then an optional nearest x2 upsample + 3x3 conv.
 
-    ``forward(x (B, H, W, prev_output_channel), skips, temb) -> (B, 2H, 2W, C_out)`` (or (B, H, W, C_out)
-    without an upsampler). ``skips`` has ``num_layers`` tensors; the *last* one is used first.
-    ``backward(dh) -> (dx, dskips, dtemb)`` with ``dskips`` in the order of ``skips``.
+    ``forward(x (B, H, W, prev_output_channel), skips, temb, context=None) -> (B, 2H, 2W, C_out)``
+    (or (B, H, W, C_out) without an upsampler). ``skips`` has ``num_layers`` tensors; the *last*
+    one is used first. ``backward(dout) -> BlockGrads(dx, dtemb, dcontext, dskips)`` with
+    ``dskips`` in the order of ``skips`` and ``dcontext`` None without attention.
 
     Resnet i gets ``resnet_in + skip`` channels: ``prev_output_channel`` (i = 0) or
     ``out_channels``, plus ``in_channels`` for the last resnet (the skip from the
     level below) or ``out_channels`` otherwise, as in diffusers.
     """
-
-    has_cross_attention = False
 
     def __init__(
         self,
@@ -335,12 +287,18 @@ class UpBlock2D(Module):
         dropout: float = 0.0,
         output_scale_factor: float = 1.0,
         add_upsample: bool = True,
+        cross_attention: bool = False,
+        transformer_layers_per_block: int = 1,
+        num_attention_heads: int = 1,
+        cross_attention_dim: int = 1280,
+        use_linear_projection: bool = False,
         rng=None,
         dtype=DEFAULT_DTYPE,
     ):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
         self.prev_output_channel, self.out_channels = prev_output_channel, out_channels
+        self.has_cross_attention = bool(cross_attention)
         self.resnets = ModuleList()
         for i in range(num_layers):
             skip_channels = in_channels if i == num_layers - 1 else out_channels
@@ -354,14 +312,20 @@ class UpBlock2D(Module):
         if add_upsample:
             self.upsamplers = ModuleList([Upsample2D(out_channels, use_conv=True, out_channels=out_channels,
                                                      rng=rng, dtype=dtype)])
+        # the transformers are drawn from rng after the resnets and the upsampler, so a seed gives
+        # the same weights with attention as without, in every layer the two blocks share
+        if self.has_cross_attention:
+            self.attentions = ModuleList([
+                _transformer(out_channels, num_attention_heads, cross_attention_dim, resnet_groups,
+                             use_linear_projection, transformer_layers_per_block, rng, dtype)
+                for _ in range(num_layers)
+            ])
 
-    def _check_skips(self, x, skips) -> None:
+    def forward(self, x, skips, temb, context=None):
         check_image(self, x, self.prev_output_channel)
         if len(skips) != len(self.resnets):
             raise ValueError(f"{type(self).__name__} expects {len(self.resnets)} skips, got {len(skips)}")
-
-    def forward(self, x, skips, temb):
-        self._check_skips(x, skips)
+        _check_context(self, context)
         h = x
         widths = []  # channels of h before each concat, to split the gradient in backward
         for i, resnet in enumerate(self.resnets):
@@ -369,90 +333,25 @@ class UpBlock2D(Module):
             widths.append(h.shape[-1])
             h = _concat_skip(h, skip)  # (B, H, W, C_h) + (B, H, W, C_s) -> (B, H, W, C_h + C_s)
             h = resnet(h, temb)  # -> (B, H, W, C_out)
+            if self.has_cross_attention:
+                h = self.attentions[i](h, context)
         if self.add_upsample:
             h = self.upsamplers[0](h)  # (B, H, W, C_out) -> (B, 2H, 2W, C_out)
         self._set_cache(widths)
         return h
 
-    def backward(self, dh):
-        widths = self._pop_cache()
-        n = len(self.resnets)
-        dskips = [None] * n
-        dtemb = None
-        if self.add_upsample:
-            dh = self.upsamplers[0].backward(dh)
-        for i in reversed(range(n)):
-            dh, dt = self.resnets[i].backward(dh)  # (B, H, W, C_h + C_s)
-            dtemb = _add(dtemb, dt)
-            # undo the concat: the first C_h channels came from h, the rest from the skip
-            dh, dskips[n - 1 - i] = dh[..., : widths[i]], dh[..., widths[i]:]  # -> (.., C_h), (.., C_s)
-        return dh, tuple(dskips), dtemb
-
-
-class CrossAttnUpBlock2D(UpBlock2D):
-    """Like :class:`UpBlock2D`, with a Transformer2DModel after every resnet.
-
-    ``forward(x, skips, temb, context)``; ``backward(dh) -> (dx, dskips, dtemb, dcontext)``.
-    """
-
-    has_cross_attention = True
-
-    def __init__(
-        self,
-        in_channels: int,
-        prev_output_channel: int,
-        out_channels: int,
-        temb_channels: int,
-        num_layers: int = 1,
-        transformer_layers_per_block: int = 1,
-        resnet_eps: float = 1e-6,
-        resnet_groups: int = 32,
-        num_attention_heads: int = 1,
-        cross_attention_dim: int = 1280,
-        dropout: float = 0.0,
-        output_scale_factor: float = 1.0,
-        add_upsample: bool = True,
-        use_linear_projection: bool = False,
-        rng=None,
-        dtype=DEFAULT_DTYPE,
-    ):
-        rng = rng if rng is not None else np.random.default_rng(0)
-        super().__init__(in_channels, prev_output_channel, out_channels, temb_channels, num_layers=num_layers,
-                         resnet_eps=resnet_eps, resnet_groups=resnet_groups, dropout=dropout,
-                         output_scale_factor=output_scale_factor, add_upsample=add_upsample, rng=rng, dtype=dtype)
-        self.attentions = ModuleList([
-            _transformer(out_channels, num_attention_heads, cross_attention_dim, resnet_groups,
-                         use_linear_projection, transformer_layers_per_block, rng, dtype)
-            for _ in range(num_layers)
-        ])
-
-    def forward(self, x, skips, temb, context):
-        self._check_skips(x, skips)
-        h = x
-        widths = []
-        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
-            skip = skips[len(skips) - 1 - i]  # pop from the end, as diffusers does
-            widths.append(h.shape[-1])
-            h = _concat_skip(h, skip)  # (B, H, W, C_h) + (B, H, W, C_s) -> (B, H, W, C_h + C_s)
-            h = resnet(h, temb)  # -> (B, H, W, C_out)
-            h = attn(h, context)
-        if self.add_upsample:
-            h = self.upsamplers[0](h)  # (B, H, W, C_out) -> (B, 2H, 2W, C_out)
-        self._set_cache(widths)
-        return h
-
-    def backward(self, dh):
+    def backward(self, dout):
         widths = self._pop_cache()
         n = len(self.resnets)
         dskips = [None] * n
         dtemb = dcontext = None
-        if self.add_upsample:
-            dh = self.upsamplers[0].backward(dh)
+        dh = self.upsamplers[0].backward(dout) if self.add_upsample else dout
         for i in reversed(range(n)):
-            dh, dc = self.attentions[i].backward(dh)
-            dcontext = _add(dcontext, dc)
-            dh, dt = self.resnets[i].backward(dh)  # (B, H, W, C_h + C_s)
-            dtemb = _add(dtemb, dt)
+            if self.has_cross_attention:
+                g = self.attentions[i].backward(dh)
+                dh, dcontext = g.dx, _add(dcontext, g.dcontext)  # every transformer read the context
+            g = self.resnets[i].backward(dh)  # (B, H, W, C_h + C_s)
+            dh, dtemb = g.dx, _add(dtemb, g.dtemb)  # every resnet read temb
             # undo the concat: the first C_h channels came from h, the rest from the skip
             dh, dskips[n - 1 - i] = dh[..., : widths[i]], dh[..., widths[i]:]  # -> (.., C_h), (.., C_s)
-        return dh, tuple(dskips), dtemb, dcontext
+        return BlockGrads(dh, dtemb=dtemb, dcontext=dcontext, dskips=tuple(dskips))

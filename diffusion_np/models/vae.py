@@ -55,11 +55,12 @@ encoder accepts them but the decoder cannot give the size back).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, device_of, get_xp, to_device
+from diffusion_np.models.config import VAEConfig, given_config
 from diffusion_np.models.resnet import ResnetBlock2D
 from diffusion_np.nn.attention import sdpa_backward, sdpa_forward
 from diffusion_np.nn.conv import Conv2d
@@ -245,19 +246,19 @@ class VAEAttention(Module):
         self._set_cache(sdpa_cache)
         return y
 
-    def backward(self, dy):
+    def backward(self, dout):
         sdpa_cache = self._pop_cache()
-        B, H, W, C = dy.shape
+        B, H, W, C = dout.shape
         if self.rescale_output_factor != 1.0:
-            dy = dy / self.rescale_output_factor
-        dout = self.to_out[0].backward(dy.reshape(B, H * W, C))  # (B, HW, C)
-        dq, dk, dv = sdpa_backward(dout[:, None], sdpa_cache)  # each (B, 1, HW, C)
+            dout = dout / self.rescale_output_factor
+        dattn = self.to_out[0].backward(dout.reshape(B, H * W, C))  # (B, HW, C)
+        dq, dk, dv = sdpa_backward(dattn[:, None], sdpa_cache)  # each (B, 1, HW, C)
         # h fed the queries, the keys and the values: its gradient is the sum of the three
         dh = self.to_q.backward(dq[:, 0])
         dh += self.to_k.backward(dk[:, 0])
         dh += self.to_v.backward(dv[:, 0])
         dx = self.group_norm.backward(dh.reshape(B, H, W, C))
-        dx += dy  # the residual connection
+        dx += dout  # the residual connection
         return dx
 
 
@@ -292,11 +293,10 @@ class UNetMidBlock2D(Module):
         return self.resnets[1](h)
 
     def backward(self, dout):
-        dh, _ = self.resnets[1].backward(dout)  # no time embedding: its gradient is None
+        dh = self.resnets[1].backward(dout).dx  # no time embedding: only dx
         if self.add_attention:
             dh = self.attentions[0].backward(dh)
-        dx, _ = self.resnets[0].backward(dh)
-        return dx
+        return self.resnets[0].backward(dh).dx
 
 
 class DownEncoderBlock2D(Module):
@@ -332,7 +332,7 @@ class DownEncoderBlock2D(Module):
     def backward(self, dout):
         dh = self.downsamplers[0].backward(dout) if self.add_downsample else dout
         for resnet in reversed(list(self.resnets)):
-            dh, _ = resnet.backward(dh)
+            dh = resnet.backward(dh).dx  # no time embedding: only dx
         return dh
 
 
@@ -365,7 +365,7 @@ class UpDecoderBlock2D(Module):
     def backward(self, dout):
         dh = self.upsamplers[0].backward(dout) if self.add_upsample else dout
         for resnet in reversed(list(self.resnets)):
-            dh, _ = resnet.backward(dh)
+            dh = resnet.backward(dh).dx  # no time embedding: only dx
         return dh
 
 
@@ -405,12 +405,12 @@ class Encoder(Module):
         for block in self.down_blocks:
             h = block(h)  # halves H and W at every level but the last
         h = self.mid_block(h)
-        h = self.conv_norm_out(h)  # silu(conv_norm_out(h)), fused
+        h = self.conv_norm_out(h)  # GroupNorm, then SiLU (fused: silu=True)
         return self.conv_out(h)  # (B, H/f, W/f, 2 * latent_channels)
 
     def backward(self, dout):
         dh = self.conv_out.backward(dout)
-        dh = self.conv_norm_out.backward(dh)
+        dh = self.conv_norm_out.backward(dh)  # back through SiLU, then GroupNorm
         dh = self.mid_block.backward(dh)
         for block in reversed(list(self.down_blocks)):
             dh = block.backward(dh)
@@ -452,12 +452,12 @@ class Decoder(Module):
         h = self.mid_block(h)
         for block in self.up_blocks:
             h = block(h)  # doubles H and W at every level but the last
-        h = self.conv_norm_out(h)  # silu(conv_norm_out(h)), fused
+        h = self.conv_norm_out(h)  # GroupNorm, then SiLU (fused: silu=True)
         return self.conv_out(h)  # (B, H, W, out_channels)
 
     def backward(self, dout):
         dh = self.conv_out.backward(dout)
-        dh = self.conv_norm_out.backward(dh)
+        dh = self.conv_norm_out.backward(dh)  # back through SiLU, then GroupNorm
         for block in reversed(list(self.up_blocks)):
             dh = block.backward(dh)
         dh = self.mid_block.backward(dh)
@@ -465,10 +465,6 @@ class Decoder(Module):
 
 
 # ============================================================================ the autoencoder
-#: diffusers config fields that we accept and keep but that change nothing in the model itself
-_IGNORED = ("force_upcast", "latents_mean", "latents_std", "_use_default_values", "_name_or_path")
-
-
 class _ForwardCache(NamedTuple):
     reparam: object  # ReparameterizeCache, or None when z was the posterior's mode
 
@@ -489,8 +485,8 @@ class AutoencoderKL(Module):
         posterior = vae.encode(x)                  x (B, H, W, in_channels) -> DiagonalGaussian
         dx = vae.encode_backward(dmean, dlogvar)   (dlogvar may be None)
         x_rec = vae.decode(z)                      z (B, H/f, W/f, latent_channels) -> (B, H, W, out_channels)
-        dz = vae.decode_backward(dx_rec)
-        x_rec = vae(x, sample_posterior=True, noise=None, rng=None);  dx = vae.backward(dx_rec)
+        dz = vae.decode_backward(dout)             dout: the gradient w.r.t. x_rec
+        x_rec = vae(x, sample_posterior=True, noise=None, rng=None);  dx = vae.backward(dout)
         loss, parts = vae.loss(x, beta=1e-6, recon="l1", noise=None);  dx = vae.loss_backward()
         z = vae.encode_latents(x);  x = vae.decode_latents(z)     (the scaling factor, no backward)
 
@@ -500,60 +496,32 @@ class AutoencoderKL(Module):
     ``rng``, else from the model's own generator (seeded from ``rng`` at construction),
     so a run is reproducible.
 
-    Keyword arguments are diffusers' config fields; ``config`` holds them after
-    construction. ``rng`` seeds the PyTorch-style initialisation; ``dtype`` the parameters.
+    ``AutoencoderKL(VAEConfig(...))``, or the config's fields as keyword arguments (diffusers'
+    names); ``config`` is then the dict of every field, which a checkpoint stores and
+    :meth:`from_config` reads back. ``rng`` seeds the PyTorch-style initialisation; ``dtype`` the parameters.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        out_channels: int = 3,
-        down_block_types: tuple = ("DownEncoderBlock2D",),
-        up_block_types: tuple = ("UpDecoderBlock2D",),
-        block_out_channels: tuple = (64,),
-        layers_per_block: int = 1,
-        act_fn: str = "silu",
-        latent_channels: int = 4,
-        norm_num_groups: int = 32,
-        sample_size: int = 32,
-        scaling_factor: float = 0.18215,
-        shift_factor: float | None = None,
-        use_quant_conv: bool = True,
-        use_post_quant_conv: bool = True,
-        mid_block_add_attention: bool = True,
-        rng=None,
-        dtype=DEFAULT_DTYPE,
-        **other_fields: Any,
-    ):
+    def __init__(self, config: VAEConfig | None = None, *, rng=None, dtype=DEFAULT_DTYPE, **fields):
         super().__init__()
+        c = _config(config, fields)
         rng = rng if rng is not None else np.random.default_rng(0)
-        n = len(block_out_channels)
-        self._check_config(down_block_types, up_block_types, n, act_fn, block_out_channels, norm_num_groups,
-                           other_fields)
-        self.config = {
-            "in_channels": in_channels, "out_channels": out_channels,
-            "down_block_types": tuple(down_block_types), "up_block_types": tuple(up_block_types),
-            "block_out_channels": tuple(block_out_channels), "layers_per_block": layers_per_block,
-            "act_fn": act_fn, "latent_channels": latent_channels, "norm_num_groups": norm_num_groups,
-            "sample_size": sample_size, "scaling_factor": scaling_factor, "shift_factor": shift_factor,
-            "use_quant_conv": use_quant_conv, "use_post_quant_conv": use_post_quant_conv,
-            "mid_block_add_attention": mid_block_add_attention, **other_fields,
-        }
-        self.in_channels, self.out_channels, self.latent_channels = in_channels, out_channels, latent_channels
-        self.scaling_factor = float(scaling_factor)
-        self.shift_factor = float(shift_factor) if shift_factor is not None else 0.0
-        self.downscale = 2 ** (n - 1)  # every level but the last halves H and W
-        self.use_quant_conv, self.use_post_quant_conv = use_quant_conv, use_post_quant_conv
+        self.config = c.to_dict()  # a plain dict, as diffusers' model.config: what checkpoints store
+        self.in_channels, self.out_channels, self.latent_channels = c.in_channels, c.out_channels, c.latent_channels
+        self.scaling_factor = float(c.scaling_factor)
+        self.shift_factor = float(c.shift_factor) if c.shift_factor is not None else 0.0
+        self.downscale = 2 ** (c.num_levels - 1)  # every level but the last halves H and W
+        self.use_quant_conv, self.use_post_quant_conv = c.use_quant_conv, c.use_post_quant_conv
 
-        common = dict(block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-                      norm_num_groups=norm_num_groups, mid_block_add_attention=mid_block_add_attention,
+        common = dict(block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+                      norm_num_groups=c.norm_num_groups, mid_block_add_attention=c.mid_block_add_attention,
                       rng=rng, dtype=dtype)
-        self.encoder = Encoder(in_channels, latent_channels, double_z=True, **common)
-        self.decoder = Decoder(latent_channels, out_channels, **common)
-        if use_quant_conv:
-            self.quant_conv = Conv2d(2 * latent_channels, 2 * latent_channels, 1, rng=rng, dtype=dtype)
-        if use_post_quant_conv:
-            self.post_quant_conv = Conv2d(latent_channels, latent_channels, 1, rng=rng, dtype=dtype)
+        self.encoder = Encoder(c.in_channels, c.latent_channels, double_z=True, **common)
+        self.decoder = Decoder(c.latent_channels, c.out_channels, **common)
+        L = c.latent_channels
+        if c.use_quant_conv:
+            self.quant_conv = Conv2d(2 * L, 2 * L, 1, rng=rng, dtype=dtype)
+        if c.use_post_quant_conv:
+            self.post_quant_conv = Conv2d(L, L, 1, rng=rng, dtype=dtype)
         # the reparameterisation's own generator, as Dropout owns one: reproducible by default
         self.noise_rng = np.random.default_rng(int(rng.integers(2**31)))
         self._encode_cache = None
@@ -564,49 +532,6 @@ class AutoencoderKL(Module):
         """Module.to, also dropping the caches this class keeps outside ``_cache``."""
         self._encode_cache = self._loss_cache = self.posterior = None
         return super().to(device, dtype)
-
-    # ------------------------------------------------------------------ configuration
-    @classmethod
-    def from_config(cls, config: dict, rng=None, dtype=DEFAULT_DTYPE) -> AutoencoderKL:
-        """Build from a diffusers config dict (e.g. a parsed ``vae/config.json``); keys
-        starting with ``_`` are skipped, unknown fields raise a ValueError naming them."""
-        fields = {k: v for k, v in config.items() if not k.startswith("_")}
-        return cls(rng=rng, dtype=dtype, **fields)
-
-    @staticmethod
-    def _check_config(down, up, n, act_fn, block_out_channels, groups, other_fields) -> None:
-        unknown = sorted(k for k in other_fields if k not in _IGNORED)
-        if unknown:
-            raise ValueError(f"AutoencoderKL: unknown config field(s) {', '.join(unknown)}")
-        bad = [t for t in down if t != "DownEncoderBlock2D"] + [t for t in up if t != "UpDecoderBlock2D"]
-        if bad:
-            raise ValueError(
-                f"AutoencoderKL: unsupported block type(s) {bad}; down blocks must be 'DownEncoderBlock2D' "
-                "and up blocks 'UpDecoderBlock2D'"
-            )
-        if len(down) != n or len(up) != n:
-            raise ValueError(
-                f"AutoencoderKL: down_block_types ({len(down)}), up_block_types ({len(up)}) and "
-                f"block_out_channels ({n}) must have the same length"
-            )
-        if act_fn not in ("silu", "swish"):
-            raise ValueError(f"AutoencoderKL supports act_fn='silu' only, got {act_fn!r}")
-        odd = [c for c in block_out_channels if c % groups]
-        if odd:
-            raise ValueError(
-                f"AutoencoderKL: every block_out_channels entry must be divisible by norm_num_groups={groups}, "
-                f"got {tuple(block_out_channels)}"
-            )
-
-    def _check_image(self, x) -> None:
-        check_image(self, x, self.in_channels)
-        check_finite(self, x)
-        f = self.downscale
-        if x.shape[1] % f or x.shape[2] % f:
-            raise ValueError(
-                f"AutoencoderKL with {len(self.config['block_out_channels'])} levels needs H and W divisible "
-                f"by {f}, got x of shape {tuple(x.shape)}"
-            )
 
     # ------------------------------------------------------------------ encode
     def encode(self, x) -> DiagonalGaussian:
@@ -639,9 +564,9 @@ class AutoencoderKL(Module):
         h = self.post_quant_conv(z) if self.use_post_quant_conv else z
         return self.decoder(h)
 
-    def decode_backward(self, dx_rec):
-        """Gradient w.r.t. z of the last :meth:`decode`."""
-        dh = self.decoder.backward(dx_rec)
+    def decode_backward(self, dout):
+        """Gradient w.r.t. z of the last :meth:`decode`, given ``dout`` w.r.t. its output."""
+        dh = self.decoder.backward(dout)
         return self.post_quant_conv.backward(dh) if self.use_post_quant_conv else dh
 
     # ------------------------------------------------------------------ the whole autoencoder
@@ -662,9 +587,9 @@ class AutoencoderKL(Module):
         self._set_cache(_ForwardCache(reparam))
         return self.decode(z)
 
-    def backward(self, dx_rec):
+    def backward(self, dout):
         """Gradient w.r.t. x of the last forward, through the decoder, the sample and the encoder."""
-        dmean, dlogvar = self._backward_to_posterior(dx_rec)
+        dmean, dlogvar = self._backward_to_posterior(dout)
         return self.encode_backward(dmean, dlogvar)
 
     def _backward_to_posterior(self, dx_rec):
@@ -730,9 +655,38 @@ class AutoencoderKL(Module):
         """``decode(latents / scaling_factor + shift_factor)``: a diffusion model's latents back to an image."""
         return self.decode(latents * (1.0 / self.scaling_factor) + self.shift_factor)
 
+    # ------------------------------------------------------------------ configuration and input checks
+    @classmethod
+    def from_config(cls, config: dict, rng=None, dtype=DEFAULT_DTYPE) -> AutoencoderKL:
+        """Build from a diffusers config dict (e.g. a parsed ``vae/config.json``) or a saved ``config``;
+        keys starting with ``_`` are skipped, unknown fields raise a ValueError naming them."""
+        return cls(_config(None, config), rng=rng, dtype=dtype)
+
+    def _check_image(self, x) -> None:
+        check_image(self, x, self.in_channels)
+        check_finite(self, x)
+        f = self.downscale
+        if x.shape[1] % f or x.shape[2] % f:
+            raise ValueError(
+                f"AutoencoderKL with {len(self.config['block_out_channels'])} levels needs H and W divisible "
+                f"by {f}, got x of shape {tuple(x.shape)}"
+            )
+
     def __repr__(self) -> str:
         c = self.config
         return (
             f"AutoencoderKL(block_out_channels={c['block_out_channels']}, latent_channels={self.latent_channels}, "
             f"{self.num_parameters():,} parameters)"
         )
+
+
+def _config(config: VAEConfig | None, fields: dict) -> VAEConfig:
+    """The constructor's config: the VAEConfig given, or one made from diffusers' field names
+    (the fields a diffusers config has and we ignore are listed in :mod:`diffusion_np.io.diffusers_config`)."""
+    if config is not None:
+        return given_config("AutoencoderKL", VAEConfig, config, fields)
+    # imported on first use: at the top it would run io/__init__.py, which imports io.diffusers,
+    # which imports this module (an import cycle through the package)
+    from diffusion_np.io.diffusers_config import vae_config
+
+    return vae_config(fields)

@@ -106,9 +106,9 @@ class TextToImageModel(Module):
         return self.unet(x_t, t, context)  # (B, h, w, C)
 
     def backward(self, dout):
-        dx_t, dcontext = self.unet.backward(dout)  # dcontext: the sum over every cross-attention layer
-        self.text_encoder.backward(dcontext)  # ... becomes the text encoder's parameter gradients
-        return dx_t
+        g = self.unet.backward(dout)  # g.dcontext: the sum over every cross-attention layer
+        self.text_encoder.backward(g.dcontext)  # ... becomes the text encoder's parameter gradients
+        return g.dx
 
     @property
     def device(self) -> str:

@@ -5,7 +5,9 @@ import pytest
 from helpers import SOURCES, assert_close, reference
 
 from diffusion_np.gradcheck import check_module
+from diffusion_np.models import config as config_module
 from diffusion_np.models.text_encoder import (
+    ACTIVATIONS,
     CLIPMLP,
     CLIPAttention,
     CLIPEncoderLayer,
@@ -243,7 +245,7 @@ def test_bad_upstream_gradient_and_backward_without_forward():
     with pytest.raises(RuntimeError, match="backward called without a preceding forward"):
         model.backward(np.zeros((1, 3, 6), np.float32))
     model(np.array([[2, 3, 0]]))
-    with pytest.raises(ValueError, match=r"TextEncoder expects dlast of shape \(\.\.\., 6\)"):
+    with pytest.raises(ValueError, match=r"TextEncoder expects dout of shape \(\.\.\., 6\)"):
         model.backward(np.zeros((1, 3, 5), np.float32))
 
 
@@ -287,3 +289,8 @@ def test_text_encoder_cupy_matches_numpy():
     cpu.backward(dout)
     for (name, g_gpu), (_, g) in zip(gpu.named_grads(), cpu.named_grads()):
         assert_close(g_gpu, g, what=name)
+
+
+def test_every_hidden_act_the_config_accepts_has_a_module():
+    assert set(config_module.HIDDEN_ACTS) == set(ACTIVATIONS)
+    assert TextEncoderConfig is config_module.TextEncoderConfig  # one class, importable from both modules

@@ -53,13 +53,14 @@ def test_context_gradient_is_summed_over_blocks():
     x, ctx = rng.standard_normal((1, 2, 2, 4)).astype(np.float32), rng.standard_normal((1, 2, 3)).astype(np.float32)
     dout = rng.standard_normal((1, 2, 2, 4)).astype(np.float32)
     model(x, ctx)
-    _, dctx = model.backward(dout)
+    dctx = model.backward(dout).dcontext
     blocks = model.transformer_blocks
     # forward again, then backward by hand through proj_out and the blocks to get each block's share
     model(x, ctx)
     dh = model.proj_out.backward(dout).reshape(1, 4, 4)
-    dh, dc1 = blocks[1].backward(dh)
-    _, dc0 = blocks[0].backward(dh)
+    g1 = blocks[1].backward(dh)
+    dh, dc1 = g1.dx, g1.dcontext
+    dc0 = blocks[0].backward(dh).dcontext
     np.testing.assert_allclose(dctx, dc0 + dc1, rtol=1e-5, atol=1e-6)
     assert np.abs(dc0).max() > 1e-3 and np.abs(dc1).max() > 1e-3
 
@@ -79,7 +80,7 @@ def test_transformer_2d_matches_diffusers(torch_cases, case_name, linear):
     assert shapes == reference_shapes(c)  # names and (our layout) shapes are diffusers'
     model.load_state_dict(weights_for(shapes))
     assert_close(model(c["x"], c["context"]), c["out"], what=f"{case_name}: out")
-    dx, dcontext = model.backward(c["dout"])
+    dx, dcontext = (g := model.backward(c["dout"])).dx, g.dcontext
     assert_close(dx, c["dx"], what=f"{case_name}: dx")
     assert_close(dcontext, c["dcontext"], what=f"{case_name}: dcontext")
     assert assert_grads_match(model.named_grads(), c) <= 1.0
@@ -127,7 +128,7 @@ def test_basic_transformer_block_bad_input_and_options():
 def test_transformer_keeps_float32():
     model = Transformer2DModel(2, 2, 4, cross_attention_dim=3, norm_num_groups=2)
     out = model(np.ones((1, 2, 2, 4), np.float32), np.ones((1, 2, 3), np.float32))
-    dx, dctx = model.backward(np.ones_like(out))
+    dx, dctx = (g := model.backward(np.ones_like(out))).dx, g.dcontext
     assert out.dtype == dx.dtype == dctx.dtype == np.float32
 
 
@@ -141,12 +142,12 @@ def test_transformer_2d_cupy_matches_numpy():
     ctx = rng.standard_normal((2, 3, 6)).astype(np.float32)
     dout = rng.standard_normal(x.shape).astype(np.float32)
     out = model(x, ctx)
-    dx, dctx = model.backward(dout)
+    dx, dctx = (g := model.backward(dout)).dx, g.dcontext
     grads = {k: v.copy() for k, v in model.named_grads()}
     model.zero_grad()
     model.to("cupy")
     out_gpu = model(cp.asarray(x), cp.asarray(ctx))
-    dx_gpu, dctx_gpu = model.backward(cp.asarray(dout))
+    dx_gpu, dctx_gpu = (g := model.backward(cp.asarray(dout))).dx, g.dcontext
     assert isinstance(out_gpu, cp.ndarray)
     assert_close(out_gpu, out, what="out")
     assert_close(dx_gpu, dx, atol=5e-5, what="dx")

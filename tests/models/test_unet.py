@@ -19,14 +19,9 @@ from fixtures.cases_unet import (
 from helpers import SOURCES, assert_close, reference
 
 from diffusion_np.gradcheck import sampled_grad_error
+from diffusion_np.models.config import UNetConfig
 from diffusion_np.models.unet import UNet2DConditionModel
-from diffusion_np.models.unet_blocks import (
-    CrossAttnDownBlock2D,
-    CrossAttnUpBlock2D,
-    DownBlock2D,
-    UNetMidBlock2DCrossAttn,
-    UpBlock2D,
-)
+from diffusion_np.models.unet_blocks import DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
 
 # ---------------------------------------------------------------------------- a K-coordinate gradient check
 
@@ -93,16 +88,17 @@ def rng():
 @pytest.mark.parametrize("cross", [False, True])
 @pytest.mark.parametrize("add_downsample", [True, False])
 def test_down_blocks_gradcheck(rng, cross, add_downsample):
-    kwargs = dict(num_layers=2, resnet_groups=2, add_downsample=add_downsample, rng=rng)
-    if cross:
-        block = CrossAttnDownBlock2D(4, 6, T, num_attention_heads=2, cross_attention_dim=D, **kwargs)
-    else:
-        block = DownBlock2D(4, 6, T, **kwargs)
+    block = DownBlock2D(4, 6, T, num_layers=2, resnet_groups=2, add_downsample=add_downsample,
+                        cross_attention=cross, num_attention_heads=2, cross_attention_dim=D, rng=rng)
     _randomize(block.to(dtype=np.float64), rng)
     inputs = [rng.standard_normal((B, 4, 4, 4)), rng.standard_normal((B, T))]
     if cross:
         inputs.append(rng.standard_normal((B, L, D)))
-    errors = check_subset(block, lambda d: block.backward(d[0], d[1]), inputs, block, k=4)
+    def backward(d):
+        g = block.backward(d[0], d[1])
+        return (g.dx, g.dtemb, g.dcontext)
+
+    errors = check_subset(block, backward, inputs, block, k=4)
     assert len(block(*inputs)[1]) == 2 + add_downsample
     assert max(errors.values()) < 1e-6, errors
 
@@ -112,7 +108,7 @@ def test_mid_block_gradcheck(rng):
                                     cross_attention_dim=D, output_scale_factor=1.5, rng=rng)
     _randomize(block.to(dtype=np.float64), rng)
     inputs = [rng.standard_normal((B, 2, 3, 6)), rng.standard_normal((B, T)), rng.standard_normal((B, L, D))]
-    errors = check_subset(block, block.backward, inputs, block, k=4)
+    errors = check_subset(block, lambda d: block.backward(d)[:3], inputs, block, k=4)  # dx, dtemb, dcontext
     assert {"input0", "input1", "input2", "resnets.1.conv2.weight", "attentions.0.proj_out.weight"} <= set(errors)
     assert max(errors.values()) < 1e-6, errors
 
@@ -121,11 +117,8 @@ def test_mid_block_gradcheck(rng):
 @pytest.mark.parametrize("add_upsample", [True, False])
 def test_up_blocks_gradcheck(rng, cross, add_upsample):
     # 3 resnets: skips of 6, 6 and (from the level below) 4 channels, used last-first
-    kwargs = dict(num_layers=3, resnet_groups=2, add_upsample=add_upsample, rng=rng)
-    if cross:
-        block = CrossAttnUpBlock2D(4, 8, 6, T, num_attention_heads=2, cross_attention_dim=D, **kwargs)
-    else:
-        block = UpBlock2D(4, 8, 6, T, **kwargs)
+    block = UpBlock2D(4, 8, 6, T, num_layers=3, resnet_groups=2, add_upsample=add_upsample, cross_attention=cross,
+                      num_attention_heads=2, cross_attention_dim=D, rng=rng)
     _randomize(block.to(dtype=np.float64), rng)
     skips = [rng.standard_normal((B, 2, 2, c)) for c in (4, 6, 6)]
     inputs = [rng.standard_normal((B, 2, 2, 8)), *skips, rng.standard_normal((B, T))]
@@ -136,8 +129,8 @@ def test_up_blocks_gradcheck(rng, cross, add_upsample):
         return block(x, (s0, s1, s2), *rest)
 
     def backward(d):
-        dx, dskips, *rest = block.backward(d)
-        return (dx, *dskips, *rest)
+        g = block.backward(d)
+        return (g.dx, *g.dskips, g.dtemb, g.dcontext)
 
     errors = check_subset(forward, backward, inputs, block, k=4)
     assert {"input1", "input2", "input3"} <= set(errors)  # every skip got its gradient
@@ -157,7 +150,11 @@ def test_unet_gradcheck(rng):
     _randomize(model, rng, scale=0.2)
     sample, context = rng.standard_normal((2, 4, 4, 3)), rng.standard_normal((2, L, D))
     timesteps = np.array([3, 700])
-    errors = check_subset(lambda x, c: model(x, timesteps, c), model.backward, [sample, context], model, k=2)
+    def backward(dout):
+        g = model.backward(dout)
+        return (g.dx, g.dcontext)
+
+    errors = check_subset(lambda x, c: model(x, timesteps, c), backward, [sample, context], model, k=2)
     assert len(errors) == 2 + len(model.state_dict())  # every parameter, the sample and the text
     assert max(errors.values()) < 1e-6, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
@@ -180,7 +177,8 @@ def test_mid_block_matches_diffusers(torch_cases):
     block = _load(UNetMidBlock2DCrossAttn(32, 16, resnet_eps=1e-5, resnet_groups=8, num_attention_heads=4,
                                           cross_attention_dim=12), c)
     assert_close(block(c["x"], c["temb"], c["context"]), c["out"], what="mid: out")
-    dx, dtemb, dcontext = block.backward(c["dout"])
+    g = block.backward(c["dout"])
+    dx, dtemb, dcontext = g.dx, g.dtemb, g.dcontext
     assert_close(dx, c["dx"], what="mid: dx")
     assert_close(dtemb, c["dtemb"], what="mid: dtemb")
     assert_close(dcontext, c["dcontext"], what="mid: dcontext")
@@ -192,7 +190,8 @@ def test_unet_matches_diffusers(torch_cases):
     model = _load(UNet2DConditionModel(**TINY_UNET), c)
     out = model(c["sample"], c["timestep"], c["encoder_hidden_states"])
     assert_close(out, c["out"], what="unet: out")
-    dsample, dcontext = model.backward(c["dout"])
+    g = model.backward(c["dout"])
+    dsample, dcontext = g.dx, g.dcontext
     assert_close(dsample, c["dsample"], what="unet: dsample")
     assert_close(dcontext, c["dencoder_hidden_states"], what="unet: dencoder_hidden_states")
     assert assert_grads_match(model.named_grads(), c) <= 1.0
@@ -226,7 +225,7 @@ def test_unet_every_gradient_matches_diffusers_in_full():
     tout = theirs(tx, torch.tensor([500]), tctx).sample
     (tout * torch.tensor(dout.transpose(0, 3, 1, 2).copy())).sum().backward()
     assert_close(ours(x, 500, ctx), tout.detach().numpy().transpose(0, 2, 3, 1), what="out")
-    dx, dctx = ours.backward(dout)
+    dx, dctx = (g := ours.backward(dout)).dx, g.dcontext
     assert_close(dx, tx.grad.numpy().transpose(0, 2, 3, 1), what="dsample")
     assert_close(dctx, tctx.grad.numpy(), what="dencoder_hidden_states")
     grads = dict(ours.named_grads())
@@ -244,17 +243,17 @@ def test_skip_gradients_reach_the_down_path(rng):
     ctx = rng.standard_normal((1, L, D)).astype(np.float32)
     dout = rng.standard_normal((1, 4, 4, 2)).astype(np.float32)
     model(x, 1, ctx)
-    full, _ = model.backward(dout)
+    full = model.backward(dout).dx
     model(x, 1, ctx)
     up = model.up_blocks[0]
     original = up.backward
 
-    def no_skip_grads(dh):
-        dx, dskips, dt = original(dh)
-        return dx, tuple(g * 0 for g in dskips), dt
+    def no_skip_grads(dout):
+        g = original(dout)
+        return g._replace(dskips=tuple(d * 0 for d in g.dskips))
 
     object.__setattr__(up, "backward", no_skip_grads)
-    cut, _ = model.backward(dout)
+    cut = model.backward(dout).dx
     assert np.abs(full - cut).max() > 1e-4
 
 
@@ -276,7 +275,7 @@ def test_three_levels_and_no_mid_block(rng):
     x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 3, 24)).astype(np.float32)
     out = model(x, np.array([1, 2]), ctx)
-    dx, dctx = model.backward(np.ones_like(out))
+    dx, dctx = (g := model.backward(np.ones_like(out))).dx, g.dcontext
     assert dx.shape == x.shape and dctx.shape == ctx.shape
     assert all(np.abs(g).sum() > 0 for _, g in model.named_grads())  # every parameter was reached
 
@@ -288,7 +287,7 @@ def test_center_input_sample_scales_the_sample_gradient(rng):
     ctx = rng.standard_normal((1, L, D)).astype(np.float32)
     assert_close(centred(x, 5, ctx), plain(2 * x - 1, 5, ctx))
     dout = rng.standard_normal((1, 4, 4, 2)).astype(np.float32)
-    assert_close(centred.backward(dout)[0], 2 * plain.backward(dout)[0])
+    assert_close(centred.backward(dout).dx, 2 * plain.backward(dout).dx)
 
 
 def test_scalar_and_batched_timesteps_agree(rng):
@@ -353,6 +352,56 @@ def test_unsupported_config_raises(change, match):
         UNet2DConditionModel(**{**TINY_UNET, **change})
 
 
+def test_a_unet_config_builds_the_same_model_as_its_fields():
+    config = UNetConfig(**TINY_UNET)
+    a = UNet2DConditionModel(config, rng=np.random.default_rng(3))
+    b = UNet2DConditionModel(**TINY_UNET, rng=np.random.default_rng(3))
+    assert a.config == b.config == config.to_dict()
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        np.testing.assert_array_equal(p, q, err_msg=name)
+    assert UNetConfig(**{**TINY_UNET, "block_out_channels": [32, 64]}) == config  # a parsed JSON list
+    assert config.per_level("layers_per_block") == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        ({"in_channels": "4"}, TypeError, "UNetConfig: in_channels must be a positive int"),
+        ({"block_out_channels": (32, 0)}, ValueError, "block_out_channels must be a non-empty tuple of positive ints"),
+        ({"down_block_types": "DownBlock2D"}, TypeError, "down_block_types must be a list or tuple"),
+        ({"norm_num_groups": True}, TypeError, "norm_num_groups must be a positive int, got True"),
+        ({"layers_per_block": 0}, ValueError, "layers_per_block must be a positive int"),
+        ({"conv_in_kernel": 2}, ValueError, "conv_in_kernel and conv_out_kernel must be odd"),
+    ],
+)
+def test_unet_config_names_the_bad_field(change, error, match):
+    with pytest.raises(error, match=match):
+        UNetConfig(**{**TINY_UNET, **change})
+
+
+def test_unet_constructor_refuses_a_dict_or_a_config_with_fields():
+    with pytest.raises(TypeError, match="expects a UNetConfig, got dict.*from_config"):
+        UNet2DConditionModel(dict(TINY_UNET))
+    with pytest.raises(TypeError, match="a UNetConfig or fields, not both"):
+        UNet2DConditionModel(UNetConfig(**TINY_UNET), in_channels=3)
+
+
+def test_blocks_with_and_without_attention_check_the_context(rng):
+    plain = DownBlock2D(4, 4, T, resnet_groups=2, add_downsample=False, rng=rng)
+    cross = UpBlock2D(4, 4, 4, T, resnet_groups=2, add_upsample=False, cross_attention=True, num_attention_heads=2,
+                      cross_attention_dim=D, rng=rng)
+    x, temb, ctx = rng.standard_normal((1, 2, 2, 4)), rng.standard_normal((1, T)), rng.standard_normal((1, L, D))
+    assert not plain.has_cross_attention and "attentions" not in plain._modules
+    assert cross.has_cross_attention and len(cross.attentions) == 1
+    with pytest.raises(ValueError, match="cross_attention=False, so it takes no context"):
+        plain(x, temb, ctx)
+    with pytest.raises(ValueError, match="cross_attention=True: pass the context"):
+        cross(x, (x,), temb)
+    h, skips = plain(x, temb)
+    g = plain.backward(np.ones_like(h), tuple(np.ones_like(s) for s in skips))
+    assert g.dcontext is None and g.dskips is None and g.dtemb.shape == temb.shape
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def tiny():
@@ -402,12 +451,12 @@ def test_unet_cupy_matches_numpy():
     ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
     dout = rng.standard_normal(x.shape).astype(np.float32)
     out = model(x, np.array([10, 500]), ctx)
-    dx, dctx = model.backward(dout)
+    dx, dctx = (g := model.backward(dout)).dx, g.dcontext
     grads = {k: v.copy() for k, v in model.named_grads()}
     model.zero_grad()
     model.to("cupy")
     out_gpu = model(cp.asarray(x), cp.asarray([10, 500]), cp.asarray(ctx))
-    dx_gpu, dctx_gpu = model.backward(cp.asarray(dout))
+    dx_gpu, dctx_gpu = (g := model.backward(cp.asarray(dout))).dx, g.dcontext
     assert isinstance(out_gpu, cp.ndarray)
     assert_close(out_gpu, out, atol=1e-4, what="out")
     assert_close(dx_gpu, dx, atol=1e-4, what="dsample")

@@ -449,6 +449,20 @@ def test_unsupported_config_raises(change, match):
         AutoencoderKL(**{**TINY_VAE, **change})
 
 
+def test_a_vae_config_builds_the_same_model_as_its_fields():
+    from diffusion_np.models.config import VAEConfig
+
+    config = VAEConfig(**TINY_VAE)
+    a, b = AutoencoderKL(config, rng=np.random.default_rng(4)), AutoencoderKL(**TINY_VAE, rng=np.random.default_rng(4))
+    assert a.config == b.config == config.to_dict()
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        np.testing.assert_array_equal(p, q, err_msg=name)
+    with pytest.raises(ValueError, match="VAEConfig: latent_channels must be a positive int"):
+        VAEConfig(**{**TINY_VAE, "latent_channels": 0})
+    with pytest.raises(TypeError, match="expects a VAEConfig, got dict"):
+        AutoencoderKL(dict(TINY_VAE))
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def tiny():
