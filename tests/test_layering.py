@@ -121,7 +121,7 @@ def test_every_module_imports(name):
     importlib.import_module(name)
 
 
-@pytest.mark.xfail(strict=False, reason="cli, demo, training still import inside functions: being hoisted")
+@pytest.mark.xfail(strict=False, reason="training and metrics still import inside functions: being hoisted")
 def test_no_unexplained_function_level_imports():
     found = []
     for name, path in MODULES.items():
