@@ -212,6 +212,10 @@ def _check_save_arguments(target: Path, modules, config, training_state, dtype) 
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     if dtype is not None:
+        try:
+            np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be a floating dtype such as np.float16, got {dtype!r}") from None
         if not np.issubdtype(np.dtype(dtype), np.floating):
             raise ValueError(f"dtype must be a floating dtype such as np.float16, got {np.dtype(dtype)}")
         if training_state is not None:
