@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import one_error_line
 
 from diffusion_np import cli
 from diffusion_np.cli import main
@@ -14,13 +15,6 @@ from diffusion_np.cli import main
 TINY = ["--steps", "4", "--batch-size", "8", "--hidden", "8", "--depth", "1", "--quiet", "--sample-every", "0"]
 #: a directory nothing can be created in, even by root
 UNWRITABLE = Path("/proc")
-
-
-def one_error_line(capsys, *fragments):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture(scope="module")
