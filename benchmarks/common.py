@@ -143,14 +143,29 @@ def print_table(rows: list[dict], title: str) -> None:
         )
 
 
+def read_results(path: str) -> list[dict]:
+    """The rows already in the JSON file ``path``: none when it does not exist or is empty
+    (as ``mktemp`` makes it); SystemExit naming the file when it holds something else, so a
+    benchmark calls this before it starts timing instead of failing minutes later."""
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise SystemExit(f"--json {path}: not a JSON file of benchmark results ({err}); give another file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results", []), list):
+        raise SystemExit(f'--json {path}: not a benchmark results file (expected {{"machine", "results": [...]}})')
+    return data.get("results", [])
+
+
 def write_json(path: str, rows: list[dict]) -> None:
     """Write ``{"machine": ..., "results": rows}``, merging with rows already in the file
     (so runs with and without the OpenBLAS variables can share one file)."""
-    results = []
-    if path and os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f).get("results", [])
-        keys = {(r["name"], r["threads"], r["blas_env"]) for r in rows}
-        results = [r for r in results if (r["name"], r["threads"], r["blas_env"]) not in keys]
+    keys = {(r["name"], r["threads"], r["blas_env"]) for r in rows}
+    results = [r for r in read_results(path) if (r.get("name"), r.get("threads"), r.get("blas_env")) not in keys]
     with open(path, "w") as f:
         json.dump({"machine": machine_info(), "results": results + rows}, f, indent=2)

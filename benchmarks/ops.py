@@ -13,7 +13,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import median_time, print_table, row, threads, tune_malloc, write_json
+from benchmarks.common import median_time, print_table, read_results, row, threads, tune_malloc, write_json
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.attention import sdpa_backward, sdpa_forward
 from diffusion_np.nn.conv import conv2d_backward, conv2d_forward
@@ -100,6 +100,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--only", help="run only cases whose name contains this")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc thresholds")
     args = parser.parse_args(argv)
+    if args.json:
+        read_results(args.json)  # an unreadable --json fails now, not after the timing
     malloc = "default" if args.default_malloc or not tune_malloc() else "tuned"
     rows = []
     for n in args.threads:

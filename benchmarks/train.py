@@ -53,7 +53,7 @@ import tracemalloc
 
 import numpy as np
 
-from benchmarks.common import print_table, row, threads, tune_malloc, write_json
+from benchmarks.common import print_table, read_results, row, threads, tune_malloc, write_json
 
 # ----------------------------------------------------------------------------- configurations
 # The configurations come from diffusion_np.training.presets (the "full" presets of the
@@ -377,6 +377,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc thresholds")
     args = parser.parse_args(argv)
+    if args.json:
+        read_results(args.json)  # an unreadable --json fails now, not after the timing
     malloc = "default" if args.default_malloc or not tune_malloc() else "tuned"
     rows = []
     for name, make in CASES.items():

@@ -27,7 +27,27 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_np.demo import run_demo
 from diffusion_np.gradcheck import gradcheck_report
+from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint, writable_path
+from diffusion_np.io.diffusers import add_sample_arguments, sample_from_model
+from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, write_json
+from diffusion_np.pretrained import resolve_checkpoint
+from diffusion_np.samplers import SAMPLERS
+from diffusion_np.training.model import TextToImageModel
+from diffusion_np.training.plots import save_image_grid
+from diffusion_np.training.trainer import (
+    TASKS,
+    NonFiniteLossError,
+    TaskNotAvailable,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    export_checkpoint,
+    get_task,
+    run_from_checkpoint,
+    task_from_checkpoint,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +57,14 @@ class _Parser(argparse.ArgumentParser):
 
 class _UsageError(Exception):
     """A bad argument found after parsing (missing directory, conflicting --resume options)."""
+
+
+def _output(flag: str, path, directory: bool = False) -> Path:
+    """The output path of option ``flag``, checked writable before any work (else a usage error)."""
+    try:
+        return writable_path(path, flag, directory=directory)
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -140,16 +168,12 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
 def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
     """--sampler and --steps, shared by sample and evaluate."""
-    from diffusion_np.samplers import SAMPLERS
-
     parser.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampling method (default ddim)")
     parser.add_argument("--steps", type=_positive_int, default=50, metavar="N",
                         help="number of sampling steps (default 50)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusion_np.training.trainer import TASKS, TaskNotAvailable, TrainConfig, get_task
-
     parser = _Parser(prog="diffusion-np", description="Stable Diffusion in plain NumPy with hand-written backprop.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="the demo on built-in data: every layer's gradient check, then a 2-D "
@@ -206,8 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--raw-weights", action="store_true",
                      help="use the trained weights instead of their EMA")
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
-    from diffusion_np.io.diffusers import add_sample_arguments
-
     add_sample_arguments(smp)  # --model and the options that go with it
 
     exp = sub.add_parser("export", help="write a checkpoint's EMA weights for sampling only (float16, no optimizer)",
@@ -246,25 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- commands
 def _train(args) -> int:
-    from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
-    from diffusion_np.training.trainer import (
-        NonFiniteLossError,
-        TaskNotAvailable,
-        TrainConfig,
-        Trainer,
-        TrainingInterrupted,
-        get_task,
-    )
-
     try:
         cls = get_task(args.task)
     except TaskNotAvailable as err:
         raise _UsageError(str(err)) from None
     if args.out is None:
         raise _UsageError(f"train {args.task}: --out DIR is required (where checkpoints and plots go)")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise _UsageError(f"--out {out} is a file, not a directory")
+    out = _output("--out", args.out, directory=True)
 
     given = vars(args)
     if given.get("grad_clip") == 0:
@@ -284,8 +294,12 @@ def _train(args) -> int:
         saved = checkpoint.config
         if saved.get("task") != cls.name:
             raise _UsageError(f"{out} holds a {saved.get('task')!r} run, not {cls.name!r}")
+        try:
+            task, saved_train, rng = run_from_checkpoint(checkpoint)  # every field of config.json checked
+        except CheckpointError as err:
+            raise _UsageError(str(err)) from None
         conflicts = [
-            f"--{key.replace('_', '-')} {value} (the checkpoint has {section[key]})"
+            f"--{key.replace('_', '-')} {value} (the checkpoint has {section.get(key)})"
             for section, options in ((saved["train"], given_train), (saved["task_config"], given_task))
             for key, value in options.items()
             if key not in TrainConfig.RESUMABLE_CHANGES and section.get(key) != value
@@ -293,8 +307,7 @@ def _train(args) -> int:
         if conflicts:
             raise _UsageError("--resume continues the run as configured; these options differ: "
                               + ", ".join(conflicts) + " (drop them, or start a new --out)")
-        train_config = TrainConfig(**{**saved["train"], **given_train})
-        task_config = cls.Config(**saved["task_config"])
+        train_config = dataclasses.replace(saved_train, **given_train)  # only RESUMABLE_CHANGES can differ
     else:
         if args.resume:
             print(f"no checkpoint in {out} yet: starting from step 0", file=sys.stderr)
@@ -305,9 +318,8 @@ def _train(args) -> int:
             train_config = TrainConfig(**{**defaults, **given_train})
         except ValueError as err:
             raise _UsageError(str(err)) from None
-
-    rng = np.random.default_rng(train_config.seed)
-    task = cls(task_config, rng)  # the model's initialisation draws from rng first, as in the library calls
+        rng = np.random.default_rng(train_config.seed)
+        task = cls(task_config, rng)  # the model's initialisation draws from rng first, as in the library calls
     trainer = Trainer(task, train_config, out_dir=out, rng=rng, progress=not args.quiet)
     if checkpoint is not None:
         try:
@@ -334,15 +346,9 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
-    from diffusion_np.pretrained import resolve_checkpoint
-    from diffusion_np.training.trainer import task_from_checkpoint
-
     if args.model is not None:  # real Stable Diffusion weights (docs/real-weights.md)
         if args.checkpoint is not None:
             raise _UsageError("give either --checkpoint or --model, not both")
-        from diffusion_np.io.diffusers import sample_from_model
-
         return sample_from_model(args)
     if args.checkpoint is None:
         raise _UsageError("sample needs --checkpoint DIR (a trained run) or --model PATH (Stable Diffusion weights)")
@@ -352,11 +358,9 @@ def _sample(args) -> int:
         raise _UsageError(str(err)) from None
     if not directory.exists():
         raise _UsageError(f"--checkpoint {directory} does not exist")
-    output = Path(args.output)
+    output = _output("-o", args.output)
     if output.suffix.lower() != ".png":
         raise _UsageError(f"-o {output} must end in .png")
-    if not output.parent.is_dir():
-        raise _UsageError(f"-o {output}: the directory {output.parent} does not exist")
     try:
         checkpoint = load_checkpoint(directory)
         task = task_from_checkpoint(checkpoint, use_ema=not args.raw_weights)
@@ -384,9 +388,6 @@ def _sample(args) -> int:
 
 def _sample_prompts(task, args, output: Path, title: str) -> int:
     """Text-to-image from the command line: each --prompt ``-n`` times, one grid with the prompts as captions."""
-    from diffusion_np.training.model import TextToImageModel
-    from diffusion_np.training.plots import save_image_grid
-
     if not isinstance(getattr(task, "model", None), TextToImageModel):
         raise _UsageError(f"--prompt, --negative-prompt and --guidance-scale need a digits or shapes checkpoint, "
                           f"not {task.name}")
@@ -402,9 +403,7 @@ def _sample_prompts(task, args, output: Path, title: str) -> int:
 
 
 def _export(args) -> int:
-    from diffusion_np.io.checkpoint import CheckpointError
-    from diffusion_np.training.trainer import export_checkpoint
-
+    _output("--out", args.out, directory=True)
     try:
         out = export_checkpoint(args.checkpoint, args.out, dtype=np.dtype(args.dtype), use_ema=not args.raw_weights)
     except CheckpointError as err:
@@ -415,10 +414,6 @@ def _export(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from diffusion_np.io.checkpoint import CheckpointError
-    from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, write_json
-    from diffusion_np.pretrained import resolve_checkpoint
-
     try:
         directory = resolve_checkpoint(args.checkpoint)  # a run directory -> its checkpoint/; pretrained:NAME
     except CheckpointError as err:
@@ -426,11 +421,7 @@ def _evaluate(args) -> int:
     if not directory.exists():
         raise _UsageError(f"--checkpoint {directory} does not exist")
     if args.json is not None:  # checked now, not after minutes of sampling
-        target = Path(args.json)
-        if target.is_dir():
-            raise _UsageError(f"--json {target} is a directory; give a file name")
-        if not target.parent.is_dir():
-            raise _UsageError(f"--json {target}: the directory {target.parent} does not exist")
+        _output("--json", args.json)
     try:
         result = evaluate_checkpoint(args.checkpoint, sampler=args.sampler, steps=args.steps,
                                      guidance_scale=args.guidance_scale, num_samples=args.num_samples,
@@ -455,8 +446,6 @@ def main(argv=None) -> int:
         if args.command == "gradcheck":
             return 0 if gradcheck_report(seed=args.seed) < 1e-6 else 1
         if args.command == "demo":
-            from diffusion_np.demo import run_demo
-
             result = run_demo(args.out, steps=args.steps, n=args.points, progress=not args.quiet)
             return 0 if result["worst_gradcheck_error"] < 1e-6 else 1
         if args.command == "train":

@@ -28,6 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_np.data.digits import digit_captions
+from diffusion_np.data.shapes import parse_caption
+from diffusion_np.gradcheck import gradcheck_report
+from diffusion_np.metrics.digits import classifier_logits
+from diffusion_np.metrics.distances import toy2d_verdict
+from diffusion_np.metrics.shapes import analyse_shapes
+from diffusion_np.samplers import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler
+from diffusion_np.training.model import TextToImageModel
+from diffusion_np.training.plots import draw_image_grid, save_loss_plot
+from diffusion_np.training.toy2d import evaluate_toy2d, train_toy2d
+
 CONFIG = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 #: the demo's shapes prompts: every colour, shape, size and position at least once ...
@@ -49,12 +60,6 @@ HELDOUT_PROMPTS = [
 def run_demo(out_dir="demo", steps: int = 6000, n: int = 10_000, progress: bool = True, out=None) -> dict:
     """Run the demo; returns ``{"worst_gradcheck_error", "sliced_wasserstein": {...}, "toy2d_verdict": {...},
     "files": [...], "text_to_image": {...}}``."""
-    from diffusion_np.gradcheck import gradcheck_report
-    from diffusion_np.metrics.distances import toy2d_verdict
-    from diffusion_np.samplers import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler
-    from diffusion_np.training.plots import save_loss_plot
-    from diffusion_np.training.toy2d import evaluate_toy2d, train_toy2d
-
     out = out if out is not None else sys.stdout
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,15 +109,9 @@ def text_to_image_demo(path, steps: int = 25, guidance_scale: float = 4.0, seed:
     shapes analyser reads every attribute of its prompt, or when the digit classifier
     reads the digit it was asked for.
     """
+    # matplotlib on first use: importing the demo (as the CLI does) should not load it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from diffusion_np.data.digits import digit_captions
-    from diffusion_np.data.shapes import parse_caption
-    from diffusion_np.metrics.digits import classifier_logits
-    from diffusion_np.metrics.shapes import analyse_shapes
-    from diffusion_np.training.model import TextToImageModel
-    from diffusion_np.training.plots import draw_image_grid
 
     out = out if out is not None else sys.stdout
     print(f"\nText-to-image with the shipped weights (DDIM {steps} steps, guidance {guidance_scale})...", file=out)
@@ -153,6 +152,7 @@ def text_to_image_demo(path, steps: int = 25, guidance_scale: float = 4.0, seed:
 
 def _save_panels(samples: dict, verdicts: dict, path: Path) -> Path:
     """One scatter panel per entry of ``samples`` (the data first), titled with its verdict."""
+    # matplotlib on first use, as in text_to_image_demo
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -52,3 +52,11 @@ def assert_close(ours, ref, atol: float = 1e-5, rtol: float = 1e-4, what: str = 
     from diffusion_np.backend import asnumpy
 
     np.testing.assert_allclose(asnumpy(ours), ref, atol=atol, rtol=rtol, err_msg=what)
+
+
+def one_error_line(capsys, *fragments) -> None:
+    """The CLI wrote exactly one line to stderr, no traceback, holding every fragment."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err

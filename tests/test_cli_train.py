@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import one_error_line
 
 from diffusion_np.cli import main
 from diffusion_np.io import load_checkpoint
@@ -15,13 +16,6 @@ from diffusion_np.training.toy2d import Toy2DTask
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--steps", "6", "--batch-size", "16", "--hidden", "8", "--depth", "1", "--quiet", "--sample-every", "3"]
-
-
-def one_error_line(capsys, *fragments):
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 @pytest.fixture(scope="module")

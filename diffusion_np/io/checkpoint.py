@@ -56,6 +56,7 @@ __all__ = [
     "pretrained_path",
     "resolve_checkpoint",
     "save_checkpoint",
+    "writable_path",
 ]
 
 FORMAT = "diffusion_np.checkpoint"
@@ -211,6 +212,10 @@ def _check_save_arguments(target: Path, modules, config, training_state, dtype) 
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
     if dtype is not None:
+        try:
+            np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be a floating dtype such as np.float16, got {dtype!r}") from None
         if not np.issubdtype(np.dtype(dtype), np.floating):
             raise ValueError(f"dtype must be a floating dtype such as np.float16, got {np.dtype(dtype)}")
         if training_state is not None:
@@ -329,6 +334,41 @@ def _fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------- output paths
+def writable_path(path, what: str, directory: bool = False) -> Path:
+    """``Path(path)`` once it is known that a file (or, with ``directory``, a directory) can be
+    written there; otherwise a ValueError naming the argument ``what`` (e.g. ``"-o"``).
+
+    Commands call this before they start the work, so a bad destination costs a second, not
+    the minutes of sampling or training before the write. A file's directory must exist; a
+    directory is created later, so the nearest existing directory above it is the one tried.
+    The test creates (and at once deletes) a temporary file there: permission bits alone do
+    not tell, root may write anything they allow, and yet nothing can be created in ``/proc``.
+    """
+    target = Path(path)
+    if directory:
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"{what} {target} is a file, not a directory")
+        where = target
+        while not where.exists() and where != where.parent:  # the directory it would be created in
+            where = where.parent
+        if not where.is_dir():
+            raise ValueError(f"{what} {target}: {where} is a file, not a directory")
+    else:
+        if target.is_dir():
+            raise ValueError(f"{what} {target} is a directory; give a file name")
+        where = target.parent
+        if not where.is_dir():
+            raise ValueError(f"{what} {target}: the directory {where} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as err:
+        raise ValueError(f"{what} {target} cannot be written: {where} does not accept new files "
+                         f"({err.strerror or err})") from None
+    return target
 
 
 # ----------------------------------------------------------------------------- names of checkpoints

@@ -68,12 +68,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import re
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from diffusion_np.io.checkpoint import _PICKLE_REFUSAL, PICKLE_SUFFIXES
+from diffusion_np.io.checkpoint import _PICKLE_REFUSAL, PICKLE_SUFFIXES, writable_path
 from diffusion_np.io.diffusers_config import unet_config
 from diffusion_np.models.clip_tokenizer import CLIPTokenizer
 from diffusion_np.models.text_encoder import TextEncoder, TextEncoderConfig
@@ -81,6 +84,9 @@ from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.models.vae import AutoencoderKL
 from diffusion_np.nn.attention import set_attention_chunk_size
 from diffusion_np.nn.module import Module
+from diffusion_np.pipelines.image_io import save_image
+from diffusion_np.pipelines.text_to_image import TextToImagePipeline
+from diffusion_np.samplers import SAMPLERS
 
 __all__ = [
     "SD1_SCHEDULER_CONFIG",
@@ -377,30 +383,88 @@ def text_encoder_config(config: dict) -> TextEncoderConfig:
         raise WeightsError(f"text encoder config: {err}") from None
 
 
-#: diffusers scheduler class -> our sampler's short name
+#: diffusers scheduler class -> our sampler's short name (a sampler registered here is chosen for a
+#: config of that class and follows that class's fields in :data:`SCHEDULER_FIELDS`)
 SCHEDULER_CLASSES = {
     "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpm++",
 }
-#: fields of diffusers schedulers that change the math; supported only with these values
-#: (unless our sampler takes the field itself, then it checks the value)
-_SCHEDULER_UNSUPPORTED = {
-    "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False, "use_lu_lambdas": False,
-    "use_dynamic_shifting": False, "timestep_type": "discrete", "interpolation_type": "linear",
-    "sigma_min": None, "sigma_max": None, "solver_type": "midpoint", "thresholding": False,
-    "flow_shift": 1.0, "shift": 1.0, "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large",
-                                                          "fixed_large_log"),
+#: Every field of diffusers' schedulers with its default: the ``__init__`` signatures of diffusers 0.42
+#: (read with ``inspect.signature``). A scheduler_config.json holds these fields; newer diffusers add
+#: fields at values that keep the old behaviour (0.42's ``time_shift_type="exponential"``), so a field
+#: at its default is accepted, and only a value we do not implement is refused. A tuple lists the
+#: values that give the default's math (DPM-Solver uses variance_type only to cut a learned variance).
+#: A new diffusers class, or a new field, is one more entry.
+SCHEDULER_FIELDS = {
+    "DDPMScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
+        "thresholding": False, "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0, "sample_max_value": 1.0,
+        "timestep_spacing": "leading", "steps_offset": 0, "rescale_betas_zero_snr": False,
+    },
+    "DDIMScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "clip_sample": True, "set_alpha_to_one": True, "steps_offset": 0,
+        "prediction_type": "epsilon", "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+        "clip_sample_range": 1.0, "sample_max_value": 1.0, "timestep_spacing": "leading",
+        "rescale_betas_zero_snr": False,
+    },
+    "EulerDiscreteScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "prediction_type": "epsilon", "interpolation_type": "linear",
+        "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None,
+        "sigma_max": None, "timestep_spacing": "linspace", "timestep_type": "discrete", "steps_offset": 0,
+        "rescale_betas_zero_snr": False, "final_sigmas_type": "zero",
+    },
+    "EulerAncestralDiscreteScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "prediction_type": "epsilon", "timestep_spacing": "linspace", "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+    },
+    "HeunDiscreteScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "linear",
+        "trained_betas": None, "prediction_type": "epsilon", "use_karras_sigmas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0,
+        "timestep_spacing": "linspace", "steps_offset": 0,
+    },
+    "DPMSolverMultistepScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "algorithm_type": "dpmsolver++",
+        "solver_type": "midpoint", "lower_order_final": True, "euler_at_final": False, "use_karras_sigmas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+        "flow_shift": 1.0, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf, "variance_type": None,
+        "timestep_spacing": "linspace", "steps_offset": 0, "rescale_betas_zero_snr": False,
+        "use_dynamic_shifting": False, "time_shift_type": "exponential",
+    },
+    "PNDMScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "skip_prk_steps": False, "set_alpha_to_one": False, "prediction_type": "epsilon",
+        "timestep_spacing": "leading", "steps_offset": 0,
+    },
+    "UniPCMultistepScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "trained_betas": None, "solver_order": 2, "prediction_type": "epsilon", "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "predict_x0": True, "solver_type": "bh2",
+        "lower_order_final": True, "disable_corrector": [], "solver_p": None, "use_karras_sigmas": False,
+        "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+        "timestep_spacing": "linspace", "steps_offset": 0, "final_sigmas_type": "zero",
+        "rescale_betas_zero_snr": False, "use_dynamic_shifting": False, "time_shift_type": "exponential",
+        "sigma_min": None, "sigma_max": None, "shift_terminal": None,
+    },
+    "LCMScheduler": {
+        "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "trained_betas": None, "original_inference_steps": 50, "clip_sample": False, "clip_sample_range": 1.0,
+        "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon", "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0, "timestep_spacing": "leading",
+        "timestep_scaling": 10.0, "rescale_betas_zero_snr": False,
+    },
 }
-#: fields of other diffusers schedulers that the chosen sampler does not use (diffusers' from_config
-#: drops them the same way)
-_SCHEDULER_OTHERS = {
-    "skip_prk_steps", "set_alpha_to_one", "clip_sample", "clip_sample_range", "dynamic_thresholding_ratio",
-    "sample_max_value", "solver_order", "algorithm_type", "lower_order_final", "euler_at_final",
-    "use_karras_sigmas", "final_sigmas_type", "lambda_min_clipped", "disable_corrector", "predict_x0",
-    "solver_p", "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "prediction_type",
-    "variance_type", "thresholding",
-}
+SCHEDULER_FIELDS["DPMSolverMultistepScheduler"]["variance_type"] = (None, "fixed_small", "fixed_small_log",
+                                                                    "fixed_large", "fixed_large_log")
+#: every field name diffusers 0.42 knows
+_KNOWN_SCHEDULER_FIELDS = {key for fields in SCHEDULER_FIELDS.values() for key in fields}
 
 
 def sampler_from_config(name: str | None, config: dict):
@@ -408,13 +472,19 @@ def sampler_from_config(name: str | None, config: dict):
 
     ``name`` is a short name of :data:`diffusion_np.samplers.SAMPLERS` (``"dpm++"``), or
     None for the config's own class when we implement it. Like diffusers'
-    ``Scheduler.from_config``, every config field the sampler takes is passed on
-    (``beta_schedule``, ``steps_offset``, ``clip_sample``, ...) and fields that only other
-    schedulers use (PNDM's ``skip_prk_steps``) are dropped; fields that would change the
-    math in a way we do not implement raise a WeightsError naming them, as do unknown fields.
-    """
-    from diffusion_np.samplers import SAMPLERS
+    ``Scheduler.from_config``, field by field:
 
+    1. a field our sampler takes is passed on (``beta_schedule``, ``steps_offset``,
+       ``clip_sample``, ...), and the sampler checks its value;
+    2. a field of the diffusers scheduler our sampler implements (:data:`SCHEDULER_CLASSES`)
+       that our sampler does not take is accepted at its default (:data:`SCHEDULER_FIELDS`)
+       and refused at any other value: we would silently compute something else;
+    3. any other field diffusers knows belongs to another scheduler's algorithm (PNDM's
+       ``skip_prk_steps`` when we run DDIM) and is dropped;
+    4. a field unknown to diffusers 0.42 is refused.
+
+    Every refusal is collected into one WeightsError naming the fields.
+    """
     cls_name = config.get("_class_name")
     if name is None:
         if cls_name not in SCHEDULER_CLASSES:
@@ -428,18 +498,19 @@ def sampler_from_config(name: str | None, config: dict):
         raise WeightsError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     cls = SAMPLERS[name]
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    implemented = {ours: theirs for theirs, ours in SCHEDULER_CLASSES.items()}.get(name)
+    defaults = SCHEDULER_FIELDS.get(implemented, {})
     kwargs, problems = {}, []
     for key, value in config.items():
-        if key.startswith("_"):
+        if key.startswith("_"):  # _class_name, _diffusers_version: bookkeeping
             continue
-        if key in accepted:
+        if key in accepted:  # 1.
             kwargs[key] = value
-        elif key in _SCHEDULER_UNSUPPORTED:
-            allowed = _SCHEDULER_UNSUPPORTED[key]
-            allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+        elif key in defaults:  # 2.
+            allowed = defaults[key] if isinstance(defaults[key], tuple) else (defaults[key],)
             if value not in allowed:
                 problems.append(f"{key}={value!r} (supported: {' or '.join(map(repr, allowed))})")
-        elif key not in _SCHEDULER_OTHERS:
+        elif key not in _KNOWN_SCHEDULER_FIELDS:  # 4. (3. drops the rest)
             problems.append(f"{key} (unknown field)")
     if problems:
         raise WeightsError(f"{cls.__name__} cannot follow this scheduler config: " + "; ".join(problems))
@@ -488,8 +559,6 @@ def _build(kind: str, config: dict, dtype):
 
 
 def _finish(models: dict, tokenizer, sampler, attention_chunk_size):
-    from diffusion_np.pipelines.text_to_image import TextToImagePipeline
-
     if attention_chunk_size is not None:
         set_attention_chunk_size(models["unet"], attention_chunk_size)
     text, unet = models["text_encoder"], models["unet"]
@@ -577,7 +646,7 @@ def load_pipeline(
         "text_encoder": _read_json(root / "text_encoder" / "config.json"),
     }
     sampler_obj = sampler_from_config(sampler, _read_json(root / "scheduler" / "scheduler_config.json"))
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(_find_tokenizer([root / "tokenizer"], str(root)))
     states = {c: read_safetensors(_weights_file(root / c, _WEIGHT_FILES[c], variant)) for c in configs}
     models = {c: _build(c, configs[c], dtype) for c in configs}
     _load_all(models, states, root, dtype, keep_grads)
@@ -740,18 +809,24 @@ def ldm_to_diffusers(state: dict, unet_config: dict, vae_config: dict, use_ema: 
     return out, unmatched
 
 
-def _find_tokenizer(checkpoint: Path, tokenizer) -> Path:
-    candidates = [Path(tokenizer)] if tokenizer is not None else [
-        checkpoint.parent / "tokenizer", checkpoint.parent]
+def _is_tokenizer_folder(folder) -> bool:
+    """Whether ``folder`` holds a CLIP tokenizer that :meth:`CLIPTokenizer.from_pretrained` reads:
+    ``vocab.json`` and ``merges.txt`` (transformers 4), or only ``tokenizer.json`` (transformers 5).
+    The one rule of every loader here."""
+    folder = Path(folder)
+    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (
+        folder / "tokenizer.json").is_file()
+
+
+def _find_tokenizer(candidates: list[Path], what: str) -> Path:
+    """The first of ``candidates`` that :func:`_is_tokenizer_folder`; otherwise a WeightsError."""
     for folder in candidates:
-        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        if _is_tokenizer_folder(folder):
             return folder
     raise WeightsError(
-        f"no CLIP tokenizer for {checkpoint.name}: a single-file checkpoint holds no vocabulary. Give the "
-        "tokenizer folder (vocab.json and merges.txt, e.g. the tokenizer/ folder of the Stable Diffusion 1.5 "
-        "diffusers repository or of openai/clip-vit-large-patch14)"
-        + (f"; {Path(tokenizer)} has neither" if tokenizer is not None else
-           f"; looked in {candidates[0]} and {candidates[1]}")
+        f"no CLIP tokenizer for {what}. Give the tokenizer folder (vocab.json and merges.txt, or the "
+        "tokenizer.json of transformers 5; e.g. the tokenizer/ folder of the Stable Diffusion 1.5 diffusers "
+        "repository or of openai/clip-vit-large-patch14); looked in " + " and ".join(map(str, candidates))
     )
 
 
@@ -773,12 +848,13 @@ def load_single_file(
         e.g. ``v1-5-pruned-emaonly.safetensors`` (float32, float16 or bfloat16).
         ``.ckpt`` files are pickles and are refused (see the module docstring).
     tokenizer : str or Path, optional
-        A folder with CLIP's ``vocab.json`` and ``merges.txt``; by default ``tokenizer/``
-        beside the checkpoint, or the checkpoint's own folder.
+        A folder with CLIP's ``vocab.json`` and ``merges.txt`` (or transformers 5's
+        ``tokenizer.json``); by default ``config``'s ``tokenizer/``, then ``tokenizer/``
+        beside the checkpoint, then the checkpoint's own folder.
     config : str or Path, optional
         A diffusers folder whose ``unet/``, ``vae/``, ``text_encoder/`` and ``scheduler/``
         configs describe the network (like diffusers' ``from_single_file(config=...)``);
-        its ``tokenizer/`` is used when ``tokenizer`` is None. Default: SD 1.x
+        its ``tokenizer/`` is the first place looked in when ``tokenizer`` is None. Default: SD 1.x
         (:data:`SD1_UNET_CONFIG` and friends).
     sampler : str
         Short name of the sampler (the schedule is SD 1.x's, or ``config``'s).
@@ -794,12 +870,16 @@ def load_single_file(
         root = Path(config)
         configs = {c: _read_json(root / c / "config.json") for c in ("unet", "vae", "text_encoder")}
         scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
-        if tokenizer is None and (root / "tokenizer").is_dir():
-            tokenizer = root / "tokenizer"
     else:
         configs = {"unet": SD1_UNET_CONFIG, "vae": SD1_VAE_CONFIG, "text_encoder": SD1_TEXT_ENCODER_CONFIG}
         scheduler = SD1_SCHEDULER_CONFIG
-    tok = CLIPTokenizer.from_pretrained(_find_tokenizer(path, tokenizer))
+    if tokenizer is not None:
+        candidates = [Path(tokenizer)]
+    else:  # the config folder's tokenizer/, else one beside the file
+        candidates = [Path(config) / "tokenizer"] if config is not None else []
+        candidates += [path.parent / "tokenizer", path.parent]
+    what = f"{path.name}: a single-file checkpoint holds no vocabulary"
+    tok = CLIPTokenizer.from_pretrained(_find_tokenizer(candidates, what))
     sampler_obj = sampler_from_config(sampler, scheduler)
     states, unmatched = ldm_to_diffusers(read_safetensors(path), configs["unet"], configs["vae"], use_ema=use_ema)
     extra = [f"checkpoint: {len(unmatched)} key(s) that are not SD 1.x weights: " + ", ".join(sorted(unmatched))
@@ -844,20 +924,19 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sample_from_model(args) -> int:
     """Run ``sample --model``: load, sample, write the PNG. Returns the exit status."""
-    import sys
-    import time
-
-    from diffusion_np.pipelines.image_io import save_image
-
     if not args.prompt:
         print("diffusion-np: error: --model needs --prompt", file=sys.stderr)
         return 2
     prompts = list(args.prompt)  # --prompt may be repeated
     num_images = args.n if args.n is not None else 1
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else 7.5  # SD's usual default
-    output = Path(args.output)
-    if output.suffix.lower() != ".png" or not output.parent.is_dir():
-        print(f"diffusion-np: error: -o {output} must be a .png in an existing directory", file=sys.stderr)
+    try:
+        output = writable_path(args.output, "-o")  # before minutes of loading and sampling
+    except ValueError as err:
+        print(f"diffusion-np: error: {err}", file=sys.stderr)
+        return 2
+    if output.suffix.lower() != ".png":
+        print(f"diffusion-np: error: -o {output} must end in .png", file=sys.stderr)
         return 2
     sampler = getattr(args, "sampler", None)
     start = time.perf_counter()

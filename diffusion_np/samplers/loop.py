@@ -30,6 +30,7 @@ pipeline interleaves them with the steps), batched per-sample timesteps.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -117,6 +118,7 @@ def sample(
         raise TypeError(f"sampler must be a diffusion_np Sampler, got {type(sampler).__name__}")
     if not np.issubdtype(np.dtype(dtype), np.floating):
         raise ValueError(f"dtype must be a floating dtype, got {np.dtype(dtype)}")
+    _check_guidance(guidance)
 
     sampler.set_timesteps(int(steps))
     timesteps = sampler.timesteps
@@ -158,6 +160,7 @@ def denoise(
     noised to the first of them. One z per step is drawn from ``rng`` on the host.
     Arguments as in :func:`sample`. Returns ``(x_0, Trajectory or None)``.
     """
+    _check_guidance(guidance)
     xp = get_xp(x)
     trajectory = Trajectory(timesteps, [x], []) if return_trajectory else None
     for i, t in enumerate(_progress(timesteps, progress)):
@@ -177,6 +180,16 @@ def denoise(
             trajectory.x_t.append(x)
             trajectory.x0_pred.append(out.pred_original_sample)
     return x, trajectory
+
+
+def _check_guidance(guidance) -> None:
+    """guidance is None or a finite real number (a NaN weight would turn every image into NaN)."""
+    if guidance is None:
+        return
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.integer, np.floating)):
+        raise TypeError(f"guidance must be a number or None, got {type(guidance).__name__}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
 
 
 def _guide(model_output, w: float):

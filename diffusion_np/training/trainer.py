@@ -97,6 +97,7 @@ __all__ = [
     "TrainingTask",
     "export_checkpoint",
     "get_task",
+    "run_from_checkpoint",
     "task_from_checkpoint",
 ]
 
@@ -482,17 +483,60 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return differences
 
 
+def run_from_checkpoint(checkpoint: Checkpoint) -> tuple[Any, TrainConfig, np.random.Generator]:
+    """The task and the TrainConfig that a checkpoint's ``config.json`` records, checked field by field.
+
+    Every command that reads a run (``sample``, ``export``, ``evaluate``, ``train --resume``)
+    comes through here, so a hand-edited config.json (an unknown dataset, ``"steps": "many"``,
+    a deleted section) gives one CheckpointError that names the file and the field instead
+    of a traceback from wherever the value is first used.
+
+    Returns ``(task, train_config, rng)``: the task built with fresh weights (load the
+    checkpoint's into it), drawn from ``rng``, a generator seeded with the run's seed as
+    in training, which a Trainer resuming the run continues with.
+    """
+    where, config = checkpoint.directory / "config.json", checkpoint.config
+    name = config.get("task")
+    if name is None:
+        raise CheckpointError(f"{checkpoint.directory} is not a training checkpoint (its config names no task)")
+    if not isinstance(name, str) or name not in TASKS:
+        raise CheckpointError(f'{where}: "task" is {name!r}; the tasks are {", ".join(TASKS)}')
+    cls = get_task(name)
+    for section in ("task_config", "train"):
+        if not isinstance(config.get(section), dict):
+            got = f"got {config[section]!r}" if section in config else "it is missing"
+            raise CheckpointError(f'{where}: "{section}" must be a JSON object with the {name} run\'s settings; {got}')
+    for section, config_class in (("task_config", cls.Config), ("train", TrainConfig)):
+        unknown = sorted(set(config[section]) - {f.name for f in dataclasses.fields(config_class)})
+        if unknown:
+            raise CheckpointError(f"{where}: {section}.{unknown[0]} is not a setting of {config_class.__name__}")
+    try:
+        train_config = TrainConfig(**config["train"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: train{_mistyped(config['train'], TrainConfig)}: {err}") from None
+    rng = np.random.default_rng(train_config.seed)
+    try:
+        task = cls(cls.Config(**config["task_config"]), rng)  # the task's own checks of its settings
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: task_config{_mistyped(config['task_config'], cls.Config)} of the "
+                              f"{name} task: {err}") from None
+    return task, train_config, rng
+
+
+def _mistyped(values: dict, config_class) -> str:
+    """``".lr = 'fast'"`` for the first field holding text where its default is not (or the reverse):
+    a TypeError from deep inside a check then still names the field. "" when none is."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if value is not None and default is not None and isinstance(value, str) != isinstance(default, str):
+            return f".{key} = {value!r}"
+    return ""
+
+
 def task_from_checkpoint(checkpoint: Checkpoint, use_ema: bool = True):
     """Rebuild the task stored in ``checkpoint`` with its weights (the EMA weights by default)."""
-    config = checkpoint.config
-    if "task" not in config or "task_config" not in config:
-        raise CheckpointError(f"{checkpoint.directory} is not a training checkpoint (its config names no task)")
-    cls = get_task(config["task"])
-    try:
-        task_config = cls.Config(**config["task_config"])
-    except TypeError as err:
-        raise CheckpointError(f"{checkpoint.directory}: the {config['task']} config does not fit: {err}") from None
-    task = cls(task_config, rng=np.random.default_rng(0))  # the random init is overwritten just below
+    task, _, _ = run_from_checkpoint(checkpoint)  # the random init is overwritten just below
     checkpoint.load_weights(task.modules())
     state = checkpoint.training_state
     if use_ema and state is not None and "ema" in state:

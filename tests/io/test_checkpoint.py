@@ -1,6 +1,7 @@
 """Checkpoints: exact round trips, atomic replacement, clear refusals."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,44 @@ def test_cupy_model_saves_and_loads_into_numpy(tmp_path):
     load_checkpoint(tmp_path / "ck").load_weights({"m": fresh})
     for name, value in expected.items():
         assert np.array_equal(fresh.state_dict()[name], value)
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda h: h.pop("modules"), '"modules" must map module names'),
+        (lambda h: h.update(modules=[1, 2]), r"got \[1, 2\]"),
+        (lambda h: h.update(modules={"m": "../m.safetensors"}), '"modules" must map'),
+        (lambda h: h.pop("config"), '"config" must be a JSON object, got None'),
+        (lambda h: h.update(config=[1]), '"config" must be a JSON object'),
+    ],
+)
+def test_an_edited_header_is_one_clear_checkpoint_error(tmp_path, edit, fragment):
+    save_checkpoint(tmp_path / "ck", {"m": _model()}, {"a": 1})
+    path = tmp_path / "ck" / "config.json"
+    header = json.loads(path.read_text())
+    edit(header)
+    path.write_text(json.dumps(header))
+    with pytest.raises(CheckpointError, match=fragment):
+        load_checkpoint(tmp_path / "ck")
+
+
+def test_writable_path_names_the_argument(tmp_path):
+    writable_path = ckpt_module.writable_path
+    assert writable_path(tmp_path / "a.png", "-o") == tmp_path / "a.png"
+    assert writable_path(tmp_path / "new" / "deeper", "--out", directory=True) == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    (tmp_path / "file").write_text("x")
+    for path, directory, fragment in [
+        (tmp_path, False, "-o .* is a directory; give a file name"),
+        (tmp_path / "missing" / "a.png", False, "-o .*the directory .*missing does not exist"),
+        (tmp_path / "file", True, "-o .*file is a file, not a directory"),
+        (tmp_path / "file" / "sub", True, "-o .*file is a file, not a directory"),
+    ]:
+        with pytest.raises(ValueError, match=fragment):
+            writable_path(path, "-o", directory=directory)
+    if Path("/proc/self").is_dir():  # nothing can be created in /proc, even by root
+        with pytest.raises(ValueError, match=r"--json /proc/x.json cannot be written"):
+            writable_path("/proc/x.json", "--json")
+        with pytest.raises(ValueError, match=r"--out /proc/a/b cannot be written"):
+            writable_path("/proc/a/b", "--out", directory=True)

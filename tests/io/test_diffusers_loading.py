@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from diffusion_np.io.diffusers import (
+    SCHEDULER_CLASSES,
+    SCHEDULER_FIELDS,
     SD1_UNET_CONFIG,
     WeightsError,
     bf16_to_float32,
@@ -363,6 +365,105 @@ def test_scheduler_config_mapping():
         sampler_from_config("dpm++", {"solver_type": "heun", "flux": 1})
     with pytest.raises(WeightsError, match="unknown sampler 'plms'"):
         sampler_from_config("plms", sd15)
+
+
+def _diffusers_defaults(class_name: str) -> dict:
+    """diffusers' default config of ``class_name`` (a tuple in the table lists equivalent values, the default first)."""
+    return {k: v[0] if isinstance(v, tuple) else v for k, v in SCHEDULER_FIELDS[class_name].items()}
+
+
+def test_scheduler_config_of_a_newer_diffusers_loads_at_its_defaults():
+    """diffusers 0.42 writes time_shift_type (and other new fields) into every DPM-Solver config: at
+    the default it changes nothing and is accepted; another value is refused, naming it."""
+    config = {"_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.42.1",
+              **_diffusers_defaults("DPMSolverMultistepScheduler"),
+              "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    dpm = sampler_from_config(None, config)
+    assert isinstance(dpm, DPMSolverMultistepSampler)
+    assert isinstance(sampler_from_config("ddim", config), DDIMSampler)  # DPM's own fields dropped for DDIM
+    for key, value in [("time_shift_type", "linear"), ("use_flow_sigmas", True), ("solver_type", "heun")]:
+        with pytest.raises(WeightsError, match=rf"{key}={value!r} \(supported: "):
+            sampler_from_config(None, {**config, key: value})
+    with pytest.raises(WeightsError) as info:
+        sampler_from_config(None, {**config, "time_shift_type": "linear", "thresholding": True})
+    assert "thresholding=True" in str(info.value) and "time_shift_type='linear'" in str(info.value)  # all at once
+    with pytest.raises(WeightsError, match=r"shift_terminall \(unknown field\)"):
+        sampler_from_config(None, {**config, "shift_terminall": 0.5})
+
+
+@pytest.mark.parametrize("name", sorted(set(SCHEDULER_CLASSES.values())))
+def test_every_sampler_loads_its_own_diffusers_default_config(name):
+    theirs = next(k for k, v in SCHEDULER_CLASSES.items() if v == name)
+    sampler = sampler_from_config(None, {"_class_name": theirs, **_diffusers_defaults(theirs)})
+    assert type(sampler).__name__ == type(sampler_from_config(name, {})).__name__
+
+
+@pytest.mark.crosscheck
+def test_scheduler_fields_are_diffusers_signatures():
+    """The table is diffusers' own: every scheduler class's __init__ fields with their defaults."""
+    import inspect
+
+    import diffusers
+
+    for class_name in SCHEDULER_FIELDS:
+        signature = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+        theirs = {k: p.default for k, p in signature.items() if k != "self"}
+        assert _diffusers_defaults(class_name) == theirs, class_name
+
+
+def test_single_file_finds_a_tokenizer_json_only_folder(tmp_path):
+    """transformers 5 writes tokenizer/ with only tokenizer.json; load_pipeline and load_single_file
+    share one rule and both read it."""
+    root = _copy_folder(tmp_path)
+    vocab = json.loads((root / "tokenizer" / "vocab.json").read_text())
+    lines = (root / "tokenizer" / "merges.txt").read_text().splitlines()
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    for name in ("vocab.json", "merges.txt"):
+        (root / "tokenizer" / name).unlink()
+    (root / "tokenizer" / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab,
+                                                                              "merges": merges}}))
+    folder = load_pipeline(root, sampler="ddim")
+    single = load_single_file(LDM_FILE, config=root, sampler="ddim")
+    reference = load_pipeline(TINY_SD, sampler="ddim")
+    for pipeline in (folder, single):
+        np.testing.assert_array_equal(pipeline.tokenizer.encode([PROMPT])[0], reference.tokenizer.encode([PROMPT])[0])
+    (root / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(WeightsError, match="no CLIP tokenizer .*tokenizer.json of transformers 5"):
+        load_pipeline(root, sampler="ddim")
+
+
+def _float16_bits(state: dict, dtype: str) -> dict:
+    """Every float tensor of ``state`` as safetensors F16 or BF16 (name: (dtype, shape, bytes)), rounded to
+    nearest-even as torch's .half() / .bfloat16() do."""
+    out = {}
+    for name, value in state.items():
+        value = np.asarray(value, dtype=np.float32)
+        if dtype == "F16":
+            raw = value.astype("<f2").tobytes()
+        else:
+            bits = value.view(np.uint32).astype(np.uint64)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
+            raw = bits.astype("<u2").tobytes()
+        out[name] = (dtype, value.shape, raw)
+    return out
+
+
+@pytest.mark.parametrize("dtype, atol", [("F16", 2e-3), ("BF16", 2e-2)])
+def test_unet_stored_in_float16_or_bfloat16_gives_the_float32_result(tmp_path, pipe, ref, dtype, atol):
+    """The tiny SD's U-Net weights written as float16 / bfloat16 load (widened to float32) and give the
+    float32 U-Net's output within the rounding of the storage type (float16 keeps 11 significant bits,
+    bfloat16 8: relative steps of 5e-4 and 4e-3 per weight)."""
+    root = _copy_folder(tmp_path)
+    path = root / "unet" / "diffusion_pytorch_model.safetensors"
+    _write_safetensors(path, _float16_bits(read_safetensors(path), dtype))
+    assert {"F16": np.float16, "BF16": np.float32}[dtype] == next(iter(read_safetensors(path).values())).dtype
+    loaded = load_pipeline(root, sampler="ddim")
+    assert loaded.unet.conv_in.weight.dtype == np.float32
+    args = ref["unet_sample"], ref["unet_timestep"], ref["unet_context"]
+    ours, full = loaded.unet(*args), pipe.unet(*args)
+    scale = float(np.abs(full).max())
+    assert 0 < _max_diff(ours, full) <= atol * scale
+    assert _max_diff(ours, ref["unet_out"]) <= atol * scale + ATOL
 
 
 def test_model_config_errors_name_the_field(tmp_path):

@@ -344,3 +344,30 @@ def test_pipeline_runs_forward_only_and_restores_training_mode():
     x = np.zeros((1, SIZE, SIZE, 3), np.float32)
     out = unet(x, 5, text_encoder(tokenizer.encode(CAPTIONS[:1]).ids))
     unet.backward(np.ones_like(out))  # still trainable
+
+
+@pytest.mark.parametrize("w", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
+def test_a_non_finite_guidance_weight_is_refused_by_every_entry_point(models, w):
+    """GuidedDenoiser, the three pipelines and the sampling loop all refuse NaN/Inf at entry, naming the
+    argument, instead of returning all-NaN images."""
+    from diffusion_np.pipelines import ImageToImagePipeline, InpaintPipeline
+
+    unet, text_encoder, tokenizer = models
+    image = np.zeros((1, SIZE, SIZE, 3), dtype=np.float32)
+    calls = {
+        "text-to-image": lambda: TextToImagePipeline(unet, text_encoder, tokenizer, DDIMSampler())(
+            "a", guidance_scale=w, num_inference_steps=2, progress=False),
+        "image-to-image": lambda: ImageToImagePipeline(unet, text_encoder, tokenizer, DDIMSampler())(
+            "a", image, guidance_scale=w, num_inference_steps=2, progress=False),
+        "inpaint": lambda: InpaintPipeline(unet, text_encoder, tokenizer, DDIMSampler())(
+            "a", image, np.ones((SIZE, SIZE), np.float32), guidance_scale=w, num_inference_steps=2, progress=False),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            call()
+            pytest.fail(f"{name} accepted guidance_scale={w}")
+    pair = lambda x, t: (0.1 * x, 0.2 * x)  # noqa: E731
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        sample(pair, (1, 2, 2, 1), DDIMSampler(), 2, progress=False, guidance=w)
+    with pytest.raises(TypeError, match="guidance must be a number or None, got str"):
+        sample(pair, (1, 2, 2, 1), DDIMSampler(), 2, progress=False, guidance="2")
