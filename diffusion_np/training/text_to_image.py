@@ -349,7 +349,7 @@ class _TextToImageTask:
         pred = model(x_t, t_dev, ids)  # 2. + 5. text encoder, then U-Net
         loss, cache = mse_loss_forward(pred, target, weights)  # 5.
         model.backward(mse_loss_backward(cache))  # 6. through the U-Net into the text encoder
-        return float(loss)
+        return float(asnumpy(loss))  # the one deliberate device -> host copy of a step
 
     # ------------------------------------------------------------------ sampling and pictures
     def preview_prompts(self, n: int) -> list[str]:
@@ -542,7 +542,7 @@ class ShapesVAETask:
         images = to_device(images, device_of(self.model.quant_conv.weight))
         loss, _ = self.model.loss(images, beta=self.config.kl_weight, recon=self.config.recon, rng=rng)
         self.model.loss_backward()
-        return float(loss)
+        return float(asnumpy(loss))  # the one deliberate device -> host copy of a step
 
     def sample(self, sampler: str, steps: int, n: int, seed: int, progress: bool = False) -> np.ndarray:
         """For a VAE, "samples" are reconstructions: ``n`` held-out shapes beside their
