@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from diffusion_np.backend import asnumpy, get_xp, to_device
+from diffusion_np.metrics import evaluate_checkpoint
 from diffusion_np.models import AutoencoderKL, TextEncoder, TextEncoderConfig, UNet2DConditionModel, WordTokenizer
 from diffusion_np.optim import EMA, AdamW, clip_grad_norm
 from diffusion_np.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
@@ -22,6 +23,16 @@ from diffusion_np.samplers import SAMPLERS
 from diffusion_np.samplers.loop import sample
 from diffusion_np.testing import strict_backend as strict
 from diffusion_np.testing.strict_backend import DeviceRuleError, count_transfers
+from diffusion_np.training.text_to_image import (
+    DigitsConfig,
+    DigitsTask,
+    ShapesConfig,
+    ShapesTask,
+    ShapesVAEConfig,
+    ShapesVAETask,
+)
+from diffusion_np.training.toy2d import Toy2DConfig, Toy2DTask
+from diffusion_np.training.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.device_audit
 
@@ -68,7 +79,7 @@ class AuditedUNet:
             assert c.d2h == 0, f"a step before t={t} copied {c.d2h} arrays to the host"
             # the step's noise (drawn on the host, so a seed means the same on every device), then only
             # scalars and small constants (timesteps, schedule values, resampling taps): no weights, no images
-            assert c.h2d_bytes <= self.noise_bytes + SMALL_BYTES, f"a step uploaded {c.h2d_bytes} bytes in {c.h2d} copies"
+            assert c.h2d_bytes <= self.noise_bytes + SMALL_BYTES, f"a step uploaded {c.h2d_bytes} B in {c.h2d} copies"
         c.reset()
         self.calls += 1
         out = self.unet(sample, t, encoder_hidden_states)
@@ -129,8 +140,6 @@ def test_what_cupy_allows_still_works_and_copies_are_counted():
 
 # ----------------------------------------------------------------------------- training steps
 def test_unet_text_to_image_training_step():
-    from diffusion_np.training.text_to_image import DigitsConfig, DigitsTask
-
     task = DigitsTask(DigitsConfig(preset="tiny"), np.random.default_rng(0))
     task.model.to("strict")
     optimizer, ema = AdamW(task.model, lr=1e-3), EMA(task.model)
@@ -146,8 +155,6 @@ def test_unet_text_to_image_training_step():
 
 
 def test_vae_training_step():
-    from diffusion_np.training.text_to_image import ShapesVAEConfig, ShapesVAETask
-
     task = ShapesVAETask(ShapesVAEConfig(preset="tiny"), np.random.default_rng(0))
     task.model.to("strict")
     optimizer = AdamW(task.model, lr=1e-3)
@@ -221,3 +228,47 @@ def test_inpainting(latent_models):
     pipe = InpaintPipeline(unet, text_encoder, tokenizer, SAMPLERS["ddpm"](), vae=vae)
     out = run_pipeline(pipe, CAPTIONS, image, mask, resample_steps=2, noises_per_step=3)  # z, known, jump back
     assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3)
+
+
+# ----------------------------------------------------------------------------- evaluate
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two-step runs of the evaluated tasks (and the shapes VAE), trained by the Trainer on the strict device:
+    the whole loop (EMA, clipping, the final checkpoint and preview) with no implicit host copy."""
+    root = tmp_path_factory.mktemp("audit")
+    tasks = {
+        "digits": lambda: DigitsTask(DigitsConfig(preset="tiny"), np.random.default_rng(0)),
+        "vae": lambda: ShapesVAETask(ShapesVAEConfig(preset="tiny"), np.random.default_rng(0)),
+        "shapes": lambda: ShapesTask(ShapesConfig(preset="tiny", vae=str(root / "vae")), np.random.default_rng(0)),
+        "toy2d": lambda: Toy2DTask(Toy2DConfig(hidden=8, depth=1), np.random.default_rng(0)),
+    }
+    for name, make in tasks.items():  # in order: shapes needs the VAE run
+        task = make()
+        for module in task.modules().values():
+            module.to("strict")
+        defaults = task.train_defaults_for(task.config) if hasattr(task, "train_defaults_for") else {}
+        config = TrainConfig(**{**defaults, "steps": 2, "batch_size": 4, "checkpoint_every": 0, "sample_every": 0})
+        losses = Trainer(task, config, out_dir=root / name, rng=np.random.default_rng(1), progress=False).train()
+        assert len(losses) == 2 and np.all(np.isfinite(losses))
+    return root
+
+
+@pytest.mark.parametrize("name", ["digits", "shapes", "toy2d"])
+def test_evaluate(runs, name):
+    kwargs = {"heldout_samples": 2} if name == "shapes" else {}
+    on_strict = evaluate_checkpoint(runs / name, steps=2, num_samples=4, device="strict", **kwargs)
+    on_numpy = evaluate_checkpoint(runs / name, steps=2, num_samples=4, **kwargs)
+    assert flat(on_strict["metrics"]) == pytest.approx(flat(on_numpy["metrics"]), rel=1e-4, abs=1e-5)
+
+
+def flat(metrics: dict) -> dict:
+    """{"a.b": number}: nested dicts and lists of a result's metrics flattened for pytest.approx."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+        elif isinstance(value, list):
+            out.update({f"{key}.{i}": v for i, v in enumerate(value)})
+        elif value is not None and not isinstance(value, str):
+            out[key] = value
+    return {k: v for k, v in out.items() if v is not None}  # a None on one side only: the keys differ

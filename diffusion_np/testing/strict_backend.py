@@ -87,6 +87,7 @@ def _refuse(what: str, instead: str):
 
 
 _TO_HOST = "bring it to the host deliberately, once, with diffusion_np.backend.asnumpy(x)"
+_MOVE_IT = "move the host array to the device first (to_device, xp.asarray)"
 
 
 class StrictArray:
@@ -102,6 +103,8 @@ class StrictArray:
         _refuse("np.asarray / np.array (an implicit device -> host copy; CuPy raises)", _TO_HOST)
 
     def __array_function__(self, func, types, args, kwargs):
+        if func in _SHAPE_FUNCTIONS:  # np.ndim(x), np.shape(x): shapes are host data (DESIGN.md)
+            return func(*_unwrap_all(args, f"np.{func.__name__}"), **kwargs)
         _refuse(f"NumPy's np.{func.__name__}", f"use xp = get_xp(x); xp.{func.__name__}(...)")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
@@ -111,11 +114,11 @@ class StrictArray:
         if method == "__call__" and not kwargs and others and all(isinstance(v, np.generic) for v in others):
             return _wrap(getattr(ufunc, method)(*_unwrap_all(inputs, "operator")))
         if any(isinstance(v, np.ndarray) for v in inputs):
-            _refuse(f"a NumPy array combined with it by np.{ufunc.__name__}", "move it first with to_device / xp.asarray")
+            _refuse(f"a NumPy array combined with it by np.{ufunc.__name__}", _MOVE_IT)
         _refuse(f"NumPy's ufunc np.{ufunc.__name__}", f"use xp = get_xp(x); xp.{ufunc.__name__}(...)")
 
     def __bool__(self):
-        _refuse("bool() (an `if` or `and` on an array is a device -> host sync)", "decide on a Python scalar, or " + _TO_HOST)
+        _refuse("bool() (`if x:`, `max(x, 0)`: a device -> host sync)", "decide on host numbers, or " + _TO_HOST)
 
     def __float__(self):
         _refuse("float() (a device -> host sync)", _TO_HOST + " at the boundary, outside the loop")
@@ -175,6 +178,7 @@ class StrictArray:
         return (StrictArray, (self._a,))
 
 
+_SHAPE_FUNCTIONS = {np.ndim, np.shape, np.size}
 _REFUSED_METHODS = {"item", "tolist", "tobytes", "tofile", "dump", "dumps", "get"}
 
 
@@ -228,7 +232,7 @@ def _unwrap(value, where: str, host_ok: bool = False):
         return value._a
     if isinstance(value, np.ndarray):
         if not host_ok:
-            _refuse(f"a NumPy (host) array passed to {where}", "move it first with to_device / xp.asarray")
+            _refuse(f"a NumPy (host) array passed to {where}", _MOVE_IT)
         _count_h2d(value.nbytes)
         return value
     if isinstance(value, (list, tuple)):
