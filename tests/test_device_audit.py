@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pipelines.test_inpaint import tiny_vae as inpaint_vae
+from pipelines.test_text_to_image import CAPTIONS, SIZE  # SIZE: the sample side (latents of a 2x VAE)
+from pipelines.test_text_to_image import tiny_models as pipeline_models
 
 from diffusion_np.backend import asnumpy, get_xp, to_device
 from diffusion_np.metrics import evaluate_checkpoint
-from diffusion_np.models import AutoencoderKL, TextEncoder, TextEncoderConfig, UNet2DConditionModel, WordTokenizer
 from diffusion_np.optim import EMA, AdamW, clip_grad_norm
 from diffusion_np.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
 from diffusion_np.samplers import SAMPLERS
@@ -36,31 +38,19 @@ from diffusion_np.training.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.device_audit
 
-CAPTIONS = ["a red circle", "a blue square"]
-SIZE = 8  # the sample side (pixels, or latents of a 2x VAE)
+PROMPTS = CAPTIONS[:2]  # a batch of 2
+
 SMALL_BYTES = 8192  # what a step may upload beyond its noise
 
 
 def tiny_models(in_channels: int = 3):
-    """An untrained 2-level U-Net with cross-attention, a 1-layer text encoder, a word tokenizer: on strict."""
-    tokenizer = WordTokenizer.from_captions(CAPTIONS, max_length=6)
-    text_encoder = TextEncoder(TextEncoderConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=6,
-    ), rng=np.random.default_rng(1))  # fmt: skip
-    unet = UNet2DConditionModel(
-        sample_size=SIZE, in_channels=in_channels, out_channels=in_channels, block_out_channels=(8, 16),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=2,
-        norm_num_groups=4, rng=np.random.default_rng(2),
-    )
+    """The pipeline tests' untrained U-Net (2 levels, cross-attention), text encoder and tokenizer, on strict."""
+    unet, text_encoder, tokenizer = pipeline_models(in_channels)
     return unet.to("strict"), text_encoder.to("strict"), tokenizer
 
 
-def tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
-                         rng=np.random.default_rng(3)).to("strict")  # fmt: skip
+def tiny_vae():
+    return inpaint_vae().to("strict")
 
 
 class AuditedUNet:
@@ -170,7 +160,7 @@ def test_vae_training_step():
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_sampler_loop_makes_no_host_copies(name):
     unet, text_encoder, tokenizer = tiny_models()
-    context = text_encoder(to_device(tokenizer.encode(CAPTIONS).ids, "strict"))
+    context = text_encoder(to_device(tokenizer.encode(PROMPTS).ids, "strict"))
     kwargs = {"eta": 1.0} if name == "ddim" else {}  # DDIM with noise too
     shape = (2, SIZE, SIZE, 3)
     with count_transfers() as counter:
@@ -208,7 +198,7 @@ def run_pipeline(pipeline, *args, noises_per_step=1, **kwargs):
 def test_text_to_image_with_guidance(latent_models):
     unet, text_encoder, tokenizer, vae = latent_models
     pipe = TextToImagePipeline(unet, text_encoder, tokenizer, SAMPLERS["ddim"](), vae=vae)
-    out = run_pipeline(pipe, CAPTIONS)
+    out = run_pipeline(pipe, PROMPTS)
     assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3)
 
 
@@ -216,7 +206,7 @@ def test_image_to_image(latent_models):
     unet, text_encoder, tokenizer, vae = latent_models
     image = np.random.default_rng(0).uniform(-1, 1, (2 * SIZE, 2 * SIZE, 3)).astype(np.float32)
     pipe = ImageToImagePipeline(unet, text_encoder, tokenizer, SAMPLERS["euler"](), vae=vae)
-    out = run_pipeline(pipe, CAPTIONS, image, strength=0.8)
+    out = run_pipeline(pipe, PROMPTS, image, strength=0.8)
     assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3)
 
 
@@ -226,7 +216,7 @@ def test_inpainting(latent_models):
     mask = np.zeros((2 * SIZE, 2 * SIZE), dtype=np.float32)
     mask[4:12, 4:12] = 1.0
     pipe = InpaintPipeline(unet, text_encoder, tokenizer, SAMPLERS["ddpm"](), vae=vae)
-    out = run_pipeline(pipe, CAPTIONS, image, mask, resample_steps=2, noises_per_step=3)  # z, known, jump back
+    out = run_pipeline(pipe, PROMPTS, image, mask, resample_steps=2, noises_per_step=3)  # z, known, jump back
     assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3)
 
 
