@@ -10,11 +10,18 @@ so the same code runs on either device, and moving a model is one word:
 differ; where they do (scatter-add, the error function), it wraps the difference
 once, here.
 
+A third device, "strict", exists for tests: NumPy doing the math with CuPy's
+rules made errors (no implicit device -> host copies, no NumPy functions on
+device arrays; :mod:`diffusion_np.testing.strict_backend`). :func:`asnumpy` is
+the one deliberate way back to the host on every device.
+
 Left out on purpose: automatic device placement, mixed-device arithmetic, and any
 global "current device" switch: the arrays say where the work happens.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 
@@ -26,8 +33,13 @@ except Exception:  # noqa: BLE001 - any import failure means "no CuPy"
 #: dtype of parameters and activations unless a caller asks for another.
 DEFAULT_DTYPE = np.float32
 
-#: names accepted by :func:`to_device` and ``Module.to``.
-DEVICES = ("numpy", "cupy")
+#: names accepted by :func:`to_device` and ``Module.to`` ("strict": the test device, see above).
+DEVICES = ("numpy", "cupy", "strict")
+
+
+def _strict():
+    """The strict test backend, or None while nothing has imported it (then no strict arrays exist)."""
+    return sys.modules.get("diffusion_np.testing.strict_backend")
 
 
 def gpu_available() -> bool:
@@ -46,6 +58,9 @@ def get_xp(*arrays):
     Non-array arguments (Python scalars, None) are ignored. With no CuPy
     installed this is always ``numpy``.
     """
+    strict = _strict()
+    if strict is not None and any(strict.is_strict(a) for a in arrays):
+        return strict.xp
     if _cupy is None:
         return np
     return _cupy.get_array_module(*[a for a in arrays if a is not None])
@@ -57,9 +72,17 @@ def is_cupy(x) -> bool:
 
 
 def asnumpy(x):
-    """Bring an array back to the host as a NumPy array (for plotting, saving, tests)."""
+    """Bring an array back to the host as a NumPy array (for plotting, saving, tests).
+
+    The one deliberate device -> host copy: on a GPU it waits for the device to
+    finish, so call it at a boundary (a logged loss, a finished sample), not
+    inside a loop, and never hide it in ``float(x)`` or ``if x:``.
+    """
     if is_cupy(x):
         return _cupy.asnumpy(x)
+    strict = _strict()
+    if strict is not None and strict.is_strict(x):
+        return strict.to_host(x)
     return np.asarray(x)
 
 
@@ -69,6 +92,10 @@ def to_device(x, device: str):
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "numpy":
         return asnumpy(x)
+    if device == "strict":
+        from diffusion_np.testing import strict_backend
+
+        return x if strict_backend.is_strict(x) else strict_backend.asarray(x)
     if not gpu_available():
         raise RuntimeError(
             "device 'cupy' needs CuPy and a CUDA GPU; install the 'gpu' extra "
@@ -78,7 +105,10 @@ def to_device(x, device: str):
 
 
 def device_of(x) -> str:
-    """"cupy" for CuPy arrays, "numpy" otherwise."""
+    """"cupy" for CuPy arrays, "strict" for the test device's, "numpy" otherwise."""
+    strict = _strict()
+    if strict is not None and strict.is_strict(x):
+        return "strict"
     return "cupy" if is_cupy(x) else "numpy"
 
 
@@ -92,12 +122,16 @@ def scatter_add(target, indices, values) -> None:
         import cupyx
 
         cupyx.scatter_add(target, indices, values)
+    elif device_of(target) == "strict":
+        _strict().scatter_add(target, indices, values)
     else:
         np.add.at(target, indices, values)
 
 
 def erf(x):
     """The error function, elementwise, on the array's own device."""
+    if device_of(x) == "strict":
+        return _strict().erf(x)
     if is_cupy(x):
         from cupyx.scipy.special import erf as _erf
     else:

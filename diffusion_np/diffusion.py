@@ -62,9 +62,11 @@ def gather(values: np.ndarray, t, like):
     data's dtype and device.
     """
     xp = get_xp(like)
-    t_host = np.asarray(t)
-    v = np.asarray(values)[t_host]
-    if t_host.ndim == 1:  # (B,) -> (B, 1, 1, ...)
+    if get_xp(t) is np:  # t on the host: gather there, upload B values
+        v = np.asarray(values)[np.asarray(t)]
+    else:  # t on the device: gather there (np.asarray(t) would copy t back, a sync; CuPy refuses it)
+        v = xp.asarray(values)[t]
+    if v.ndim == 1:  # (B,) -> (B, 1, 1, ...)
         v = v.reshape((-1,) + (1,) * (like.ndim - 1))
     return xp.asarray(v, dtype=like.dtype)
 

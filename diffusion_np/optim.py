@@ -368,9 +368,9 @@ def clip_grad_norm(module: Module, max_norm: float, error_if_nonfinite: bool = F
     if not grads:
         return 0.0
     xp = get_xp(grads[0])
-    # norm of the per-array norms = norm of everything; one host sync at the end (float())
+    # norm of the per-array norms = norm of everything; one deliberate host copy at the end (a sync)
     norms = xp.stack([xp.linalg.norm(g.ravel()) for g in grads])
-    total_norm = float(xp.linalg.norm(norms))
+    total_norm = float(asnumpy(xp.linalg.norm(norms)))
     if error_if_nonfinite and not math.isfinite(total_norm):
         raise RuntimeError(f"clip_grad_norm: the total gradient norm is {total_norm}")
     coef = min(max_norm / (total_norm + 1e-6), 1.0)

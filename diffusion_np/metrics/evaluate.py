@@ -178,6 +178,7 @@ def evaluate_checkpoint(
     use_ema: bool = True,
     batch_size: int = 64,
     progress: bool = False,
+    device: str = "numpy",
 ) -> dict:
     """Generate samples from ``checkpoint`` and score them (see the module docstring).
 
@@ -196,6 +197,8 @@ def evaluate_checkpoint(
     use_ema : the EMA weights of a training checkpoint (an export holds what it holds)
     batch_size : images per generation batch (text-to-image tasks)
     progress : a tqdm bar over the batches (over the sampling steps for toy2d)
+    device : where the networks sample: "numpy", "cupy" (a GPU), or "strict" (the test device);
+        scoring runs on the host either way
 
     Returns
     -------
@@ -233,6 +236,8 @@ def evaluate_checkpoint(
         n_held = DEFAULT_HELDOUT_SAMPLES if heldout_samples is None else _check_int("heldout_samples",
                                                                                     heldout_samples, 0)
     task = task_from_checkpoint(loaded, use_ema=use_ema)
+    for module in task.modules().values():
+        module.to(device)
     make_sampler = task.make_sampler if name == "toy2d" else task.model.make_sampler
     make_sampler(sampler).set_timesteps(steps)  # more steps than training timesteps: fail now, not later
 

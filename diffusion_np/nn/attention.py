@@ -62,8 +62,9 @@ def _additive_mask(mask, dtype, xp):
     """
     if mask.dtype != bool:
         return mask
-    if not bool(mask.any(axis=-1).all()):
-        # a query row with every key masked would divide 0 by 0 in the softmax
+    # a query row with every key masked would divide 0 by 0 in the softmax; checked for a host mask only
+    # (on a device the `if` would wait for the GPU at every attention layer)
+    if get_xp(mask) is np and not mask.any(axis=-1).all():
         raise ValueError("sdpa_forward: the boolean mask leaves some query with no key to attend to")
     return xp.where(mask, dtype.type(0.0), dtype.type(-np.inf))
 
@@ -116,7 +117,8 @@ def sdpa_forward(q, k, v, mask=None, scale: float | None = None):
         (N, L) or (B, 1, 1, L). **Boolean masks keep where True** (PyTorch's
         convention; :func:`causal_mask` makes one); **float masks are added** to the
         scores (0 to keep, -inf or a large negative number to drop). A boolean mask
-        that leaves a query with no key raises ValueError. The mask is a constant:
+        that leaves a query with no key raises ValueError (a NumPy mask; a device mask
+        is not checked, which would be a synchronisation). The mask is a constant:
         it gets no gradient.
     scale : multiplies the scores; default ``1 / sqrt(d)`` (Vaswani et al. Eq. 1).
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from diffusion_np.backend import DEFAULT_DTYPE, get_xp, scatter_add
+from diffusion_np.backend import DEFAULT_DTYPE, asnumpy, get_xp, scatter_add
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
@@ -213,7 +213,8 @@ class Embedding(Module):
             got = ids.dtype if hasattr(ids, "dtype") else type(ids).__name__
             raise TypeError(f"Embedding expects integer ids, got {got}")
         if ids.size > 0:
-            lo, hi = int(ids.min()), int(ids.max())
+            # one deliberate copy of two numbers (CuPy's indexing would wrap a bad id, not raise)
+            lo, hi = (int(v) for v in asnumpy(get_xp(ids).stack([ids.min(), ids.max()])))
             if lo < 0 or hi >= self.num_embeddings:
                 bad = hi if hi >= self.num_embeddings else lo
                 raise ValueError(

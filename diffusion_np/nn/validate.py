@@ -7,7 +7,9 @@ Each check names the layer, what it expected and what it got::
 
 :func:`check_finite` is cheap enough for every forward: one sum (a fast
 reduction with no temporary array) is NaN/Inf exactly when an entry is, or when
-the sum overflows; only then is the exact elementwise test run.
+the sum overflows; only then is the exact elementwise test run. It checks
+NumPy arrays only: on a GPU its answer would have to be copied to the host, a
+synchronisation in every layer's forward (see docs/performance.md, "Device rules").
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ def check_image(layer, x, channels: int | None = None, what: str = "x") -> None:
 
 
 def check_finite(layer, x, what: str = "x") -> None:
-    """ValueError if ``x`` holds NaN or Inf."""
+    """ValueError if ``x`` holds NaN or Inf (NumPy arrays; device arrays are not checked, see above)."""
     xp = get_xp(x)
+    if xp is not np:  # the `if` below would wait for the device at every layer
+        return
     if bool(xp.isfinite(x.sum())):  # NaN and Inf propagate through a sum
         return
     if not bool(xp.isfinite(x).all()):  # the sum may only have overflowed

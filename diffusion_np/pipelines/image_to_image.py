@@ -39,10 +39,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_np.backend import default_rng
+from diffusion_np.backend import asnumpy, default_rng, get_xp
 from diffusion_np.pipelines.text_to_image import PipelineOutput, TextToImagePipeline, encode_images, forward_only
 from diffusion_np.samplers.base import Sampler
 from diffusion_np.samplers.loop import denoise
+
+
+def value_range(x) -> tuple[float, float]:
+    """(min, max) of ``x`` as Python floats, in one deliberate device -> host copy (checks before the loop)."""
+    lo, hi = asnumpy(get_xp(x).stack([x.min(), x.max()]))
+    return float(lo), float(hi)
 
 
 def check_strength(strength: float) -> float:
@@ -186,7 +192,7 @@ class ImageToImagePipeline(TextToImagePipeline):
             raise ValueError(f"image must have {channels} channels (channels last), got shape {tuple(image.shape)}")
         self._check_size(int(image.shape[1]), int(image.shape[2]))
         image = xp.asarray(image, dtype=dtype)
-        lo, hi = float(image.min()), float(image.max())
+        lo, hi = value_range(image)
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1.0 or hi > 1.0:
             raise ValueError(
                 f"image values must lie in [-1, 1], got [{lo:.4g}, {hi:.4g}]; use image_io.load_image, or "

@@ -52,7 +52,7 @@ import math
 import numpy as np
 
 from diffusion_np.backend import asnumpy, default_rng
-from diffusion_np.pipelines.image_to_image import ImageToImagePipeline, check_num_inference_steps
+from diffusion_np.pipelines.image_to_image import ImageToImagePipeline, check_num_inference_steps, value_range
 from diffusion_np.pipelines.text_to_image import PipelineOutput, decode_latents, encode_images, forward_only
 from diffusion_np.samplers.ddim import DDIMSampler
 from diffusion_np.samplers.ddpm import DDPMSampler
@@ -221,7 +221,7 @@ class InpaintPipeline(ImageToImagePipeline):
             m = m.astype(np.float32)
         if not (np.issubdtype(m.dtype, np.floating) or np.issubdtype(m.dtype, np.integer)):
             raise TypeError(f"mask must hold numbers in [0, 1] or bools, got dtype {m.dtype}")
-        lo, hi = float(m.min()), float(m.max())
+        lo, hi = value_range(m)
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
             raise ValueError(
                 f"mask values must lie in [0, 1] (1 = repaint, 0 = keep), got [{lo:.4g}, {hi:.4g}]; "

@@ -20,7 +20,7 @@ as in diffusers' ``examples/text_to_image/train_text_to_image.py``::
     5. loss = mean_b w_b || target_b - unet(x_t, t, c)_b ||^2               (DDPM Eq. 14)
           target = eps ("epsilon") or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 ("v_prediction",
           Salimans & Ho 2022); w_b = 1 or min-SNR-gamma (Hang et al. 2023)
-    6. backward: unet.backward -> (dx_t, dc);  text_encoder.backward(dc)
+    6. backward: unet.backward -> BlockGrads(dx_t, dcontext);  text_encoder.backward(dcontext)
 
 The empty caption "" (``<bos> <eos> <pad>...``) that replaces 10% of the captions
 teaches the same network the unconditional prediction classifier-free guidance needs
@@ -132,7 +132,7 @@ class _TextToImageTask:
         pred = model(x_t, t_dev, ids)  # 2. + 5. text encoder, then U-Net
         loss, cache = mse_loss_forward(pred, target, weights)  # 5.
         model.backward(mse_loss_backward(cache))  # 6. through the U-Net into the text encoder
-        return float(loss)
+        return float(asnumpy(loss))  # the one deliberate device -> host copy of a step
 
     # ------------------------------------------------------------------ sampling and pictures
     def preview_prompts(self, n: int) -> list[str]:
@@ -251,7 +251,7 @@ class ShapesVAETask:
         images = to_device(images, device_of(self.model.quant_conv.weight))
         loss, _ = self.model.loss(images, beta=self.config.kl_weight, recon=self.config.recon, rng=rng)
         self.model.loss_backward()
-        return float(loss)
+        return float(asnumpy(loss))  # the one deliberate device -> host copy of a step
 
     def sample(self, sampler: str, steps: int, n: int, seed: int, progress: bool = False) -> np.ndarray:
         """For a VAE, "samples" are reconstructions: ``n`` held-out shapes beside their

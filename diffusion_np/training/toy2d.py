@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diffusion_np.backend import asnumpy
+from diffusion_np.backend import asnumpy, device_of, get_xp, to_device
 from diffusion_np.data.toy2d import DATASETS, sample_toy2d
 from diffusion_np.diffusion import check_prediction_type, q_sample, training_target
 from diffusion_np.metrics.distances import sliced_wasserstein
@@ -103,11 +103,13 @@ class Toy2DTask:
         x0 = pool[rng.integers(0, len(pool), batch_size)]  # 1. data          (B, 2)
         t = rng.integers(0, schedule.num_train_timesteps, batch_size)  # 2. timesteps  (B,)
         eps = rng.standard_normal(x0.shape).astype(np.float32)  # 3. noise        (B, 2)
+        device = device_of(_first_param(self.model))  # drawn on the host, moved to the model's device
+        x0, t, eps = to_device(x0, device), to_device(t, device), to_device(eps, device)
         x_t = q_sample(x0, t, eps, schedule.alpha_bar)  # 4. forward process
         target = training_target(x0, eps, t, schedule.alpha_bar, self.config.prediction_type)
         loss, cache = mse_loss_forward(self.model(x_t, t), target)  # 5. the loss, then its gradient
         self.model.backward(mse_loss_backward(cache))
-        return float(loss)
+        return float(asnumpy(loss))  # the one deliberate device -> host copy of a step
 
     def make_sampler(self, name: str):
         """The sampler ``name`` (a key of ``SAMPLERS``) for this task's schedule and prediction type."""
@@ -122,7 +124,7 @@ class Toy2DTask:
     def sample(self, sampler: str, steps: int, n: int, seed: int, progress: bool = False) -> np.ndarray:
         """``n`` points (n, 2) drawn with the current weights."""
         x = loop.sample(lambda x, t: self.model(x, t), (n, 2), self.make_sampler(sampler), steps, seed=seed,
-                        progress=progress)
+                        progress=progress, xp=get_xp(_first_param(self.model)))
         return asnumpy(x)
 
     def save_png(self, samples, path, title: str = "") -> None:
@@ -211,7 +213,13 @@ def evaluate_toy2d(run: ToyRun, dataset: str, samplers: dict, n: int = 10_000, s
     samples = {"data": reference}
     with run.ema.average_parameters(run.model):
         for label, (sampler, steps) in samplers.items():
-            x = loop.sample(lambda x, t: run.model(x, t), (n, 2), sampler, steps, seed=seed, progress=progress)
-            results[label] = sliced_wasserstein(x, reference)
+            x = loop.sample(lambda x, t: run.model(x, t), (n, 2), sampler, steps, seed=seed, progress=progress,
+                            xp=get_xp(_first_param(run.model)))
             samples[label] = asnumpy(x)
+            results[label] = sliced_wasserstein(samples[label], reference)
     return (results, samples) if return_samples else results
+
+
+def _first_param(model):
+    """One of ``model``'s parameters: its array module and device are the model's."""
+    return next(model.named_parameters())[1]
