@@ -260,3 +260,21 @@ def test_pndm_refuses_what_it_does_not_implement():
         x = sampler.step(x, t, x).prev_sample
     with pytest.raises(RuntimeError, match="all 3 calls are done"):
         sampler.step(x, 1, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("skip", [True, False])
+def test_cupy_matches_numpy(skip):
+    import cupy
+
+    x_init = np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)
+    outs = []
+    for xp in (np, cupy):
+        sampler = PNDMSampler(**{**SD15, "skip_prk_steps": skip, "prediction_type": "v_prediction"})
+        sampler.set_timesteps(6)
+        x = xp.asarray(x_init)
+        for t in sampler.timesteps:
+            x = sampler.step(xp.tanh(0.5 * x + float(t) / 1000), t, x).prev_sample
+        assert isinstance(x, xp.ndarray) and x.dtype == np.float32
+        outs.append(cupy.asnumpy(x) if xp is cupy else x)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -236,3 +236,21 @@ def test_unipc_refuses_what_it_does_not_implement():
         sampler.step(np.zeros((1, 2, 2, 2)), sampler.timesteps[0], x)
     with pytest.raises(ValueError, match="expected timestep"):
         sampler.step(x, sampler.timesteps[1], x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver_type", ["bh1", "bh2"])
+def test_cupy_matches_numpy(solver_type):
+    import cupy
+
+    x_init = np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)
+    outs = []
+    for xp in (np, cupy):
+        sampler = UniPCSampler(**SD, solver_type=solver_type, final_sigmas_type="sigma_min", use_karras_sigmas=True)
+        sampler.set_timesteps(6)
+        x = xp.asarray(x_init)
+        for t in sampler.timesteps:
+            x = sampler.step(xp.tanh(0.5 * sampler.scale_model_input(x, t) + float(t) / 1000), t, x).prev_sample
+        assert isinstance(x, xp.ndarray) and x.dtype == np.float32
+        outs.append(cupy.asnumpy(x) if xp is cupy else x)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
