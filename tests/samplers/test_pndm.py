@@ -1,12 +1,11 @@
 """PNDMSampler: diffusers parity (golden and live over random configs), PNDM Eq. (9), the warm-up, validation."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model
-from fixtures.cases_samplers_multistep import CASES, run_loop
+from fixtures.cases_samplers_multistep import CASES, replay
 from helpers import SOURCES, reference
 from hypothesis import given
 from hypothesis import strategies as st
@@ -44,11 +43,7 @@ def test_pndm_full_loops_match_diffusers(diffusers_cases):
     """float32 loops; diffusers' schedule is float32, ours float64 (measured <= 1.3e-6 relative)."""
     assert len(diffusers_cases) == sum(kind == "pndm" for kind, _, _ in CASES.values())
     for name, case in diffusers_cases.items():
-        sampler = PNDMSampler(**json.loads(str(case["config"])))
-        sampler.set_timesteps(int(case["steps"]))
-        np.testing.assert_array_equal(sampler.timesteps, case["timesteps"], err_msg=f"{name}: timesteps")
-        final = run_loop(sampler, case["x_init"])
-        err = float(np.abs(final - case["final"]).max()) / max(1.0, float(np.abs(case["final"]).max()))
+        sampler, err = replay(case, PNDMSampler)
         assert err <= 1e-5, f"{name}: final sample differs from diffusers by {err:.2e} (relative)"
 
 

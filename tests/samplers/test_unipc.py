@@ -1,12 +1,11 @@
 """UniPCSampler: diffusers parity (golden and live over random configs), UniP = DPM-Solver++, UniC, validation."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model
-from fixtures.cases_samplers_multistep import CASES, run_loop
+from fixtures.cases_samplers_multistep import CASES, replay
 from helpers import SOURCES, reference
 from hypothesis import given
 from hypothesis import strategies as st
@@ -42,13 +41,9 @@ def test_unipc_full_loops_match_diffusers(diffusers_cases):
     """float32 loops; diffusers' sigmas are float32, ours float64 (measured <= 1.1e-6 relative)."""
     assert len(diffusers_cases) == sum(kind == "unipc" for kind, _, _ in CASES.values())
     for name, case in diffusers_cases.items():
-        sampler = UniPCSampler(**json.loads(str(case["config"])))
-        sampler.set_timesteps(int(case["steps"]))
-        np.testing.assert_array_equal(sampler.timesteps, case["timesteps"], err_msg=f"{name}: timesteps")
+        sampler, err = replay(case, UniPCSampler)
         # diffusers' sigmas come from a float32 cumprod: relative 1e-5 at sigma_min, 1e-6 of sigma_max
         np.testing.assert_allclose(sampler.sigmas, case["sigmas"], rtol=2e-5, atol=0, err_msg=f"{name}: sigmas")
-        final = run_loop(sampler, case["x_init"])
-        err = float(np.abs(final - case["final"]).max()) / max(1.0, float(np.abs(case["final"]).max()))
         assert err <= 1e-5, f"{name}: final sample differs from diffusers by {err:.2e} (relative)"
 
 
