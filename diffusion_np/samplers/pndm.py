@@ -32,8 +32,10 @@ The gradient part, with e_t = eps_theta(x_t, t) (Sec. 3.3):
 
 PLMS needs three earlier estimates. The paper's PNDM starts with three PRK steps
 (12 model calls, ``skip_prk_steps=False``, diffusers' default). Stable Diffusion runs
-``skip_prk_steps=True`` (its ``scheduler_config.json``): the warm-up is then a linear
-multistep of growing order, as diffusers does it::
+``skip_prk_steps=True`` (its ``scheduler_config.json``), and so does this sampler by
+default, so that any number of steps works (PRK needs at least 4; diffusers' configs
+always name the field, so a loaded config keeps its own value). The warm-up is then a
+linear multistep of growing order, as diffusers does it::
 
     step 0 (two calls)   predictor  x' = phi(x_0, e_0, t_0, t_1)              (Euler)
                          corrector  x_1 = phi(x_0, (e_0 + e(x', t_1)) / 2, t_0, t_1)   (Heun / trapezoid)
@@ -118,9 +120,9 @@ class PNDMSampler(Sampler):
     Parameters beyond :class:`~diffusion_np.samplers.base.Sampler`'s
     ----------------------------------------------------------------
     skip_prk_steps : bool
-        False (diffusers' default, the paper's PNDM): three pseudo Runge-Kutta steps, then PLMS;
-        needs ``num_inference_steps >= 4``. True (Stable Diffusion's config): PLMS from the
-        start with the linear multistep warm-up.
+        True (default here; Stable Diffusion's config): PLMS from the start with the linear
+        multistep warm-up. False (diffusers' default, the paper's PNDM): three pseudo Runge-Kutta
+        steps, then PLMS; needs ``num_inference_steps >= 4``.
     set_alpha_to_one : bool
         alpha_bar after the last step: 1 (True) or alpha_bar[0] (False, Stable Diffusion).
     prediction_type : "epsilon" or "v_prediction"
@@ -139,7 +141,7 @@ class PNDMSampler(Sampler):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas=None,
-        skip_prk_steps: bool = False,
+        skip_prk_steps: bool = True,
         set_alpha_to_one: bool = False,
         prediction_type: str = "epsilon",
         timestep_spacing: str = "leading",
