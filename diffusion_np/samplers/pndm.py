@@ -249,7 +249,8 @@ class PNDMSampler(Sampler):
         if int(t) != int(self.timesteps[k]):
             raise ValueError(
                 f"PNDMSampler: expected timestep {int(self.timesteps[k])} (call {k}), got {t}; call step with the "
-                "entries of sampler.timesteps, in order, from the first (the warm-up keeps state between calls)"
+                "entries of sampler.timesteps, in order, from the first (the warm-up keeps state between calls, "
+                "so PNDM cannot start mid-schedule: use DDIM, DPM-Solver++ or UniPC for image-to-image)"
             )
         if k < self._num_prk_calls:
             out = self._step_prk(model_output, k, sample)

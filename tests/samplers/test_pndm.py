@@ -273,3 +273,12 @@ def test_cupy_matches_numpy(skip):
         assert isinstance(x, xp.ndarray) and x.dtype == np.float32
         outs.append(cupy.asnumpy(x) if xp is cupy else x)
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_pndm_refuses_a_mid_schedule_start():
+    """The warm-up state starts at the first call: image-to-image slices of the timesteps are refused."""
+    sampler = PNDMSampler(**SD15)
+    sampler.set_timesteps(10)
+    x = np.zeros((1, 2, 2, 1))
+    with pytest.raises(ValueError, match="cannot start mid-schedule"):
+        sampler.step(x, sampler.timesteps[3], x)
