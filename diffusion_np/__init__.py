@@ -18,6 +18,8 @@ from diffusion_np.samplers import (
     EulerAncestralSampler,
     EulerSampler,
     HeunSampler,
+    PNDMSampler,
+    UniPCSampler,
     sample,
 )
 from diffusion_np.schedules import NoiseSchedule, make_betas, rescale_zero_terminal_snr
@@ -32,6 +34,8 @@ __all__ = [
     "EulerSampler",
     "HeunSampler",
     "NoiseSchedule",
+    "PNDMSampler",
+    "UniPCSampler",
     "__version__",
     "asnumpy",
     "check_module",

@@ -166,9 +166,10 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _add_sampler_options(parser: argparse.ArgumentParser) -> None:
-    """--sampler and --steps, shared by sample and evaluate."""
-    parser.add_argument("--sampler", choices=list(SAMPLERS), default="ddim", help="sampling method (default ddim)")
+def _add_sampler_options(parser: argparse.ArgumentParser, model_default: bool = False) -> None:
+    """--sampler and --steps, shared by sample and evaluate (``model_default``: None means the model's own)."""
+    help_text = "sampling method (default ddim" + ("; --model: the model's own scheduler)" if model_default else ")")
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default=None if model_default else "ddim", help=help_text)
     parser.add_argument("--steps", type=_positive_int, default=50, metavar="N",
                         help="number of sampling steps (default 50)")
 
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--checkpoint", metavar="DIR", default=None,
                      help="a run directory of `diffusion-np train`, the checkpoint/ inside it, or "
                           "pretrained:digits / pretrained:shapes (the shipped weights)")
-    _add_sampler_options(smp)
+    _add_sampler_options(smp, model_default=True)
     smp.add_argument("--seed", type=_nonnegative_int, default=0, metavar="N",
                      help="seed of the initial and per-step noise (default 0)")
     smp.add_argument("-n", type=_positive_int, default=None,
@@ -350,6 +351,7 @@ def _sample(args) -> int:
         if args.checkpoint is not None:
             raise _UsageError("give either --checkpoint or --model, not both")
         return sample_from_model(args)
+    args.sampler = args.sampler or "ddim"
     if args.checkpoint is None:
         raise _UsageError("sample needs --checkpoint DIR (a trained run) or --model PATH (Stable Diffusion weights)")
     try:

@@ -59,8 +59,8 @@ are freed layer by layer. Attention is computed in query chunks
 
 Left out: sharded weight files (``*.safetensors.index.json``), SD 2.x/SDXL single files
 (v-prediction, OpenCLIP text encoders), LoRA and textual-inversion files, the safety
-checker and feature extractor, the PNDM sampler (SD 1.5's folder names it: choose one of
-ours, the noise schedule comes from its config), and float16 computation.
+checker and feature extractor, and float16 computation. The folder's scheduler (SD 1.5's
+PNDM) is ours by default; any other sampler can be named and gets the config's noise schedule.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ SD1_TEXT_ENCODER_CONFIG = {
     "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
     "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 2,
 }
-#: SD 1.x's scheduler/scheduler_config.json (PNDM; only its noise schedule is used)
+#: SD 1.x's scheduler/scheduler_config.json (PNDM with PLMS steps)
 SD1_SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "trained_betas": None, "set_alpha_to_one": False, "skip_prk_steps": True,
@@ -388,7 +388,7 @@ def text_encoder_config(config: dict) -> TextEncoderConfig:
 SCHEDULER_CLASSES = {
     "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpm++",
+    "DPMSolverMultistepScheduler": "dpm++", "PNDMScheduler": "pndm", "UniPCMultistepScheduler": "unipc",
 }
 #: Every field of diffusers' schedulers with its default: the ``__init__`` signatures of diffusers 0.42
 #: (read with ``inspect.signature``). A scheduler_config.json holds these fields; newer diffusers add
@@ -490,8 +490,8 @@ def sampler_from_config(name: str | None, config: dict):
         if cls_name not in SCHEDULER_CLASSES:
             raise WeightsError(
                 f"the scheduler config names {cls_name}, which diffusion_np does not implement; choose a sampler "
-                f"({', '.join(SAMPLERS)}): its noise schedule is read from the config (Stable Diffusion 1.5 ships "
-                "PNDM; 'dpm++' with 20-25 steps or 'ddim' with 50 are the usual choices)"
+                f"({', '.join(SAMPLERS)}): its noise schedule is read from the config ('dpm++' with 20-25 "
+                "steps or 'ddim' with 50 are the usual choices)"
             )
         name = SCHEDULER_CLASSES[cls_name]
     if name not in SAMPLERS:
@@ -614,7 +614,7 @@ def load_pipeline(
     sampler : str, optional
         Short name of a sampler (``"ddim"``, ``"dpm++"``, ...; see ``diffusion_np.samplers.SAMPLERS``)
         built with the folder's noise schedule; None uses the folder's scheduler class when
-        we implement it (not SD 1.5's PNDM: name one then).
+        we implement it (SD 1.5's PNDM included).
     variant : str, optional
         Weight file variant, e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``.
     dtype : NumPy float dtype

@@ -14,7 +14,9 @@ from diffusion_np.samplers.euler import EulerSampler
 from diffusion_np.samplers.euler_ancestral import EulerAncestralSampler
 from diffusion_np.samplers.heun import HeunSampler
 from diffusion_np.samplers.loop import Trajectory, sample
+from diffusion_np.samplers.pndm import PNDMSampler
 from diffusion_np.samplers.timesteps import make_timesteps
+from diffusion_np.samplers.unipc import UniPCSampler
 
 #: the CLI's short names
 SAMPLERS = {
@@ -24,6 +26,8 @@ SAMPLERS = {
     "euler-a": EulerAncestralSampler,
     "heun": HeunSampler,
     "dpm++": DPMSolverMultistepSampler,
+    "pndm": PNDMSampler,
+    "unipc": UniPCSampler,
 }
 
 __all__ = [
@@ -34,9 +38,11 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerSampler",
     "HeunSampler",
+    "PNDMSampler",
     "Sampler",
     "StepOutput",
     "Trajectory",
+    "UniPCSampler",
     "make_timesteps",
     "sample",
 ]

@@ -35,7 +35,7 @@ from diffusion_np.io.diffusers import (
 )
 from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.nn.attention import Attention, sdpa_chunked_forward, sdpa_forward, set_attention_chunk_size
-from diffusion_np.samplers import DDIMSampler, DPMSolverMultistepSampler
+from diffusion_np.samplers import DDIMSampler, DPMSolverMultistepSampler, PNDMSampler, UniPCSampler
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY_SD = FIXTURES / "tiny_sd"
@@ -354,8 +354,17 @@ def test_scheduler_config_mapping():
     from fixtures.make_tiny_sd import SD15_SCHEDULER
 
     sd15 = {"_class_name": "PNDMScheduler", **SD15_SCHEDULER}
-    with pytest.raises(WeightsError, match="PNDMScheduler, which diffusion_np does not implement"):
-        sampler_from_config(None, sd15)
+    pndm = sampler_from_config(None, sd15)  # SD 1.5's own scheduler: PLMS, steps_offset 1, alpha_bar_prev = ab[0]
+    assert isinstance(pndm, PNDMSampler) and pndm.skip_prk_steps and pndm.steps_offset == 1
+    assert not pndm.set_alpha_to_one
+    unipc = sampler_from_config(None, {"_class_name": "UniPCMultistepScheduler", "solver_type": "bh2",
+                                       "disable_corrector": [], "predict_x0": True, "time_shift_type": "exponential",
+                                       "shift_terminal": None, "beta_schedule": "scaled_linear"})
+    assert isinstance(unipc, UniPCSampler) and unipc.solver_type == "bh2"
+    with pytest.raises(WeightsError, match="predict_x0=False"):
+        sampler_from_config(None, {"_class_name": "UniPCMultistepScheduler", "predict_x0": False})
+    with pytest.raises(WeightsError, match="LCMScheduler, which diffusion_np does not implement"):
+        sampler_from_config(None, {"_class_name": "LCMScheduler"})
     dpm = sampler_from_config("dpm++", sd15)
     assert isinstance(dpm, DPMSolverMultistepSampler) and dpm.steps_offset == 1
     own = sampler_from_config(None, {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True,
@@ -502,6 +511,8 @@ def test_cli_sample_with_a_folder_and_a_single_file(tmp_path, capsys):
     assert main(["sample", "--model", str(TINY_SD), "--sampler", "ddim", *common]) == 0
     assert Image.open(out).size == (32, 32)
     assert "s/step" in capsys.readouterr().out
+    assert main(["sample", "--model", str(TINY_SD), *common]) == 0  # no --sampler: the folder's own PNDM
+    assert "PNDMSampler steps" in capsys.readouterr().out
     assert main(["sample", "--model", str(LDM_FILE), "--config", str(TINY_SD), *common]) == 0
     assert main(["sample", "--model", str(LDM_FILE), *common]) == 2  # no tokenizer beside the file
     assert "holds no vocabulary" in capsys.readouterr().err

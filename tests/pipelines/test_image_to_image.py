@@ -44,7 +44,9 @@ def test_kept_timesteps(sampler, N, strength, expected):
     assert sampler.timesteps[start:].tolist() == expected
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# PNDM is left out: its warm-up repeats t_1 and keeps state from the first call, so it cannot start
+# mid-schedule (its step says so; tests/samplers/test_pndm.py)
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"pndm"}))
 @pytest.mark.parametrize("N, strength", [(10, 0.8), (7, 0.5), (25, 0.33), (50, 0.999), (4, 0.25), (1, 1.0)])
 def test_kept_timesteps_follow_diffusers_rule(name, N, strength):
     sampler = SAMPLERS[name]()

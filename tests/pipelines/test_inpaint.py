@@ -31,7 +31,9 @@ def tiny_vae() -> AutoencoderKL:
 
 
 # ----------------------------------------------------------------------------- the oracle
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# PNDM is left out: it extrapolates eps from earlier steps, which saw the samples before the mask
+# blending, so even an exact oracle is off by about 1e-2 (the x0-based multistep samplers stay exact)
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"pndm"}))
 def test_oracle_fills_the_hole_and_the_rest_is_kept_exactly(models, name):
     # the model "knows" image A; we inpaint image B: outside the mask B exactly, inside it A
     _, text_encoder, tokenizer = models
