@@ -74,7 +74,7 @@ class Linear(Module):
 
     def backward(self, dout):
         dx, dw, db = linear_backward(dout, self._pop_cache())
-        self.grads["weight"] += dw
+        self.add_grad("weight", dw)
         if db is not None:
-            self.grads["bias"] += db
+            self.add_grad("bias", db)
         return dx

@@ -394,7 +394,7 @@ def _named_children(model: Module):
 
 def add_lora(model: Module, target: Iterable[str] | str = ATTENTION_TARGETS, rank: int = 4,
              alpha: float | None = None, dropout: float = 0.0, adapter_name: str = "default",
-             rng=None, seed: int = 0) -> list[str]:
+             rng=None, seed: int = 0, freeze_base: bool = True) -> list[str]:
     """Put a LoRA adapter on every Linear/Conv2d of ``model`` whose path matches ``target``.
 
     ``target``: names matched against the end of each module's dotted path (``"to_q"``
@@ -407,6 +407,11 @@ def add_lora(model: Module, target: Iterable[str] | str = ATTENTION_TARGETS, ran
     :class:`LoRAConv2d` that takes over its arrays (the parameter names of the base stay as
     they were); an already adapted layer gets one more adapter named ``adapter_name``.
     Adapters are drawn from ``rng`` in path order. Returns the adapted paths.
+
+    ``freeze_base`` (the default, as peft's ``get_peft_model``): every other parameter of
+    ``model`` is frozen too (:meth:`~diffusion_np.nn.Module.freeze`: no gradient buffers),
+    so the model's trainable parameters are the adapters alone and an optimizer built on
+    it trains nothing else. Adapters of earlier calls stay trainable.
     Raises ValueError when nothing matches or a match is not a Linear/Conv2d.
     """
     patterns = (target,) if isinstance(target, str) else tuple(target)
@@ -417,6 +422,8 @@ def add_lora(model: Module, target: Iterable[str] | str = ATTENTION_TARGETS, ran
              if _matches(path, patterns)]
     if not found:
         raise ValueError(f"add_lora: no module of {type(model).__name__} matches target {patterns}")
+    if freeze_base:
+        _freeze_base(model)
     done = []
     for i, (path, parent, name, child) in enumerate(found):
         if isinstance(parent, _READS_CHILD_WEIGHT):
@@ -435,6 +442,15 @@ def add_lora(model: Module, target: Iterable[str] | str = ATTENTION_TARGETS, ran
             _replace_child(parent, name, layer)
         done.append(path)
     return done
+
+
+def _freeze_base(model: Module) -> None:
+    """Drop the gradient buffers of every module of ``model`` except the LoRA adapters."""
+    adapters = {id(m) for layer in lora_layers(model).values() for store in (layer.lora_A, layer.lora_B)
+                for _, m in store.named_modules()}
+    for _, module in model.named_modules():
+        if id(module) not in adapters:
+            module.grads.clear()
 
 
 def _replace_child(parent: Module, name: str, new: Module) -> None:

@@ -77,6 +77,20 @@ class Module:
         else:
             self.grads.pop(name, None)
 
+    def add_grad(self, name: str, value) -> None:
+        """``grads[name] += value``: what every backward does with a parameter's gradient;
+        nothing for a frozen parameter, which has no gradient buffer (:meth:`freeze`)."""
+        if name in self.grads:
+            self.grads[name] += value
+
+    def freeze(self) -> Module:
+        """Freeze every parameter of this module and its children: their gradient buffers are
+        dropped, backward passes no longer accumulate into them, optimizers skip them.
+        The input gradients still flow through (fine-tuning a part of a model, LoRA)."""
+        for _, module in self.named_modules():
+            module.grads.clear()
+        return self
+
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, Module):
             self._modules[name] = value
