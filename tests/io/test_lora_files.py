@@ -161,8 +161,7 @@ def test_problems_are_listed_in_one_error(tmp_path):
         read_lora(tmp_path / "bad.safetensors")
     del tensors["unet.something.else"]
     save_file(tensors, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(WeightsError, match="no Linear or Conv2d layer mid_block.attentions.0.transformer_blocks.0.attn9"
-                       ):
+    with pytest.raises(WeightsError, match=r"no Linear or Conv2d layer mid_block\.\S*\.attn9\.to_q"):
         load_lora(tmp_path / "bad.safetensors", *_models())
     save_file({"lora_te2_x.lora_down.weight": np.zeros((1, 1), np.float32)}, str(tmp_path / "xl.safetensors"))
     with pytest.raises(WeightsError, match="SDXL is not supported"):
