@@ -168,3 +168,70 @@ def test_problems_are_listed_in_one_error(tmp_path):
         read_lora(tmp_path / "xl.safetensors")
     with pytest.raises(ValueError, match="layout must be 'diffusers' or 'kohya'"):
         save_lora(tmp_path, unet=unet, layout="a1111")
+
+
+# ---------------------------------------------------------------------------- files diffusers writes and reads
+def _diffusers_pair(torch, diffusers):
+    """A tiny diffusers U-Net and ours with the same base weights (float32)."""
+    from fixtures.cases_unet import TINY_UNET as DIFFUSERS_TINY
+    from fixtures.cases_unet import torch_layout, weights_for
+
+    ours = UNet2DConditionModel(**DIFFUSERS_TINY)
+    weights = weights_for({k: tuple(v.shape) for k, v in ours.state_dict().items()})
+    ours.load_state_dict(weights)
+    theirs = diffusers.UNet2DConditionModel(**DIFFUSERS_TINY).eval()
+    theirs.load_state_dict({k: torch.tensor(torch_layout(k, v)) for k, v in weights.items()})
+    return ours, theirs
+
+
+def _both_outputs(torch, ours, theirs):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ctx = rng.standard_normal((1, 4, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = theirs(torch.tensor(x.transpose(0, 3, 1, 2).copy()), torch.tensor([300]), torch.tensor(ctx)).sample
+    return ours(x, 300, ctx), ref.numpy().transpose(0, 2, 3, 1)
+
+
+@pytest.mark.crosscheck
+def test_a_file_diffusers_saved_loads_into_ours(tmp_path):
+    """peft adapters (alpha != r, attention and the 1x1 proj_in convs) saved by diffusers' save_lora_weights."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    peft = pytest.importorskip("peft")
+    from peft.utils import get_peft_model_state_dict
+
+    ours, theirs = _diffusers_pair(torch, diffusers)
+    config = peft.LoraConfig(r=4, lora_alpha=2.0, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"])
+    theirs.add_adapter(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(theirs),
+        unet_lora_adapter_metadata=theirs.peft_config["default"].to_dict())
+    parts, layout = read_lora(tmp_path)
+    assert layout == "diffusers" and {t.alpha for t in parts["unet"].values()} == {2.0}
+    done = load_lora(tmp_path, unet=ours)
+    assert any(p.endswith("proj_in") for p in done["unet"]) and len(done["unet"]) == 4 * 2 * 4 + 4
+    out, ref = _both_outputs(torch, ours, theirs)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.crosscheck
+def test_a_file_we_save_loads_into_diffusers(tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    ours, theirs = _diffusers_pair(torch, diffusers)
+    rng = np.random.default_rng(10)
+    add_lora(ours, rank=2, alpha=6.0)
+    add_lora(ours, target="down_blocks.0.resnets.0.conv1", rank=3, alpha=1.0)  # a 3x3 conv, its own rank and alpha
+    for _, p, _ in ours.parameters_and_grads():
+        p[...] = 0.2 * rng.standard_normal(p.shape)
+    save_lora(tmp_path, unet=ours)
+    theirs.load_lora_adapter(str(tmp_path), prefix="unet", weight_name=LORA_WEIGHT_NAME)
+    out, ref = _both_outputs(torch, ours, theirs)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=2e-5)
