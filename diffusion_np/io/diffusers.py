@@ -58,7 +58,7 @@ are freed layer by layer. Attention is computed in query chunks
 (``attention_chunk_size``, see :func:`diffusion_np.nn.attention.sdpa_chunked_forward`).
 
 Left out: sharded weight files (``*.safetensors.index.json``), SD 2.x/SDXL single files
-(v-prediction, OpenCLIP text encoders), LoRA and textual-inversion files, the safety
+(v-prediction, OpenCLIP text encoders), textual-inversion files (LoRA files: :mod:`diffusion_np.io.lora`), the safety
 checker and feature extractor, the PNDM sampler (SD 1.5's folder names it: choose one of
 ours, the noise schedule comes from its config), and float16 computation.
 """
