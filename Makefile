@@ -44,8 +44,11 @@ lint: install
 # Each notebook runs once: tests/docs builds the site with `mkdocs build --strict`, which executes the
 # tutorials (docs/_gen/hooks.py; cached in .cache/ by content, an error fails the build) and renders them
 # in headless Chromium when installed; nbmake runs the solutions.
+# pytest-xdist runs one worker per core; --dist loadfile keeps a file's tests (and its module fixtures,
+# such as the built site) in one worker, and one BLAS thread per worker avoids oversubscribing the cores.
 test: install lint
-	DIFFUSION_NP_QUICK=1 NO_MKDOCS_2_WARNING=1 $(PY) -m pytest -m "not crosscheck" -q --nbmake --nbmake-timeout=300 tests tutorials/solutions
+	DIFFUSION_NP_QUICK=1 NO_MKDOCS_2_WARNING=1 OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 \
+	  $(PY) -m pytest -m "not crosscheck" -q -n auto --dist loadfile --nbmake --nbmake-timeout=300 tests tutorials/solutions
 
 crosscheck: $(VENV)/.installed-crosscheck
 	$(PY) -m pytest -m crosscheck -q
