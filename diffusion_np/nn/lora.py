@@ -119,6 +119,14 @@ class _LoRALayer(Module):
         self.disabled = False
         self._merged: tuple | None = None  # (saved W0, names merged) while merged
 
+    @classmethod
+    def wrap(cls, base: Module, name: str = "default", rank: int = 4, alpha: float | None = None,
+             dropout: float = 0.0, rng=None, seed: int = 0):
+        """``base`` wrapped (its arrays taken over, not copied), with one adapter (:meth:`add_adapter`)."""
+        layer = cls(base)
+        layer.add_adapter(name, rank, alpha, dropout, rng, seed)
+        return layer
+
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str = "default", rank: int = 4, alpha: float | None = None,
                     dropout: float = 0.0, rng=None, seed: int = 0) -> None:
@@ -270,9 +278,10 @@ class _LoRALayer(Module):
 class LoRALinear(_LoRALayer):
     """A frozen :class:`~diffusion_np.nn.Linear` plus LoRA adapters (the module docstring's math).
 
-    Build it from a Linear with :meth:`from_linear` (the base's arrays are taken over, not
-    copied), then :meth:`add_adapter`. Parameters: ``weight`` (out, in) and ``bias`` (out,),
-    frozen; per adapter ``lora_A.<name>.weight`` (r, in) and ``lora_B.<name>.weight`` (out, r),
+    Build it from a Linear with :meth:`wrap` (the base's arrays are taken over, not
+    copied), or ``LoRALinear(linear)`` and then :meth:`add_adapter`.
+    Parameters: ``weight`` (out, in) and ``bias`` (out,), frozen; per adapter
+    ``lora_A.<name>.weight`` (r, in) and ``lora_B.<name>.weight`` (out, r),
     peft's shapes and names. Shapes: x (..., in) -> (..., out).
     """
 
@@ -281,13 +290,6 @@ class LoRALinear(_LoRALayer):
             raise TypeError(f"LoRALinear wraps a Linear, got {type(base).__name__}")
         super().__init__(base)
         self.in_features, self.out_features = base.in_features, base.out_features
-
-    @classmethod
-    def from_linear(cls, base: Linear, name: str = "default", rank: int = 4, alpha: float | None = None,
-                    dropout: float = 0.0, rng=None, seed: int = 0) -> LoRALinear:
-        layer = cls(base)
-        layer.add_adapter(name, rank, alpha, dropout, rng, seed)
-        return layer
 
     def _make_pair(self, rank: int, rng):
         dtype = self.weight.dtype
@@ -328,13 +330,6 @@ class LoRAConv2d(_LoRALayer):
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
         self.kernel_size, self.stride, self.padding = base.kernel_size, base.stride, base.padding
         self.method = base.method
-
-    @classmethod
-    def from_conv(cls, base: Conv2d, name: str = "default", rank: int = 4, alpha: float | None = None,
-                  dropout: float = 0.0, rng=None, seed: int = 0) -> LoRAConv2d:
-        layer = cls(base)
-        layer.add_adapter(name, rank, alpha, dropout, rng, seed)
-        return layer
 
     def _make_pair(self, rank: int, rng):
         dtype = self.weight.dtype

@@ -44,7 +44,7 @@ def _randomize_adapters(layer_or_model, rng, scale=0.5):
 
 
 def _lora_linear(rng, **kw):
-    layer = LoRALinear.from_linear(nn.Linear(5, 3, rng=rng, dtype=np.float64), rank=2, alpha=3.0, rng=rng, **kw)
+    layer = LoRALinear.wrap(nn.Linear(5, 3, rng=rng, dtype=np.float64), rank=2, alpha=3.0, rng=rng, **kw)
     layer.add_adapter("style", rank=3, alpha=1.5, rng=rng)
     _randomize_adapters(layer, rng)
     return layer
@@ -52,7 +52,7 @@ def _lora_linear(rng, **kw):
 
 def _lora_conv(rng, kernel, stride, padding):
     base = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, rng=rng, dtype=np.float64)
-    layer = LoRAConv2d.from_conv(base, rank=2, alpha=5.0, rng=rng)
+    layer = LoRAConv2d.wrap(base, rank=2, alpha=5.0, rng=rng)
     _randomize_adapters(layer, rng)
     return layer
 
@@ -165,7 +165,7 @@ def test_a_new_adapter_changes_nothing_and_a_is_pefts_init(rng):
     base = nn.Linear(64, 32, rng=rng, dtype=np.float64)
     x = rng.standard_normal((3, 64))
     expected = x @ base.weight.T + base.bias
-    layer = LoRALinear.from_linear(base, rank=8, rng=np.random.default_rng(1))
+    layer = LoRALinear.wrap(base, rank=8, rng=np.random.default_rng(1))
     assert np.array_equal(layer(x), expected)
     assert not layer.lora_B["default"].weight.any()
     a = layer.lora_A["default"].weight
@@ -277,7 +277,7 @@ def test_errors(rng):
         add_lora(model, target="upsamplers.0.conv")
     with pytest.raises(ValueError, match="has no LoRA layers"):
         merge_lora(model)
-    layer = LoRALinear.from_linear(nn.Linear(4, 3, rng=rng))
+    layer = LoRALinear.wrap(nn.Linear(4, 3, rng=rng))
     with pytest.raises(ValueError, match="rank must be a positive int"):
         layer.add_adapter("x", rank=0)
     with pytest.raises(ValueError, match="already has an adapter 'default'"):
