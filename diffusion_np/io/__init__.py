@@ -1,5 +1,6 @@
 """Reading and writing models: checkpoints in safetensors + JSON (no pickles), and
-real Stable Diffusion 1.x weights (diffusers folders or original single files)."""
+real Stable Diffusion 1.x weights (diffusers folders or original single files), and
+the LoRA files people share (diffusers/peft and kohya layouts)."""
 
 from diffusion_np.io.checkpoint import (
     PICKLE_SUFFIXES,
@@ -9,6 +10,7 @@ from diffusion_np.io.checkpoint import (
     save_checkpoint,
 )
 from diffusion_np.io.diffusers import WeightsError, load_model, load_pipeline, load_single_file
+from diffusion_np.io.lora import load_lora, load_lora_weights, save_lora
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -16,8 +18,11 @@ __all__ = [
     "CheckpointError",
     "WeightsError",
     "load_checkpoint",
+    "load_lora",
+    "load_lora_weights",
     "load_model",
     "load_pipeline",
     "load_single_file",
     "save_checkpoint",
+    "save_lora",
 ]

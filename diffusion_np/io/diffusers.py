@@ -58,8 +58,8 @@ are freed layer by layer. Attention is computed in query chunks
 (``attention_chunk_size``, see :func:`diffusion_np.nn.attention.sdpa_chunked_forward`).
 
 Left out: sharded weight files (``*.safetensors.index.json``), SD 2.x/SDXL single files
-(v-prediction, OpenCLIP text encoders), LoRA and textual-inversion files, the safety
-checker and feature extractor, and float16 computation. The folder's scheduler (SD 1.5's
+(v-prediction, OpenCLIP text encoders), textual-inversion files (LoRA files: :mod:`diffusion_np.io.lora`),
+the safety checker and feature extractor, and float16 computation. The folder's scheduler (SD 1.5's
 PNDM) is ours by default; any other sampler can be named and gets the config's noise schedule.
 """
 

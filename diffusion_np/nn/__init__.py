@@ -37,6 +37,7 @@ from diffusion_np.nn.embedding import (
     timestep_embedding,
 )
 from diffusion_np.nn.linear import Linear, linear_backward, linear_forward
+from diffusion_np.nn.lora import LoRAConv2d, LoRALinear, add_lora, merge_lora, unmerge_lora
 from diffusion_np.nn.losses import (
     gaussian_kl_backward,
     gaussian_kl_forward,
@@ -74,6 +75,8 @@ __all__ = [
     "GroupNorm",
     "LayerNorm",
     "Linear",
+    "LoRAConv2d",
+    "LoRALinear",
     "BlockGrads",
     "Module",
     "ModuleList",
@@ -92,6 +95,7 @@ __all__ = [
     "dropout_forward",
     "embedding_backward",
     "embedding_forward",
+    "add_lora",
     "gaussian_kl_backward",
     "gaussian_kl_forward",
     "geglu_backward",
@@ -106,6 +110,7 @@ __all__ = [
     "layer_norm_forward",
     "linear_backward",
     "linear_forward",
+    "merge_lora",
     "mse_loss_backward",
     "mse_loss_forward",
     "quick_gelu_backward",
@@ -119,6 +124,7 @@ __all__ = [
     "softmax_cross_entropy_backward",
     "softmax_cross_entropy_forward",
     "timestep_embedding",
+    "unmerge_lora",
     "upsample_nearest2x_backward",
     "upsample_nearest2x_forward",
 ]

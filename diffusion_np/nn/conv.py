@@ -300,9 +300,9 @@ class Conv2d(Module):
 
     def backward(self, dout):
         dx, dw, db = conv2d_backward(dout, self._pop_cache())
-        self.grads["weight"] += dw
+        self.add_grad("weight", dw)
         if db is not None:
-            self.grads["bias"] += db
+            self.add_grad("bias", db)
         return dx
 
     def __repr__(self) -> str:

@@ -227,5 +227,7 @@ class Embedding(Module):
 
     def backward(self, dout):
         # scatter straight into the accumulated gradient (see embedding_backward)
-        embedding_backward(dout, self._pop_cache(), dweight=self.grads["weight"])
+        cache = self._pop_cache()
+        if "weight" in self.grads:  # a frozen table (Module.freeze) has no gradient buffer
+            embedding_backward(dout, cache, dweight=self.grads["weight"])
         return None

@@ -73,8 +73,11 @@ class Linear(Module):
         return y
 
     def backward(self, dout):
-        dx, dw, db = linear_backward(dout, self._pop_cache())
-        self.grads["weight"] += dw
+        cache = self._pop_cache()
+        if not self.grads:  # frozen (Module.freeze, LoRA's base): dx = dout W only, no dW to form
+            return dout @ cache.w  # (..., out) @ (out, in) -> (..., in)
+        dx, dw, db = linear_backward(dout, cache)
+        self.add_grad("weight", dw)
         if db is not None:
-            self.grads["bias"] += db
+            self.add_grad("bias", db)
         return dx

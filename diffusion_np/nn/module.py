@@ -61,12 +61,35 @@ class Module:
         object.__setattr__(self, "_keep_cache", True)
 
     # ------------------------------------------------------------------ structure
-    def add_param(self, name: str, value) -> None:
-        """Register a parameter and a zero gradient of the same shape."""
+    def add_param(self, name: str, value, trainable: bool = True) -> None:
+        """Register a parameter and, when ``trainable``, a zero gradient of the same shape.
+
+        A frozen parameter (``trainable=False``) has no gradient buffer at all: it is in
+        ``state_dict`` and moves with ``to()``, but no backward writes it, and
+        :meth:`parameters_and_grads` (what optimizers walk) leaves it out. LoRA's base
+        weights are frozen this way (:mod:`diffusion_np.nn.lora`).
+        """
         if "." in name:
             raise ValueError(f"parameter names must not contain '.', got {name!r}")
         self.params[name] = value
-        self.grads[name] = value * 0  # same shape, dtype and device as the value
+        if trainable:
+            self.grads[name] = value * 0  # same shape, dtype and device as the value
+        else:
+            self.grads.pop(name, None)
+
+    def add_grad(self, name: str, value) -> None:
+        """``grads[name] += value``: what every backward does with a parameter's gradient;
+        nothing for a frozen parameter, which has no gradient buffer (:meth:`freeze`)."""
+        if name in self.grads:
+            self.grads[name] += value
+
+    def freeze(self) -> Module:
+        """Freeze every parameter of this module and its children: their gradient buffers are
+        dropped, backward passes no longer accumulate into them, optimizers skip them.
+        The input gradients still flow through (fine-tuning a part of a model, LoRA)."""
+        for _, module in self.named_modules():
+            module.grads.clear()
+        return self
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, Module):
@@ -105,10 +128,12 @@ class Module:
                 yield prefix + name, value
 
     def parameters_and_grads(self) -> Iterator[tuple[str, object, object]]:
-        """(name, parameter, gradient) triples: what an optimizer walks over."""
+        """(name, parameter, gradient) triples of the trainable parameters: what an optimizer
+        walks over (frozen ones, with no gradient, are left out)."""
         for prefix, module in self.named_modules():
             for name, value in module.params.items():
-                yield prefix + name, value, module.grads[name]
+                if name in module.grads:
+                    yield prefix + name, value, module.grads[name]
 
     def num_parameters(self) -> int:
         """Total number of scalar parameters."""

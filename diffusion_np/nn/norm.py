@@ -260,8 +260,8 @@ class GroupNorm(Module):
         else:
             dx, dgamma, dbeta = group_norm_backward(dout, cache)
         if self.affine:
-            self.grads["weight"] += dgamma
-            self.grads["bias"] += dbeta
+            self.add_grad("weight", dgamma)
+            self.add_grad("bias", dbeta)
         return dx
 
     def __repr__(self) -> str:
@@ -367,8 +367,8 @@ class LayerNorm(Module):
     def backward(self, dout):
         dx, dgamma, dbeta = layer_norm_backward(dout, self._pop_cache())
         if self.elementwise_affine:
-            self.grads["weight"] += dgamma
-            self.grads["bias"] += dbeta
+            self.add_grad("weight", dgamma)
+            self.add_grad("bias", dbeta)
         return dx
 
     def __repr__(self) -> str:

@@ -139,9 +139,9 @@ class Upsample2D(Module):
         cache = self._pop_cache()
         if isinstance(cache, _fast_resample().UpsampleConvCache):  # the fused forward ran
             dx, dw, db = _fast_resample().upsample_conv_backward(dout, cache)
-            self.conv.grads["weight"] += dw
+            self.conv.add_grad("weight", dw)
             if db is not None:
-                self.conv.grads["bias"] += db
+                self.conv.add_grad("bias", db)
             return dx
         dup = self.conv.backward(dout) if self.use_conv else dout  # reverse order: conv first
         return upsample_nearest2x_backward(dup, cache)
