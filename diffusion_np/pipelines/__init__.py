@@ -1,4 +1,4 @@
-"""Pipelines: text-to-image, image-to-image (SDEdit) and inpainting, in pixel or latent space.
+"""Pipelines: text-to-image, image-to-image (SDEdit), inpainting and DDIM inversion, in pixel or latent space.
 
 Each pipeline is built from a U-Net, a text encoder, a tokenizer, a sampler and an
 optional VAE (``vae=None``: the U-Net works on pixels), and is called with prompts::
@@ -14,12 +14,15 @@ and writes PNG files.
 from diffusion_np.pipelines.image_io import from_uint8, load_image, load_mask, make_grid, save_image, to_uint8
 from diffusion_np.pipelines.image_to_image import ImageToImagePipeline, img2img_timesteps
 from diffusion_np.pipelines.inpaint import InpaintPipeline, downsample_mask
+from diffusion_np.pipelines.inversion import DDIMInversionPipeline, InversionOutput, reconstruction_error
 from diffusion_np.pipelines.text_to_image import GuidedDenoiser, PipelineOutput, TextToImagePipeline
 
 __all__ = [
+    "DDIMInversionPipeline",
     "GuidedDenoiser",
     "ImageToImagePipeline",
     "InpaintPipeline",
+    "InversionOutput",
     "PipelineOutput",
     "TextToImagePipeline",
     "downsample_mask",
@@ -28,6 +31,7 @@ __all__ = [
     "load_image",
     "load_mask",
     "make_grid",
+    "reconstruction_error",
     "save_image",
     "to_uint8",
 ]

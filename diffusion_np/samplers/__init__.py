@@ -4,10 +4,13 @@ Every sampler has diffusers' scheduler interface (``set_timesteps``,
 ``timesteps``, ``init_noise_sigma``, ``scale_model_input``, ``step``,
 ``add_noise``) and keyword names, so a diffusers loop ports line for line;
 :func:`sample` is that loop, with a progress bar and optional trajectories.
+:class:`DDIMInverseSampler` runs DDIM upwards, from an image to its noise (for editing);
+it is not in ``SAMPLERS``, which lists the samplers that generate.
 """
 
 from diffusion_np.samplers.base import Sampler, StepOutput
 from diffusion_np.samplers.ddim import DDIMSampler
+from diffusion_np.samplers.ddim_inverse import DDIMInverseSampler
 from diffusion_np.samplers.ddpm import DDPMSampler
 from diffusion_np.samplers.dpm_solver import DPMSolverMultistepSampler
 from diffusion_np.samplers.euler import EulerSampler
@@ -32,6 +35,7 @@ SAMPLERS = {
 
 __all__ = [
     "SAMPLERS",
+    "DDIMInverseSampler",
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolverMultistepSampler",

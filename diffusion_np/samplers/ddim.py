@@ -44,7 +44,7 @@ Code -> paper notation (as in diffusers' DDIM ``step``)::
     direction       "direction pointing to x_t"
     prev_sample     x_{t-1} (x at the previous timestep of the sequence)
 
-Left out: DDIM inversion, custom timestep lists, per-sample timesteps.
+Left out: custom timestep lists, per-sample timesteps (DDIM inversion is :mod:`.ddim_inverse`).
 """
 
 from __future__ import annotations
