@@ -13,14 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from diffusion_np.training.text_to_image import (
-    DigitsConfig,
-    DigitsTask,
-    ShapesConfig,
-    ShapesTask,
-    ShapesVAEConfig,
-    ShapesVAETask,
-)
 from pipelines.test_inpaint import tiny_vae as inpaint_vae
 from pipelines.test_text_to_image import CAPTIONS, SIZE  # SIZE: the sample side (latents of a 2x VAE)
 from pipelines.test_text_to_image import tiny_models as pipeline_models
@@ -33,6 +25,8 @@ from diffusion_np.samplers import SAMPLERS
 from diffusion_np.samplers.loop import sample
 from diffusion_np.testing import strict_backend as strict
 from diffusion_np.testing.strict_backend import DeviceRuleError, count_transfers
+from diffusion_np.training.configs import DigitsConfig, ShapesConfig, ShapesVAEConfig
+from diffusion_np.training.tasks import DigitsTask, ShapesTask, ShapesVAETask
 from diffusion_np.training.toy2d import Toy2DConfig, Toy2DTask
 from diffusion_np.training.trainer import TrainConfig, Trainer
 

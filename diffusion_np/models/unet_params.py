@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_np.models.unet import _per_level
-
 # (label, substring of a parameter name that marks it), tested in this order; "" matches everything left
 PARAM_KINDS = (("ResNet blocks", ".resnets."), ("transformers", ".attentions."),
                ("down/upsample convs", "samplers."), ("other", ""))
@@ -74,8 +72,8 @@ def unet_param_shapes(cfg: dict) -> dict:
 
     ch = list(cfg["block_out_channels"])
     n = len(ch)
-    layers = _per_level(cfg.get("layers_per_block", 2), n, "layers_per_block")
-    t_layers = _per_level(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
+    layers = _per_level(cfg.get("layers_per_block", 2), n)
+    t_layers = _per_level(cfg.get("transformer_layers_per_block", 1), n)
     temb_dim = 4 * ch[0]
     conv("conv_in", cfg["in_channels"], ch[0])
     linear("time_embedding.linear_1", ch[0], temb_dim)
@@ -147,3 +145,8 @@ def plot_param_bars(shapes: dict, ax, title: str):
     ax.set_xticks(range(len(blocks)), blocks, rotation=60, ha="right", fontsize=8)
     ax.set(title=title, ylabel="parameters")
     ax.legend(fontsize=8)
+
+
+def _per_level(value, n: int) -> list:
+    """An int repeated for each of the n levels, or a per-level tuple's entries."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
