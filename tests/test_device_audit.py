@@ -18,7 +18,7 @@ from pipelines.test_text_to_image import CAPTIONS, SIZE  # SIZE: the sample side
 from pipelines.test_text_to_image import tiny_models as pipeline_models
 
 from diffusion_np.backend import asnumpy, get_xp, to_device
-from diffusion_np.metrics import evaluate_checkpoint
+from diffusion_np.metrics.evaluate import evaluate_checkpoint
 from diffusion_np.optim import EMA, AdamW, clip_grad_norm
 from diffusion_np.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
 from diffusion_np.samplers import SAMPLERS

@@ -210,7 +210,7 @@ for _name in sorted(SAMPLERS):
 #: timestep_spacing is checked already (its cases pass)
 XFAIL = {
     **{f"sampler {name} steps_offset": "samplers: steps_offset is not validated (a float or NaN fails in numpy; "
-       "a negative one is accepted)" for name in ("ddim", "ddpm")},
+       "a negative one is accepted)" for name in ("ddim", "ddpm", "pndm")},
     "q_sample t": "diffusion.q_sample: t is not validated (out of range, float, NaN index)",
     "training_target t": "diffusion.training_target: t is not validated (out of range, float)",
     "q_sample": "diffusion.q_sample: x0, noise and alpha_bar are not validated (numpy errors; NaN passes through)",

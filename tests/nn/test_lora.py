@@ -115,7 +115,8 @@ def test_tiny_unet_with_lora_gradcheck(rng):
     model.zero_grad()
     out = model(sample, timesteps, context)
     dout = drng.standard_normal(out.shape)
-    dsample, dcontext = model.backward(dout)
+    g = model.backward(dout)
+    dsample, dcontext = g.dx, g.dcontext
 
     def loss():
         return float((model(sample, timesteps, context) * dout).sum())
@@ -431,7 +432,8 @@ def test_tiny_unet_with_lora_matches_diffusers_add_adapter():
     # so the tolerance here is 1e-7, while the layers alone (test_lora_layers_match_peft) agree to 1e-12.
     ours.zero_grad()
     np.testing.assert_allclose(ours(x, 500, ctx), tout.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-7, atol=1e-8)
-    dx, dctx = ours.backward(dout)
+    g = ours.backward(dout)
+    dx, dctx = g.dx, g.dcontext
     np.testing.assert_allclose(dx, tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-7, atol=1e-8)
     np.testing.assert_allclose(dctx, tctx.grad.numpy(), rtol=1e-7, atol=1e-8)
     _assert_adapter_grads_match(ours, theirs, paths, rtol=1e-7, atol=1e-8)

