@@ -90,11 +90,16 @@ class Sampler:
 
     def previous_timestep(self, t) -> int:
         """The next entry of ``self.timesteps`` after t, or -1 after the last (REFERENCE pitfall 1)."""
-        self._require_timesteps()
-        index = int(np.flatnonzero(self.timesteps == t)[0]) if np.any(self.timesteps == t) else None
-        if index is None:
-            raise ValueError(f"timestep {t} is not in this sampler's timesteps {self.timesteps.tolist()}")
+        index = self._position(t)
         return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+
+    def _position(self, t) -> int:
+        """The index of t in ``self.timesteps``; ValueError if t is not one of them."""
+        self._require_timesteps()
+        matches = np.flatnonzero(self.timesteps == t)
+        if matches.size == 0:
+            raise ValueError(f"timestep {t} is not in this sampler's timesteps {self.timesteps.tolist()}")
+        return int(matches[0])
 
     def scale_model_input(self, sample, t):
         """What the model sees at t; identity except for sigma-parametrised samplers."""

@@ -23,12 +23,21 @@ Diffusion's config). In the second case Eq. 16 gives sigma > 0 on the last step
 and, like diffusers, we add that noise when eta > 0: the step lands on the noise
 level of timestep 0, not on clean data.
 
-The previous timestep is the next entry of ``self.timesteps``. diffusers' DDIM
-uses ``t - T // N`` instead (REFERENCE pitfall 1). The two agree when every gap
-of the sequence is T // N ("leading" spacing, "trailing" when N divides T) and
-disagree otherwise ("linspace", "trailing" with N not dividing T), where
-diffusers jumps to a timestep the sequence never visits. Our numbers equal
-diffusers' exactly where the gaps are uniform.
+Which timestep a step goes to (``prev_timestep_rule``):
+
+* ``"stride"`` (the default, diffusers' ``DDIMScheduler``): prev = t - T // N, the stride of
+  "leading" spacing, whatever the spacing. Where every gap of the sequence is T // N
+  ("leading", "trailing" when N divides T) that is the next entry of ``timesteps``. Where the
+  gaps are uneven ("linspace", "trailing" with N not dividing T) a step lands on a noise level
+  the sequence does not visit, and the next step is asked at its own timestep all the same;
+  the last step of a sequence that ends at t >= T // N goes to alpha_bar[t - T // N], not to
+  the final alpha_bar. This is the rule Stable Diffusion pipelines run with, so it is the default.
+* ``"sequence"``: prev = the next entry of ``timesteps`` (the final alpha_bar after the last),
+  which is what DDIM Eq. 12 means for a sub-sequence tau of [1, ..., T] (Song et al. Sec. 4.2):
+  every step starts where the previous one ended (REFERENCE pitfall 1 calls ``t - T // N`` the
+  shortcut that is wrong for uneven gaps). It differs from diffusers wherever the gaps are uneven (by 3e-3
+  to 3e-1 relative on a sample, on the random configurations of the parity tests); with
+  uniform gaps the two are the same.
 
 ``clip_sample=True`` (the diffusers default) is right for pixels in [-1, 1] and
 wrong for latents (REFERENCE pitfall 6). With ``prediction_type="sample"`` or
@@ -56,6 +65,7 @@ import numpy as np
 from diffusion_np.diffusion import x0_and_eps
 from diffusion_np.samplers.base import Sampler, StepOutput
 from diffusion_np.samplers.ddpm import check_clip_config, clip_x0
+from diffusion_np.samplers.timesteps import PREV_TIMESTEP_RULES
 
 
 def ddim_variance(alpha_bar_t: float, alpha_bar_prev: float) -> float:
@@ -75,6 +85,9 @@ class DDIMSampler(Sampler):
         As in :class:`~diffusion_np.samplers.ddpm.DDPMSampler`.
     set_alpha_to_one : bool
         alpha_bar after the last step: 1 (True, the paper) or alpha_bar[0] (False, Stable Diffusion).
+    prev_timestep_rule : "stride" | "sequence"
+        Where a step goes: t - T // N ("stride", diffusers') or the next entry of ``timesteps``
+        ("sequence", the paper's sub-sequence); see the module docstring for where they differ.
     """
 
     def __init__(
@@ -94,7 +107,10 @@ class DDIMSampler(Sampler):
         sample_max_value: float = 1.0,
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
+        prev_timestep_rule: str = "stride",
     ) -> None:
+        if prev_timestep_rule not in PREV_TIMESTEP_RULES:
+            raise ValueError(f"prev_timestep_rule must be one of {PREV_TIMESTEP_RULES}, got {prev_timestep_rule!r}")
         super().__init__(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             prediction_type, timestep_spacing, steps_offset, rescale_betas_zero_snr,
@@ -106,14 +122,22 @@ class DDIMSampler(Sampler):
         self.thresholding = thresholding
         self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
         self.sample_max_value = sample_max_value
+        self.prev_timestep_rule = prev_timestep_rule
 
     @property
     def final_alpha_bar(self) -> float:
         """alpha_bar after the last step: 1 or alpha_bar[0], by ``set_alpha_to_one``."""
         return 1.0 if self.set_alpha_to_one else float(self.alpha_bar[0])
 
+    def previous_timestep(self, t) -> int:
+        """The timestep the step at t goes to, by ``prev_timestep_rule``; negative after the last step."""
+        if self.prev_timestep_rule == "sequence":
+            return super().previous_timestep(t)
+        self._position(t)  # t must be one of the timesteps all the same
+        return int(t) - self.num_train_timesteps // self.num_inference_steps
+
     def alpha_bar_prev(self, t) -> float:
-        """alpha_bar at the next entry of the sequence after t, or ``final_alpha_bar`` after the last."""
+        """alpha_bar at ``previous_timestep(t)``, or ``final_alpha_bar`` where that is negative."""
         prev_t = self.previous_timestep(t)
         return float(self.alpha_bar[prev_t]) if prev_t >= 0 else self.final_alpha_bar
 
@@ -163,7 +187,7 @@ class DDIMSampler(Sampler):
             )
         t = int(t)
 
-        # 1. the previous timestep: the next entry of the sequence (not t - T // N: pitfall 1)
+        # 1. the previous timestep: t - T // N, or the next entry of the sequence (module docstring)
         ab_t = float(self.alpha_bar[t])
         ab_prev = self.alpha_bar_prev(t)
 

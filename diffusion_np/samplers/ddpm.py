@@ -45,11 +45,17 @@ halves are split on the LAST axis: model output (B, H, W, 2C) for a sample
 (B, H, W, C) (diffusers, channels-first, splits axis 1).
 
 The noise added is std * z with std = sqrt(var) (REFERENCE pitfall 10: var is not
-the std), and none at the last step, whatever the variance type. diffusers adds
-sqrt(var) z whenever t > 0, so when the sequence ends at t > 0 ("trailing",
-``steps_offset`` > 0) its last step adds noise of variance beta'_t with
-"fixed_large" or "learned_range"; we follow Algorithm 2 line 3 and add none
-(with "fixed_small" diffusers' extra noise is 1e-10 z, invisible).
+the std). When, by ``clean_last_step``:
+
+* False (the default, diffusers' ``DDPMScheduler``): at every step with t > 0, Algorithm 2
+  line 3 read literally (z = 0 only at paper t = 1, our t = 0). A sequence that ends at t > 0
+  ("trailing" spacing, ``steps_offset`` > 0) then gets noise on its last step too: of
+  variance beta'_t = 1 - alpha_bar_t with "fixed_large", an interpolation towards it with
+  "learned_range", and 1e-20 (the floor, std 1e-10) with "fixed_small".
+* True: never on the last step of the sequence, whatever its t. That step goes to x_0
+  (alpha_bar_prev = 1), where the posterior q(x_0 | x_t, x_0) is a point mass, so the
+  sample ends on the mean, clean. It differs from diffusers only where the sequence ends
+  at t > 0, by up to sqrt(1 - alpha_bar_t) z there.
 
 ``clip_sample=True`` (diffusers' default) clips the x_0 estimate to
 [-clip_sample_range, clip_sample_range]: right for pixels in [-1, 1], wrong for
@@ -131,6 +137,9 @@ class DDPMSampler(Sampler):
         Dynamic thresholding (Imagen) instead of clipping; needs pixel-space x0.
     dynamic_thresholding_ratio, sample_max_value : float
         The quantile and the largest threshold s of :func:`dynamic_threshold`.
+    clean_last_step : bool
+        False (diffusers): noise at every step with t > 0; True: none on the last step of the
+        sequence, whatever its t (see the module docstring).
     """
 
     def __init__(
@@ -150,11 +159,15 @@ class DDPMSampler(Sampler):
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        clean_last_step: bool = False,
     ) -> None:
         super().__init__(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             prediction_type, timestep_spacing, steps_offset, rescale_betas_zero_snr,
         )  # fmt: skip
+        if not isinstance(clean_last_step, (bool, np.bool_)):
+            raise TypeError(f"clean_last_step must be True or False, got {clean_last_step!r}")
+        self.clean_last_step = bool(clean_last_step)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
         check_clip_config(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
@@ -207,7 +220,7 @@ class DDPMSampler(Sampler):
         sample : array (B, ..., C)
             x_t.
         noise : array like ``sample``, optional
-            z for this step; drawn from ``rng`` (host side) when not given. Unused at the last step.
+            z for this step; drawn from ``rng`` (host side) when not given. Unused where no noise is added.
         rng : numpy Generator, optional
 
         Returns
@@ -233,8 +246,9 @@ class DDPMSampler(Sampler):
         # 4. posterior mean tilde{mu}_t(x_t, x0_pred) of q(x_{t_prev} | x_t, x0_pred), DDPM Eq. 7
         mean = posterior_mean_variance(x0_pred, sample, t, self.alpha_bar, t_prev=prev_t).mean
 
-        # 5. add sigma_t z, except at the last step (Algorithm 2 line 3; pitfall 10: std = sqrt(var))
-        if prev_t < 0:
+        # 5. add sigma_t z where t > 0 (Algorithm 2 line 3), or on every step but the last with
+        #    clean_last_step (pitfall 10: std = sqrt(var))
+        if t == 0 or (self.clean_last_step and prev_t < 0):
             return StepOutput(mean, x0_pred)
         z = self._noise_like(sample, noise, rng)
         var = self.variance(t, predicted_variance)

@@ -150,10 +150,28 @@ class DPMSolverMultistepSampler(SigmaSampler):
         elif self.timestep_spacing == "leading":
             step_ratio = last_timestep // (N + 1)
             t = (np.arange(N + 1) * step_ratio)[::-1][:-1].astype(np.int64) + self.steps_offset
+            if t[0] > T - 1:
+                raise ValueError(
+                    f"steps_offset={self.steps_offset} with {N} leading steps of {step_ratio} reaches timestep "
+                    f"{t[0]}, past the last training timestep {T - 1}; lower steps_offset or use 'trailing'"
+                )
         else:  # trailing
             # [:N]: float roundoff in arange's step can add an (N+1)-th entry ~1e-13 that becomes timestep -1
             # (T=1000, N=61; diffusers 0.42 keeps it, and then indexes sigma_{-1} = sigma_max)
             t = np.arange(last_timestep, 0, -T / N)[:N].round().astype(np.int64) - 1
+        if t.min() < 0:  # trailing from a clipped last timestep: arange's step T / N overshoots to 0
+            raise ValueError(
+                f"timestep_spacing='trailing' with lambda_min_clipped={self.lambda_min_clipped} ends the range at "
+                f"timestep {last_timestep - 1}, and {N} steps of {T / N:.3g} then reach timestep {int(t.min())}; "
+                "use fewer steps or 'linspace'"
+            )
+        values, counts = np.unique(t, return_counts=True)
+        if np.any(counts > 1):  # N + 1 points need at least N + 1 timesteps to be distinct
+            raise ValueError(
+                f"num_inference_steps={N} is too many for {self.timestep_spacing!r} spacing over "
+                f"{last_timestep} timesteps: this layout (N + 1 points, the last dropped) repeats timesteps "
+                f"{values[counts > 1][:3].tolist()}; use at most {last_timestep - 1} steps or 'trailing'"
+            )
         return t.copy()
 
     def set_timesteps(self, num_inference_steps: int) -> None:
@@ -239,6 +257,9 @@ class DPMSolverMultistepSampler(SigmaSampler):
             self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
         )
         s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        # a step of length h = 0 ("trailing" ends at t = 0, and final_sigmas_type="sigma_min" repeats its
+        # sigma) is the identity, which the first-order update gives exactly; the second order divides by h
+        lower_order_final = lower_order_final or s_next == s
 
         # 1. the x_0 estimate at this step, and the history (newest last)
         x0_pred = self._data_prediction(model_output, sample, s)

@@ -9,10 +9,14 @@ diffusers' names (Lin et al. 2023, Table 2), T = num_train_timesteps::
 "leading" never visits T-1, so with zero terminal SNR the pure-noise step is
 skipped: use "trailing" there (REFERENCE pitfall 2).
 
-The step *after* t is the next entry of this sequence. The shortcut
-``t - T // N`` is wrong whenever the gaps are uneven, as they are for linspace
-and trailing with N not dividing T (REFERENCE pitfall 1): samplers here always
-walk the sequence.
+Where a step at t goes is a second choice (``PREV_TIMESTEP_RULES``). The sequence's
+next entry is what the papers mean. diffusers' DDIM and PNDM go to ``t - T // N``
+instead, the stride of "leading" spacing, whatever the spacing: the same where
+every gap is T // N, and a noise level the sequence never visits where the gaps
+are uneven, as for linspace and trailing with N not dividing T (REFERENCE
+pitfall 1). DDIM and PNDM follow diffusers by default (``prev_timestep_rule=
+"stride"``) and offer the sequence (``"sequence"``); DDPM walks the sequence, as
+diffusers' DDPM does.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 SPACINGS = ("linspace", "leading", "trailing")
+#: where a DDIM or PNDM step at t goes: t - T // N (diffusers) or the next entry of the sequence
+PREV_TIMESTEP_RULES = ("stride", "sequence")
 
 
 def make_timesteps(

@@ -231,7 +231,7 @@ class UniPCSampler(DPMSolverMultistepSampler):
         # 4. this step's order: 1 at the start (warm-up), at the end with lower_order_final, and into sigma = 0
         order = min(self.solver_order, n - i) if self.lower_order_final else self.solver_order
         order = min(order, self._lower_order_nums + 1)
-        if float(self.sigmas[i + 1]) == 0.0:
+        if float(self.sigmas[i + 1]) in (0.0, float(self.sigmas[i])):  # into sigma = 0, or a step of length 0
             order = 1
         self._this_order = order
         self._last_sample = sample
