@@ -62,18 +62,9 @@ import math
 
 import numpy as np
 
-from diffusion_np.diffusion import x0_and_eps
-from diffusion_np.samplers.base import Sampler, StepOutput
-from diffusion_np.samplers.ddpm import check_clip_config, clip_x0
+from diffusion_np.diffusion import posterior_coefficients, x0_and_eps, x0_and_eps_at
+from diffusion_np.samplers.base import Sampler, StepOutput, check_clip_config, clip_x0
 from diffusion_np.samplers.timesteps import PREV_TIMESTEP_RULES
-
-
-def ddim_variance(alpha_bar_t: float, alpha_bar_prev: float) -> float:
-    """sigma_t^2 / eta^2 of DDIM Eq. 16: (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev).
-
-    Equal to DDPM's posterior variance beta tilde for the jump t -> prev (DDPM Eq. 7).
-    """
-    return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)
 
 
 class DDIMSampler(Sampler):
@@ -82,7 +73,7 @@ class DDIMSampler(Sampler):
     Parameters beyond :class:`~diffusion_np.samplers.base.Sampler`'s
     ----------------------------------------------------------------
     clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
-        As in :class:`~diffusion_np.samplers.ddpm.DDPMSampler`.
+        As in :class:`~diffusion_np.samplers.ddpm.DDPMSampler` (:func:`~diffusion_np.samplers.base.clip_x0`).
     set_alpha_to_one : bool
         alpha_bar after the last step: 1 (True, the paper) or alpha_bar[0] (False, Stable Diffusion).
     prev_timestep_rule : "stride" | "sequence"
@@ -142,8 +133,12 @@ class DDIMSampler(Sampler):
         return float(self.alpha_bar[prev_t]) if prev_t >= 0 else self.final_alpha_bar
 
     def variance(self, t) -> float:
-        """sigma_t^2 at eta = 1 for the step t -> prev (DDIM Eq. 16; equals DDPM fixed_small)."""
-        return ddim_variance(float(self.alpha_bar[int(t)]), self.alpha_bar_prev(t))
+        """sigma_t^2 / eta^2 of DDIM Eq. 16 for the step t -> prev: (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev).
+
+        That is DDPM's posterior variance beta tilde of the jump (DDPM Eq. 7, DDPM's fixed_small):
+        :func:`~diffusion_np.diffusion.posterior_coefficients`.
+        """
+        return posterior_coefficients(float(self.alpha_bar[int(t)]), self.alpha_bar_prev(t)).variance
 
     def step(
         self,
@@ -201,9 +196,9 @@ class DDIMSampler(Sampler):
         )  # fmt: skip
 
         # 4. sigma_t(eta), Eq. 16
-        std = eta * math.sqrt(ddim_variance(ab_t, ab_prev))
-        if use_clipped_model_output:  # eps consistent with the clipped x0 (GLIDE)
-            eps_pred = (sample - math.sqrt(ab_t) * x0_pred) / math.sqrt(1.0 - ab_t)
+        std = eta * math.sqrt(posterior_coefficients(ab_t, ab_prev).variance)
+        if use_clipped_model_output:  # eps consistent with the clipped x0 (GLIDE): x0 read as a "sample" output
+            eps_pred = x0_and_eps_at(x0_pred, sample, math.sqrt(ab_t), math.sqrt(1.0 - ab_t), "sample")[1]
 
         # 5. "direction pointing to x_t", Eq. 12; its coefficient is real for eta <= 1
         dir_var = 1.0 - ab_prev - std**2

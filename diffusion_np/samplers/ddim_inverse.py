@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from diffusion_np.backend import get_xp
-from diffusion_np.diffusion import x0_and_eps
-from diffusion_np.samplers.base import Sampler, StepOutput
+from diffusion_np.diffusion import x0_and_eps_at
+from diffusion_np.samplers.base import Sampler, StepOutput, clip_x0
 
 #: the spacings diffusers' DDIMInverseScheduler offers
 INVERSE_SPACINGS = ("leading", "trailing")
@@ -163,12 +160,12 @@ class DDIMInverseSampler(Sampler):
         ab_s = float(self.alpha_bar[s]) if s >= 0 else self.initial_alpha_bar
         ab_t = float(self.alpha_bar[t])
 
-        # 2. x0_pred and eps_pred at level s: x0_and_eps reads alpha_bar at index 0 of a one-entry table
-        x0_pred, eps_pred = x0_and_eps(model_output, sample, 0, np.array([ab_s]), self.prediction_type)
+        # 2. x0_pred and eps_pred at level s
+        x0_pred, eps_pred = x0_and_eps_at(model_output, sample, math.sqrt(ab_s), math.sqrt(1.0 - ab_s),
+                                          self.prediction_type)  # fmt: skip
 
         # 3. clip x0_pred (pixels only: pitfall 6)
-        if self.clip_sample:
-            x0_pred = get_xp(x0_pred).clip(x0_pred, -self.clip_sample_range, self.clip_sample_range)
+        x0_pred = clip_x0(x0_pred, self.clip_sample, self.clip_sample_range)
 
         # 4. DDIM Eq. 12 with eta = 0, towards level t
         next_sample = math.sqrt(ab_t) * x0_pred + math.sqrt(1.0 - ab_t) * eps_pred

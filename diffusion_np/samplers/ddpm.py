@@ -82,45 +82,10 @@ import math
 import numpy as np
 
 from diffusion_np.backend import get_xp
-from diffusion_np.diffusion import posterior_mean_variance, posterior_variance, x0_and_eps
-from diffusion_np.samplers.base import Sampler, StepOutput
+from diffusion_np.diffusion import posterior_coefficients, posterior_mean_variance, x0_and_eps
+from diffusion_np.samplers.base import Sampler, StepOutput, check_clip_config, clip_x0
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
-
-
-def dynamic_threshold(x0, ratio: float = 0.995, max_value: float = 1.0):
-    """Dynamic thresholding of an x_0 estimate (Saharia et al. 2022, Imagen, Sec. 2.3).
-
-    Per sample, s = the ``ratio`` quantile of |x0| over all its elements, kept in
-    [1, max_value]; then x0 <- clip(x0, -s, s) / s. With s = 1 this is plain
-    clipping to [-1, 1]. Shape (B, ...) in, same shape out; the quantile uses
-    linear interpolation, as ``torch.quantile`` does.
-    """
-    xp = get_xp(x0)
-    B = x0.shape[0]
-    flat = x0.reshape(B, -1)  # (B, H*W*C): the quantile runs over each sample's elements
-    s = xp.quantile(xp.abs(flat), ratio, axis=1)  # (B,)
-    s = xp.clip(s, 1.0, max_value).astype(x0.dtype)[:, None]  # (B, 1); s >= 1 never amplifies
-    return (xp.clip(flat, -s, s) / s).reshape(x0.shape)
-
-
-def clip_x0(x0, clip_sample: bool, clip_sample_range: float, thresholding: bool, ratio: float, max_value: float):
-    """Step 3 of diffusers' DDPM/DDIM steps: threshold (if asked), else clip (if asked), else leave x0."""
-    if thresholding:
-        return dynamic_threshold(x0, ratio, max_value)
-    if clip_sample:
-        return get_xp(x0).clip(x0, -clip_sample_range, clip_sample_range)
-    return x0
-
-
-def check_clip_config(clip_sample_range: float, dynamic_thresholding_ratio: float, sample_max_value: float) -> None:
-    """ValueError for a non-positive clip range or max value, or a quantile ratio outside (0, 1]."""
-    if not clip_sample_range > 0:
-        raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
-    if not 0 < dynamic_thresholding_ratio <= 1:
-        raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1], got {dynamic_thresholding_ratio}")
-    if not sample_max_value > 0:
-        raise ValueError(f"sample_max_value must be > 0, got {sample_max_value}")
 
 
 class DDPMSampler(Sampler):
@@ -136,7 +101,7 @@ class DDPMSampler(Sampler):
     thresholding : bool
         Dynamic thresholding (Imagen) instead of clipping; needs pixel-space x0.
     dynamic_thresholding_ratio, sample_max_value : float
-        The quantile and the largest threshold s of :func:`dynamic_threshold`.
+        The quantile and the largest threshold s of :func:`~diffusion_np.samplers.base.dynamic_threshold`.
     clean_last_step : bool
         False (diffusers): noise at every step with t > 0; True: none on the last step of the
         sequence, whatever its t (see the module docstring).
@@ -190,11 +155,11 @@ class DDPMSampler(Sampler):
         learned ones. ``fixed_small`` is floored at 1e-20, as diffusers does, so that
         its log (used by learned_range) stays finite at the last step, where it is 0.
         """
-        t, prev_t = int(t), self.previous_timestep(t)
-        ab_t, ab_prev = float(self.alpha_bar[t]), self.alpha_bar_prev(t)
-        beta_t = 1.0 - ab_t / ab_prev  # beta'_t of the jump t -> t_prev
-        # beta tilde, DDPM Eq. 7, floored at 1e-20 (it is 0 at the last step)
-        var_small = max(float(posterior_variance(self.alpha_bar, t, prev_t)), 1e-20)
+        t = int(t)
+        # DDPM Eq. 7 for the jump t -> t_prev: beta tilde and beta'_t = 1 - alpha_bar_t / alpha_bar_prev
+        posterior = posterior_coefficients(float(self.alpha_bar[t]), self.alpha_bar_prev(t))
+        beta_t = posterior.beta
+        var_small = max(posterior.variance, 1e-20)  # beta tilde, floored at 1e-20 (it is 0 at the last step)
         if self.variance_type == "fixed_small":
             return var_small
         if self.variance_type == "fixed_large":

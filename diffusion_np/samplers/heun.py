@@ -53,8 +53,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_np.samplers.base import StepOutput
-from diffusion_np.samplers.euler import SigmaSampler
+from diffusion_np.samplers.base import SigmaSampler, StepOutput, clip_x0
 
 
 class HeunSampler(SigmaSampler):
@@ -128,8 +127,8 @@ class HeunSampler(SigmaSampler):
 
         # 1. x_0 estimate D(x; sigma) at the noise level the model was evaluated at
         pred_original = self._x0_from_output(model_output, sample, sigma_model)
-        if self.clip_sample:  # for pixel-space models only; never for latents (REFERENCE pitfall 6)
-            pred_original = pred_original.clip(-self.clip_sample_range, self.clip_sample_range)
+        # for pixel-space models only; never for latents (REFERENCE pitfall 6)
+        pred_original = clip_x0(pred_original, self.clip_sample, self.clip_sample_range)
 
         if self.state_in_first_order:
             # 2a. Euler predictor: d_i at x_i, keep (d_i, dt, x_i) for the corrector

@@ -9,8 +9,8 @@ from helpers import SOURCES, reference
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffusion_np.diffusion import q_sample, v_target
-from diffusion_np.samplers.ddim import DDIMSampler, ddim_variance
+from diffusion_np.diffusion import posterior_coefficients, q_sample, v_target
+from diffusion_np.samplers.ddim import DDIMSampler
 from diffusion_np.samplers.ddpm import DDPMSampler
 from diffusion_np.samplers.loop import sample
 
@@ -210,7 +210,7 @@ def test_ddim_last_step_without_set_alpha_to_one_lands_on_alpha_bar_0_and_adds_i
                                math.sqrt(ab_0) * x0 + math.sqrt(1 - ab_0) * eps, rtol=1e-12)  # fmt: skip
     z = np.ones_like(x)
     added = sampler.step(eps, t, x, eta=1.0, noise=z).prev_sample - sampler.step(eps, t, x, eta=1.0, noise=0 * z)[0]
-    np.testing.assert_allclose(added, math.sqrt(ddim_variance(ab_t, ab_0)), rtol=1e-9)
+    np.testing.assert_allclose(added, math.sqrt(posterior_coefficients(ab_t, ab_0).variance), rtol=1e-9)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])

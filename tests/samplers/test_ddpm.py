@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffusion_np.diffusion import q_sample
+from diffusion_np.samplers.base import dynamic_threshold
 from diffusion_np.samplers.ddim import DDIMSampler
-from diffusion_np.samplers.ddpm import DDPMSampler, dynamic_threshold
+from diffusion_np.samplers.ddpm import DDPMSampler
 from diffusion_np.samplers.loop import sample
 
 AREA = "samplers_ddpm_ddim"

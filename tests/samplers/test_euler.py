@@ -9,8 +9,9 @@ from helpers import SOURCES, reference
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffusion_np.samplers.euler import EulerSampler, karras_sigmas, sigma_to_t, training_sigmas
+from diffusion_np.samplers.euler import EulerSampler
 from diffusion_np.samplers.euler_ancestral import EulerAncestralSampler, ancestral_sigmas
+from diffusion_np.samplers.timesteps import karras_sigmas, sigma_to_t
 from diffusion_np.schedules import NoiseSchedule
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -91,7 +92,7 @@ def test_karras_sigmas_follow_edm_eq5(steps, schedule):
 
 def test_karras_sigmas_closed_form_and_sigma_to_t_inverts_training_sigmas():
     np.testing.assert_allclose(karras_sigmas(3, 0.1, 10.0), [10.0, ((10**(1 / 7) + 0.1**(1 / 7)) / 2) ** 7, 0.1])
-    sig = training_sigmas(NoiseSchedule.from_config(**SD).alpha_bar)
+    sig = NoiseSchedule.from_config(**SD).sampling_sigmas
     k = np.array([0, 1, 17, 500, 998, 999])
     np.testing.assert_allclose(sigma_to_t(sig[k], np.log(sig)), k, atol=1e-9)
     # below sigma_min / above sigma_max clamp to the ends
@@ -104,6 +105,10 @@ def test_zero_snr_sigma_max_is_finite_as_in_diffusers():
     sampler.set_timesteps(10)
     np.testing.assert_allclose(sampler.sigmas[0], math.sqrt((1 - 2.0**-24) / 2.0**-24))  # ~4096
     assert sampler.init_noise_sigma == sampler.sigmas[0]
+    # the schedule keeps its honest sigma = inf; the samplers' table replaces only that entry
+    schedule = sampler.schedule
+    assert schedule.sigmas[-1] == np.inf and schedule.sampling_sigmas[-1] == sampler.sigmas[0]
+    np.testing.assert_array_equal(schedule.sampling_sigmas[:-1], schedule.sigmas[:-1])
 
 
 # ---- pitfall 7: both scalings ------------------------------------------------------------------
