@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
-from diffusion_np.nn import fast
+from diffusion_np.nn import fast  # fast.conv: nn/fast/conv.py, which builds on this file (see nn/fast/__init__.py)
 from diffusion_np.nn.module import Module, init_uniform
 from diffusion_np.nn.validate import check_finite, check_image, check_size
 
@@ -222,12 +222,12 @@ def conv2d_forward(x, w, b=None, stride: int = 1, padding=0, method: str | None 
             f"got x {tuple(x.shape)} and w {tuple(w.shape)}"
         )
     if method in (None, "auto"):
-        method = "reference" if fast.reference_on() else _fast_conv().choose_method(x.shape, w.shape, stride, padding)
+        method = "reference" if fast.reference_on() else fast.conv.choose_method(x.shape, w.shape, stride, padding)
     if method not in METHODS:
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
     if method == "reference":
         return conv2d_reference_forward(x, w, b, stride, padding)
-    return _fast_conv().conv2d_fast_forward(x, w, b, stride, padding, method)
+    return fast.conv.conv2d_fast_forward(x, w, b, stride, padding, method)
 
 
 def conv2d_backward(dout, cache: Conv2dCache):
@@ -235,14 +235,7 @@ def conv2d_backward(dout, cache: Conv2dCache):
     by the backward of the formulation that ran the forward (``cache.method``)."""
     if cache.method == "reference":
         return conv2d_reference_backward(dout, cache)
-    return _fast_conv().conv2d_fast_backward(dout, cache)
-
-
-def _fast_conv():
-    """nn/fast/conv.py, imported on first use (it builds on the helpers of this file)."""
-    from diffusion_np.nn.fast import conv
-
-    return conv
+    return fast.conv.conv2d_fast_backward(dout, cache)
 
 
 def _kernel2(layer, kernel_size) -> tuple:
