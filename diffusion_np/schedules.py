@@ -81,11 +81,14 @@ def make_betas(
         _check_betas(betas, "trained_betas")
         return betas
     T = num_train_timesteps
-    if not isinstance(T, (int, np.integer)) or T < 1:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"num_train_timesteps must be an integer >= 1, got {T!r}")
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta_schedule {beta_schedule!r}; allowed: {', '.join(BETA_SCHEDULES)}")
     if beta_schedule in ("linear", "scaled_linear", "sigmoid"):
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a number in (0, 1), got {value!r}")
         if not (0 < beta_start < 1 and 0 < beta_end < 1):
             raise ValueError(
                 f"beta_start and beta_end must lie in (0, 1), got beta_start={beta_start}, beta_end={beta_end}"

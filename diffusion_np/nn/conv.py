@@ -62,12 +62,16 @@ class Conv2dCache(NamedTuple):
 # ----------------------------------------------------------------------------- small helpers
 def _padding4(padding) -> tuple:
     """An int ``p`` or a 4-tuple (top, bottom, left, right) -> a 4-tuple of ints >= 0."""
-    if isinstance(padding, (int, np.integer)):
+    def is_int(p):
+        return isinstance(p, (int, np.integer)) and not isinstance(p, bool)
+
+    if is_int(padding):
         padding = (padding,) * 4
-    padding = tuple(int(p) for p in padding)
-    if len(padding) != 4 or min(padding) < 0:
-        raise ValueError(f"padding must be an int >= 0 or (top, bottom, left, right), got {padding}")
-    return padding
+    if not isinstance(padding, (tuple, list)) or len(padding) != 4 or not all(is_int(p) for p in padding):
+        raise TypeError(f"padding must be an int >= 0 or (top, bottom, left, right) of ints, got {padding!r}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be an int >= 0 or (top, bottom, left, right), got {tuple(padding)}")
+    return tuple(int(p) for p in padding)
 
 
 def _out_size(x_shape: tuple, w_shape: tuple, stride: int, padding: tuple) -> tuple:

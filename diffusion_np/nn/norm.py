@@ -43,7 +43,7 @@ from diffusion_np.backend import DEFAULT_DTYPE, get_xp
 from diffusion_np.nn import fast  # fast.norm: nn/fast/norm.py, which builds on this file (see nn/fast/__init__.py)
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite, check_size
+from diffusion_np.nn.validate import check_features, check_finite, check_number, check_size
 
 # ----------------------------------------------------------------------------- GroupNorm
 
@@ -229,6 +229,7 @@ class GroupNorm(Module):
             )
         if method not in ("auto", "fused", "reference"):
             raise ValueError(f"GroupNorm: method must be 'auto', 'fused' or 'reference', got {method!r}")
+        eps = check_number(self, "eps", eps, positive=True)
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
         self.silu, self.method = bool(silu), method
         if affine:
@@ -352,7 +353,7 @@ class LayerNorm(Module):
                 )
             normalized_shape = normalized_shape[0]
         self.normalized_shape = check_size(self, "normalized_shape", normalized_shape)
-        self.eps, self.elementwise_affine = eps, elementwise_affine
+        self.eps, self.elementwise_affine = check_number(self, "eps", eps, positive=True), elementwise_affine
         if elementwise_affine:
             self.add_param("weight", np.ones(self.normalized_shape, dtype=dtype))
             self.add_param("bias", np.zeros(self.normalized_shape, dtype=dtype))

@@ -69,6 +69,12 @@ class Sampler:
         rescale_betas_zero_snr: bool = False,
     ) -> None:
         check_prediction_type(prediction_type)
+        if timestep_spacing not in SPACINGS:  # checked here, not first at set_timesteps
+            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
+        if isinstance(steps_offset, (bool, np.bool_)) or not isinstance(steps_offset, (int, np.integer)):
+            raise TypeError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
+        if steps_offset < 0:  # a negative offset would index alpha_bar from its end (timestep -3 is step T - 3)
+            raise ValueError(f"steps_offset must be >= 0, got {steps_offset}")
         if rescale_betas_zero_snr and prediction_type == "epsilon":
             # x0 = (x_T - sqrt(1 - ab_T) eps) / sqrt(ab_T) divides by zero when ab_T = 0 (REFERENCE pitfall 4)
             raise ValueError(
@@ -81,7 +87,7 @@ class Sampler:
         self.num_train_timesteps = self.schedule.num_train_timesteps
         self.prediction_type = prediction_type
         self.timestep_spacing = timestep_spacing
-        self.steps_offset = steps_offset
+        self.steps_offset = int(steps_offset)
         self.num_inference_steps: int | None = None
         self.timesteps: np.ndarray | None = None
 
@@ -392,7 +398,7 @@ class DataPredictionSampler(SigmaSampler):
     def _dpm_timesteps(self, N: int) -> np.ndarray:
         """diffusers' DPM-Solver spacing (N + 1 points, last dropped; written out in dpm_solver.py), int64."""
         T = self.num_train_timesteps
-        if not isinstance(N, (int, np.integer)) or not 1 <= N <= T:
+        if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or not 1 <= N <= T:
             raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {N!r}")
         if self.timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {self.timestep_spacing!r}")

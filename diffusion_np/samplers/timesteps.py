@@ -49,7 +49,7 @@ def make_timesteps(
     that would index past T-1 (REFERENCE pitfall 3: leading, offset 1, N = T).
     """
     N, T = num_inference_steps, num_train_timesteps
-    if not isinstance(N, (int, np.integer)) or N < 1:
+    if isinstance(N, bool) or not isinstance(N, (int, np.integer)) or N < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {N!r}")
     if N > T:
         raise ValueError(f"num_inference_steps ({N}) cannot exceed num_train_timesteps ({T})")
