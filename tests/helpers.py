@@ -60,3 +60,16 @@ def one_error_line(capsys, *fragments) -> None:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in err, err
+
+
+def sample_loop(sampler, model, x_init, rng=None, scale_input=True):
+    """diffusers' sampling loop written out: x = x_init * init_noise_sigma, then one step per timestep.
+
+    ``scale_input=False`` feeds the model x itself instead of ``scale_model_input(x, t)`` (to show
+    what forgetting it does); ``rng`` draws the noise of stochastic samplers.
+    """
+    x = x_init * sampler.init_noise_sigma
+    for t in sampler.timesteps:
+        x_in = sampler.scale_model_input(x, t) if scale_input else x
+        x = sampler.step(model(x_in, t), t, x, rng=rng).prev_sample
+    return x

@@ -18,7 +18,8 @@ the conversion from a model output to (x0, eps) and the posterior in
 samplers share lives here, so that no sampler file imports another:
 
 * :class:`Sampler`: the base of all of them;
-* :func:`clip_x0`, :func:`dynamic_threshold`: the x0 clipping of DDPM, DDIM, Heun and DDIM inversion;
+* :func:`clip_x0`, :func:`dynamic_threshold`, :class:`ClipsX0`: the x0 clipping of DDPM, DDIM, Heun
+  and DDIM inversion;
 * :class:`SigmaSampler`: Euler, Euler ancestral, Heun, DPM-Solver++ and UniPC walk the noise
   level sigma instead of t, and count their steps as diffusers does;
 * :class:`DataPredictionSampler`: DPM-Solver++ and UniPC solve the probability-flow ODE on x_t
@@ -132,6 +133,14 @@ class Sampler:
     def step(self, model_output, t, sample, noise=None) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _check_output(self, model_output, sample) -> None:
+        """ValueError unless the model output has the sample's shape."""
+        if tuple(model_output.shape) != tuple(sample.shape):
+            raise ValueError(
+                f"{type(self).__name__}.step: model_output must have the sample's shape {tuple(sample.shape)}, "
+                f"got {tuple(model_output.shape)}"
+            )
+
     def _require_timesteps(self) -> None:
         if self.timesteps is None:
             raise RuntimeError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before stepping")
@@ -173,14 +182,27 @@ def clip_x0(x0, clip_sample: bool, clip_sample_range: float, thresholding: bool 
     return x0
 
 
-def check_clip_config(clip_sample_range: float, dynamic_thresholding_ratio: float, sample_max_value: float) -> None:
-    """ValueError for a non-positive clip range or max value, or a quantile ratio outside (0, 1]."""
-    if not clip_sample_range > 0:
-        raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
-    if not 0 < dynamic_thresholding_ratio <= 1:
-        raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1], got {dynamic_thresholding_ratio}")
-    if not sample_max_value > 0:
-        raise ValueError(f"sample_max_value must be > 0, got {sample_max_value}")
+class ClipsX0:
+    """diffusers' x0-clipping keywords, checked and kept, and :func:`clip_x0` with them (DDPM, DDIM,
+    Heun and DDIM inversion: a mixin beside their base class)."""
+
+    def _keep_clip_config(self, clip_sample: bool, clip_sample_range: float, thresholding: bool = False,
+                          dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0) -> None:
+        """ValueError for a non-positive clip range or max value, or a quantile ratio outside (0, 1]."""
+        if not clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range!r}")
+        if not 0 < dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1], got {dynamic_thresholding_ratio}")
+        if not sample_max_value > 0:
+            raise ValueError(f"sample_max_value must be > 0, got {sample_max_value}")
+        self.clip_sample, self.clip_sample_range = bool(clip_sample), float(clip_sample_range)
+        self.thresholding, self.dynamic_thresholding_ratio = bool(thresholding), dynamic_thresholding_ratio
+        self.sample_max_value = sample_max_value
+
+    def _clip(self, x0):
+        """Threshold or clip x0 as configured (wrong for latents: REFERENCE pitfall 6)."""
+        return clip_x0(x0, self.clip_sample, self.clip_sample_range, self.thresholding,
+                       self.dynamic_thresholding_ratio, self.sample_max_value)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the sigma samplers

@@ -63,11 +63,11 @@ import math
 import numpy as np
 
 from diffusion_np.diffusion import posterior_coefficients, x0_and_eps, x0_and_eps_at
-from diffusion_np.samplers.base import Sampler, StepOutput, check_clip_config, clip_x0
+from diffusion_np.samplers.base import ClipsX0, Sampler, StepOutput
 from diffusion_np.samplers.timesteps import PREV_TIMESTEP_RULES
 
 
-class DDIMSampler(Sampler):
+class DDIMSampler(ClipsX0, Sampler):
     """DDIM sampler (Song et al. 2021, Eq. 12 and 16), diffusers ``DDIMScheduler`` keywords.
 
     Parameters beyond :class:`~diffusion_np.samplers.base.Sampler`'s
@@ -106,13 +106,10 @@ class DDIMSampler(Sampler):
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             prediction_type, timestep_spacing, steps_offset, rescale_betas_zero_snr,
         )  # fmt: skip
-        check_clip_config(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
-        self.clip_sample = clip_sample
+        self._keep_clip_config(
+            clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+        )
         self.set_alpha_to_one = set_alpha_to_one
-        self.clip_sample_range = clip_sample_range
-        self.thresholding = thresholding
-        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
-        self.sample_max_value = sample_max_value
         self.prev_timestep_rule = prev_timestep_rule
 
     @property
@@ -175,11 +172,7 @@ class DDIMSampler(Sampler):
         self._require_timesteps()
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(
-                f"DDIMSampler.step: model_output must have the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        self._check_output(model_output, sample)
         t = int(t)
 
         # 1. the previous timestep: t - T // N, or the next entry of the sequence (module docstring)
@@ -190,10 +183,7 @@ class DDIMSampler(Sampler):
         x0_pred, eps_pred = x0_and_eps(model_output, sample, t, self.alpha_bar, self.prediction_type)
 
         # 3. clip or threshold x0_pred (wrong for latents: pitfall 6)
-        x0_pred = clip_x0(
-            x0_pred, self.clip_sample, self.clip_sample_range,
-            self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
-        )  # fmt: skip
+        x0_pred = self._clip(x0_pred)
 
         # 4. sigma_t(eta), Eq. 16
         std = eta * math.sqrt(posterior_coefficients(ab_t, ab_prev).variance)

@@ -83,12 +83,12 @@ import numpy as np
 
 from diffusion_np.backend import get_xp
 from diffusion_np.diffusion import posterior_coefficients, posterior_mean_variance, x0_and_eps
-from diffusion_np.samplers.base import Sampler, StepOutput, check_clip_config, clip_x0
+from diffusion_np.samplers.base import ClipsX0, Sampler, StepOutput
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
 
 
-class DDPMSampler(Sampler):
+class DDPMSampler(ClipsX0, Sampler):
     """Ancestral DDPM sampler (DDPM Algorithm 2), diffusers ``DDPMScheduler`` keywords.
 
     Parameters beyond :class:`~diffusion_np.samplers.base.Sampler`'s
@@ -135,13 +135,10 @@ class DDPMSampler(Sampler):
         self.clean_last_step = bool(clean_last_step)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-        check_clip_config(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
+        self._keep_clip_config(
+            clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+        )
         self.variance_type = variance_type
-        self.clip_sample = clip_sample
-        self.clip_sample_range = clip_sample_range
-        self.thresholding = thresholding
-        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
-        self.sample_max_value = sample_max_value
 
     def alpha_bar_prev(self, t) -> float:
         """alpha_bar at the step after t in the sequence; 1 after the last step (x_0 is clean)."""
@@ -203,10 +200,7 @@ class DDPMSampler(Sampler):
         x0_pred, _ = x0_and_eps(model_output, sample, t, self.alpha_bar, self.prediction_type)
 
         # 3. clip or threshold x0_pred (wrong for latents: pitfall 6)
-        x0_pred = clip_x0(
-            x0_pred, self.clip_sample, self.clip_sample_range,
-            self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
-        )  # fmt: skip
+        x0_pred = self._clip(x0_pred)
 
         # 4. posterior mean tilde{mu}_t(x_t, x0_pred) of q(x_{t_prev} | x_t, x0_pred), DDPM Eq. 7
         mean = posterior_mean_variance(x0_pred, sample, t, self.alpha_bar, t_prev=prev_t).mean

@@ -134,6 +134,7 @@ class DPMSolverMultistepSampler(DataPredictionSampler):
 
         ``noise`` and ``rng`` are accepted for a uniform loop and unused (the solver is deterministic).
         """
+        self._check_output(model_output, sample)
         i = self._current_index(t)
         n = len(self.timesteps)
         # the last step is first order whenever it goes to sigma = 0 (h = inf), or when asked

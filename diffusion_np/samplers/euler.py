@@ -98,6 +98,7 @@ class EulerSampler(SigmaSampler):
 
         ``noise`` and ``rng`` are accepted for a uniform loop and unused (the ODE is deterministic).
         """
+        self._check_output(model_output, sample)
         i = self._current_index(t)
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         # 1. x_0 estimate D(x; sigma)

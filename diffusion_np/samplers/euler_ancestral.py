@@ -85,6 +85,7 @@ class EulerAncestralSampler(SigmaSampler):
         ``noise``: the z ~ N(0, I) to add (sample's shape); otherwise drawn from ``rng``
         (a ``numpy.random.Generator``) on the host and moved to the sample's device.
         """
+        self._check_output(model_output, sample)
         i = self._current_index(t)
         sigma_from, sigma_to = float(self.sigmas[i]), float(self.sigmas[i + 1])
         # 1. x_0 estimate D(x; sigma)

@@ -53,10 +53,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_np.samplers.base import SigmaSampler, StepOutput, clip_x0
+from diffusion_np.samplers.base import ClipsX0, SigmaSampler, StepOutput
 
 
-class HeunSampler(SigmaSampler):
+class HeunSampler(ClipsX0, SigmaSampler):
     """Heun's method, one model call per ``step`` (diffusers' ``HeunDiscreteScheduler``).
 
     Parameters follow diffusers, including its defaults (beta 0.00085 .. 0.012, "linear"):
@@ -86,8 +86,7 @@ class HeunSampler(SigmaSampler):
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
             timestep_spacing, steps_offset, False, use_karras_sigmas,
         )
-        self.clip_sample = clip_sample
-        self.clip_sample_range = float(clip_sample_range)
+        self._keep_clip_config(clip_sample, clip_sample_range)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -116,6 +115,7 @@ class HeunSampler(SigmaSampler):
 
         ``noise`` and ``rng`` are accepted for a uniform loop and unused (the ODE is deterministic).
         """
+        self._check_output(model_output, sample)
         i = self._current_index(t)
         if self.state_in_first_order:
             sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
@@ -128,7 +128,7 @@ class HeunSampler(SigmaSampler):
         # 1. x_0 estimate D(x; sigma) at the noise level the model was evaluated at
         pred_original = self._x0_from_output(model_output, sample, sigma_model)
         # for pixel-space models only; never for latents (REFERENCE pitfall 6)
-        pred_original = clip_x0(pred_original, self.clip_sample, self.clip_sample_range)
+        pred_original = self._clip(pred_original)
 
         if self.state_in_first_order:
             # 2a. Euler predictor: d_i at x_i, keep (d_i, dt, x_i) for the corrector

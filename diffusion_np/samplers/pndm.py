@@ -259,11 +259,7 @@ class PNDMSampler(Sampler):
         and the x_0 estimate of the transfer's noise estimate at its start.
         """
         self._require_timesteps()
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(
-                f"PNDMSampler.step: model_output must have the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        self._check_output(model_output, sample)
         k = self.counter
         if k >= len(self.timesteps):
             raise RuntimeError(f"PNDMSampler: all {len(self.timesteps)} calls are done; call set_timesteps again")

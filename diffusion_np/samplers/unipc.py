@@ -209,11 +209,7 @@ class UniPCSampler(DataPredictionSampler):
         Returns StepOutput(prev_sample = the predictor's x at sigmas[i + 1], pred_original_sample = m_t).
         """
         i = self._current_index(t)
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(
-                f"UniPCSampler.step: model_output must have the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        self._check_output(model_output, sample)
         n = len(self.timesteps)
 
         # 1. the data prediction m_t at the (uncorrected) sample the model was given

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import parity_errors
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,13 +14,6 @@ from diffusion_np.samplers.dpm_solver import DPMSolverMultistepSampler
 from diffusion_np.samplers.unipc import UniPCSampler
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
-def sample_loop(sampler, model, x_init):
-    x = x_init * sampler.init_noise_sigma
-    for t in sampler.timesteps:
-        x = sampler.step(model(sampler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
 
 
 @pytest.fixture(params=SOURCES, scope="module")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model, parity_errors
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,14 +30,6 @@ def gaussian_oracle(sampler, s: float):
         return x_t * (math.sqrt(1.0 - ab) / (ab * s**2 + 1.0 - ab))
 
     return model
-
-
-def sample_loop(sampler, model, x_init, rng=None, scale_input=True):
-    x = x_init * sampler.init_noise_sigma
-    for t in sampler.timesteps:
-        x_in = sampler.scale_model_input(x, t) if scale_input else x
-        x = sampler.step(model(x_in, t), t, x, rng=rng).prev_sample
-    return x
 
 
 # ---- parity with diffusers -------------------------------------------------------------------

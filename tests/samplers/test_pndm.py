@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model
 from fixtures.cases_samplers_multistep import CASES, replay
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,13 +18,6 @@ from diffusion_np.testing.strategies import inference_steps
 SD15 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
         "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}
 SD15_DDIM = {**{k: v for k, v in SD15.items() if k != "skip_prk_steps"}, "clip_sample": False}
-
-
-def sample_loop(sampler, model, x_init):
-    x = x_init
-    for t in sampler.timesteps:
-        x = sampler.step(model(x, t), t, x).prev_sample
-    return x
 
 
 def point_mass_oracle(sampler, x0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model
 from fixtures.cases_samplers_multistep import CASES, replay
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,13 +16,6 @@ from diffusion_np.testing import check_timesteps
 from diffusion_np.testing.strategies import inference_steps
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
-def sample_loop(sampler, model, x_init):
-    x = x_init * sampler.init_noise_sigma
-    for t in sampler.timesteps:
-        x = sampler.step(model(sampler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
 
 
 def gaussian_model(sampler, s):
