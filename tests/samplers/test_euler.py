@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model, parity_errors
-from helpers import SOURCES, reference, sample_loop
+from helpers import SOURCES, reference, sample_loop, sigma_gaussian_oracle
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,20 +16,6 @@ from diffusion_np.schedules import NoiseSchedule
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 CLASSES = {"euler": EulerSampler, "euler_ancestral": EulerAncestralSampler}
-
-
-def gaussian_oracle(sampler, s: float):
-    """The exact eps-prediction for data ~ N(0, s^2 I): E[eps | x_t] = x_t sqrt(1-ab) / (ab s^2 + 1 - ab).
-
-    alpha_bar at the (possibly fractional) t comes from the sampler's own sigma interpolation.
-    """
-
-    def model(x_t, t):
-        sigma = float(np.interp(float(t), np.arange(len(sampler.train_sigmas)), sampler.train_sigmas))
-        ab = 1.0 / (1.0 + sigma**2)
-        return x_t * (math.sqrt(1.0 - ab) / (ab * s**2 + 1.0 - ab))
-
-    return model
 
 
 # ---- parity with diffusers -------------------------------------------------------------------
@@ -125,9 +111,9 @@ def test_pitfall7_init_noise_sigma_and_scale_model_input():
     s, x_init = 0.5, np.random.default_rng(1).standard_normal((2000, 4))
     right = EulerSampler(**SD, use_karras_sigmas=True)
     right.set_timesteps(200)
-    good = sample_loop(right, gaussian_oracle(right, s), x_init)
+    good = sample_loop(right, sigma_gaussian_oracle(right, s), x_init)
     right.set_timesteps(200)
-    bad = sample_loop(right, gaussian_oracle(right, s), x_init, scale_input=False)
+    bad = sample_loop(right, sigma_gaussian_oracle(right, s), x_init, scale_input=False)
     assert abs(good.std() / s - 1) < 0.05
     assert abs(bad.std() / s - 1) > 0.5
 
@@ -195,7 +181,7 @@ def test_gaussian_oracle_recovers_data_std(cls, kwargs, steps, tol):
     sampler = cls(**SD, **kwargs)
     sampler.set_timesteps(steps)
     x_init = np.random.default_rng(0).standard_normal((4000, 8))
-    out = sample_loop(sampler, gaussian_oracle(sampler, s), x_init, rng=np.random.default_rng(1))
+    out = sample_loop(sampler, sigma_gaussian_oracle(sampler, s), x_init, rng=np.random.default_rng(1))
     assert abs(out.std() / s - 1) < tol, out.std()
     assert abs(out.mean()) < 4 * s / math.sqrt(out.size) + 0.01
 
