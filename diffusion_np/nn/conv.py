@@ -67,9 +67,9 @@ def _padding4(padding) -> tuple:
 
     if is_int(padding):
         padding = (padding,) * 4
-    if not isinstance(padding, (tuple, list)) or len(padding) != 4 or not all(is_int(p) for p in padding):
+    if not isinstance(padding, (tuple, list)) or not all(is_int(p) for p in padding):
         raise TypeError(f"padding must be an int >= 0 or (top, bottom, left, right) of ints, got {padding!r}")
-    if min(padding) < 0:
+    if len(padding) != 4 or min(padding) < 0:
         raise ValueError(f"padding must be an int >= 0 or (top, bottom, left, right), got {tuple(padding)}")
     return tuple(int(p) for p in padding)
 

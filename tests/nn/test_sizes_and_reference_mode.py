@@ -73,7 +73,7 @@ def test_the_cases_of_the_issue():
     assert nn.LayerNorm((4,)).normalized_shape == 4  # PyTorch's 1-tuple
 
 
-@pytest.mark.parametrize("bad", [1.5, None, "same?", [1], (1, 1), True])
+@pytest.mark.parametrize("bad", [1.5, None, "same?", [1.0], (1, 1.5), True])
 def test_conv_padding_that_is_not_ints_is_a_type_error_naming_it(bad):
     with pytest.raises(TypeError, match=r"padding must be an int >= 0 or \(top, bottom, left, right\) of ints"):
         nn.Conv2d(2, 3, 3, padding=bad)
@@ -84,6 +84,8 @@ def test_conv_padding_below_zero_is_a_value_error():
         nn.Conv2d(2, 3, 3, padding=-1)
     with pytest.raises(ValueError, match=r"padding must be an int >= 0"):
         nn.Conv2d(2, 3, 3, padding=(0, 1, -1, 0))
+    with pytest.raises(ValueError, match=r"padding must be an int >= 0 or \(top, bottom, left, right\)"):
+        nn.Conv2d(2, 3, 3, padding=(1, 1))  # two numbers: which sides?
     assert nn.Conv2d(2, 3, 3, padding=[0, 1, 0, 1]).padding == (0, 1, 0, 1)  # the VAE's asymmetric padding
 
 
