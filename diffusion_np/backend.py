@@ -93,6 +93,7 @@ def to_device(x, device: str):
     if device == "numpy":
         return asnumpy(x)
     if device == "strict":
+        # the test device, loaded only when asked for (diffusion_np.testing imports modules that import this one)
         from diffusion_np.testing import strict_backend
 
         return x if strict_backend.is_strict(x) else strict_backend.asarray(x)

@@ -17,12 +17,16 @@ Any one determines the other two given x_t (REFERENCE.md)::
     x_0 = sqrt(ab) x_t - sqrt(1 - ab) v               eps = sqrt(ab) v + sqrt(1 - ab) x_t
 
 Per-sample ``t`` broadcasts over the remaining axes: ``alpha_bar_t`` is gathered
-as shape (B, 1, 1, ...) so batches may mix timesteps.
+as shape (B, 1, 1, ...) so batches may mix timesteps (:func:`gather`, the one place
+a schedule value crosses into the data's dtype and device). :func:`x0_and_eps_at` is
+the one conversion from a model output to (x0, eps): every sampler calls it, at a
+training timestep or at any noise level between.
 
 Also here (all on NumPy or CuPy, the array module taken from the data):
 
 * the posterior q(x_{t-1} | x_t, x_0) (DDPM Eq. 6-7), for any previous timestep
-  of a strided sequence: :func:`posterior_mean_variance`, :func:`posterior_variance`;
+  of a strided sequence: :func:`posterior_coefficients` (the formulas, once),
+  :func:`posterior_mean_variance`, :func:`posterior_variance`;
 * training targets and the min-SNR-gamma loss weights (Hang et al. 2023):
   :func:`training_target`, :func:`min_snr_weights`;
 * the variational bound in bits per dimension (DDPM Eq. 5; Improved DDPM
@@ -44,6 +48,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from diffusion_np.backend import asnumpy, get_xp
+from diffusion_np.nn.validate import check_finite
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -54,6 +59,75 @@ def check_prediction_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Where the values enter: every check names the argument (STYLE.md, rule 11)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_alpha_bar(alpha_bar, name: str = "alpha_bar") -> np.ndarray:
+    """``alpha_bar`` as a host float64 array (T,) of values in [0, 1]; TypeError or ValueError naming it.
+
+    0 is allowed (zero terminal SNR reaches it at the last step), NaN is not.
+    """
+    if isinstance(alpha_bar, (str, bytes)) or not hasattr(alpha_bar, "__len__"):
+        raise TypeError(f"{name} must be a 1-D array of floats (a schedule's alpha_bar), got {alpha_bar!r:.60}")
+    try:
+        ab = np.asarray(asnumpy(alpha_bar), dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a 1-D array of floats, got {alpha_bar!r:.60}") from err
+    if ab.ndim != 1 or ab.size < 1:
+        raise ValueError(f"{name} must be a non-empty 1-D array (T,), got shape {ab.shape}")
+    if not np.all((ab >= 0.0) & (ab <= 1.0)):  # also False for NaN
+        raise ValueError(f"{name} must hold values in [0, 1], got {ab[~((ab >= 0.0) & (ab <= 1.0))][:3].tolist()}")
+    return ab
+
+
+def check_timesteps(t, T: int, batch: int | None = None, name: str = "t"):
+    """``t``: an int, or an integer array of shape (B,) with B = ``batch``, each in [0, T - 1].
+
+    Returned as it came (a host array stays on the host, a device array on the device). The
+    range of a device array is not checked: that would copy it to the host, a synchronisation
+    in every training step (CONTRIBUTING.md, device rules); its dtype and shape are.
+    """
+    if isinstance(t, (bool, np.bool_)) or not (isinstance(t, (int, np.integer)) or hasattr(t, "dtype")):
+        raise TypeError(f"{name} must be an int or an integer array of timesteps, got {t!r:.60}")
+    if hasattr(t, "dtype"):
+        if not np.issubdtype(t.dtype, np.integer):
+            raise TypeError(f"{name} must hold integer timesteps, got dtype {t.dtype}")
+        if t.ndim > 1 or (t.ndim == 1 and batch is not None and t.shape[0] != batch):
+            raise ValueError(f"{name} must be an int or shape ({batch if batch is not None else 'B'},), "
+                             f"one timestep per sample, got shape {tuple(t.shape)}")
+        if get_xp(t) is not np:
+            return t
+    values = np.asarray(t)
+    if values.size and (values.min() < 0 or values.max() > T - 1):
+        bad = values[(values < 0) | (values > T - 1)]
+        raise ValueError(f"{name} must lie in [0, {T - 1}] (alpha_bar has T = {T} timesteps), got {bad[:5].tolist()}")
+    return t
+
+
+def check_data(x, name: str, like=None, fn: str = ""):
+    """``x`` a float array (B, ...) with B >= 1 (and ``like``'s shape if given), finite (NumPy arrays).
+
+    Raises TypeError or ValueError naming ``name`` (and the function ``fn``, when given).
+    """
+    where = f"{fn}: " if fn else ""
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{where}{name} must be a float array (B, ...), got {type(x).__name__}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{where}{name} must hold floats (float32 or float64), got dtype {x.dtype}")
+    if like is not None and tuple(x.shape) != tuple(like.shape):
+        raise ValueError(f"{where}{name} must have the shape of x0, {tuple(like.shape)}, got {tuple(x.shape)}")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"{where}{name} must be a batch (B, ...) with B >= 1, got shape {tuple(x.shape)}")
+    check_finite(fn or "diffusion", x, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward process and the conversions between eps, x0 and v
+# ----------------------------------------------------------------------------------------------
+
+
 def gather(values: np.ndarray, t, like):
     """``values[t]`` shaped to broadcast against ``like`` (B, ...), on like's device, in like's dtype.
 
@@ -61,47 +135,78 @@ def gather(values: np.ndarray, t, like):
     Schedules live in float64 on the host; this is where a value crosses into the
     data's dtype and device.
     """
-    xp = get_xp(like)
     if get_xp(t) is np:  # t on the host: gather there, upload B values
-        v = np.asarray(values)[np.asarray(t)]
-    else:  # t on the device: gather there (np.asarray(t) would copy t back, a sync; CuPy refuses it)
-        v = xp.asarray(values)[t]
-    if v.ndim == 1:  # (B,) -> (B, 1, 1, ...)
-        v = v.reshape((-1,) + (1,) * (like.ndim - 1))
-    return xp.asarray(v, dtype=like.dtype)
+        return broadcast_like(np.asarray(values)[np.asarray(t)], like)
+    # t on the device: gather there (np.asarray(t) would copy t back, a sync; CuPy refuses it)
+    return broadcast_like(get_xp(like).asarray(values)[t], like)
+
+
+def broadcast_like(values, like):
+    """Values, one per sample (B,) or one for all (0-d), as (B, 1, ..., 1) or 0-d in like's dtype and device."""
+    if values.ndim == 1:  # (B,) -> (B, 1, 1, ...)
+        values = values.reshape((-1,) + (1,) * (like.ndim - 1))
+    return get_xp(like).asarray(values, dtype=like.dtype)
+
+
+def _checked(fn: str, x0, t, noise, alpha_bar):
+    """The arguments of the forward-process functions, checked where they enter: alpha_bar as float64."""
+    check_data(x0, "x0", fn=fn)
+    check_data(noise, "noise", like=x0, fn=fn)
+    ab = check_alpha_bar(alpha_bar)
+    check_timesteps(t, ab.shape[0], batch=x0.shape[0])
+    return ab
 
 
 def q_sample(x0, t, noise, alpha_bar: np.ndarray):
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (DDPM Eq. 4)."""
-    ab = np.asarray(alpha_bar, dtype=np.float64)
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (DDPM Eq. 4).
+
+    ``x0`` and ``noise`` (B, ...) float arrays of one shape, ``t`` an int or (B,) ints in [0, T - 1],
+    ``alpha_bar`` (T,); each is checked here, where it enters (a NaN is refused, not passed on).
+    """
+    ab = _checked("q_sample", x0, t, noise, alpha_bar)
     return gather(np.sqrt(ab), t, x0) * x0 + gather(np.sqrt(1.0 - ab), t, x0) * noise
 
 
 def v_target(x0, noise, t, alpha_bar: np.ndarray):
     """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0  (Salimans & Ho 2022)."""
-    ab = np.asarray(alpha_bar, dtype=np.float64)
+    ab = _checked("v_target", x0, t, noise, alpha_bar)
     return gather(np.sqrt(ab), t, x0) * noise - gather(np.sqrt(1.0 - ab), t, x0) * x0
 
 
 def x0_and_eps(model_output, sample, t, alpha_bar: np.ndarray, prediction_type: str = "epsilon"):
-    """(x0_pred, eps_pred) from a model output of any prediction type.
+    """(x0_pred, eps_pred) from a model output of any prediction type, at training timestep ``t``.
 
+    :func:`x0_and_eps_at` with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t).
     With ``"epsilon"`` at alpha_bar_t = 0 (zero terminal SNR) x0 is undefined;
     samplers refuse that configuration up front.
     """
     check_prediction_type(prediction_type)
     ab = np.asarray(alpha_bar, dtype=np.float64)
-    sqrt_ab = gather(np.sqrt(ab), t, sample)
-    sqrt_1m_ab = gather(np.sqrt(1.0 - ab), t, sample)
+    alpha_t, sigma_t = gather(np.sqrt(ab), t, sample), gather(np.sqrt(1.0 - ab), t, sample)
+    return x0_and_eps_at(model_output, sample, alpha_t, sigma_t, prediction_type)
+
+
+def x0_and_eps_at(model_output, x_t, alpha_t, sigma_t, prediction_type: str = "epsilon"):
+    """(x0_pred, eps_pred) from a model output at x_t = alpha_t x_0 + sigma_t eps: the one conversion.
+
+    alpha_t = sqrt(alpha_bar), sigma_t = sqrt(1 - alpha_bar), as Python floats or arrays that
+    broadcast against x_t (every sampler passes its noise level here, whether a training
+    timestep, a sigma between two of them, or alpha_bar after the last step)::
+
+        "epsilon"       x0 = (x_t - sigma_t eps) / alpha_t
+        "sample"        eps = (x_t - alpha_t x0) / sigma_t          (recomputed: REFERENCE pitfall 11)
+        "v_prediction"  x0 = alpha_t x_t - sigma_t v,   eps = alpha_t v + sigma_t x_t   (alpha^2 + sigma^2 = 1)
+    """
+    check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         eps = model_output
-        x0 = (sample - sqrt_1m_ab * eps) / sqrt_ab
-    elif prediction_type == "sample":  # recompute eps from x0 (REFERENCE pitfall 11)
+        x0 = (x_t - sigma_t * eps) / alpha_t
+    elif prediction_type == "sample":
         x0 = model_output
-        eps = (sample - sqrt_ab * x0) / sqrt_1m_ab
+        eps = (x_t - alpha_t * x0) / sigma_t
     else:  # v_prediction
-        x0 = sqrt_ab * sample - sqrt_1m_ab * model_output
-        eps = sqrt_ab * model_output + sqrt_1m_ab * sample
+        x0 = alpha_t * x_t - sigma_t * model_output
+        eps = alpha_t * model_output + sigma_t * x_t
     return x0, eps
 
 
@@ -111,9 +216,11 @@ def training_target(x0, noise, t, alpha_bar: np.ndarray, prediction_type: str = 
     ``"epsilon"``: eps (DDPM Eq. 14, L_simple = ||eps - eps_theta(x_t, t)||^2);
     ``"sample"``: x_0; ``"v_prediction"``: v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0
     (Salimans & Ho 2022, Sec. 4). ``x_t`` itself comes from :func:`q_sample` with
-    the same ``noise``.
+    the same ``noise``. Every argument is checked as in :func:`q_sample`, ``t`` and
+    ``alpha_bar`` too although only v needs them.
     """
     check_prediction_type(prediction_type)
+    _checked("training_target", x0, t, noise, alpha_bar)
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "sample":
@@ -179,9 +286,39 @@ class Gaussian(NamedTuple):
     log_variance: object
 
 
+class PosteriorCoefficients(NamedTuple):
+    """q(x_prev | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, variance I), and beta'_t of the jump (DDPM Eq. 7)."""
+
+    coef_x0: object
+    coef_xt: object
+    variance: object
+    beta: object
+
+
+def posterior_coefficients(alpha_bar_t, alpha_bar_prev) -> PosteriorCoefficients:
+    """The posterior of the jump from alpha_bar_prev (less noisy) to alpha_bar_t, from the two alpha_bars.
+
+    DDPM Eq. 6-7 for any previous noise level (a strided sequence, or alpha_bar_prev = 1 "after
+    the last step", or a sampler's final alpha_bar), with beta'_t = 1 - ab_t / ab_prev::
+
+        coef_x0  = sqrt(ab_prev) beta'_t / (1 - ab_t)
+        coef_xt  = sqrt(ab_t / ab_prev) (1 - ab_prev) / (1 - ab_t)
+        variance = (1 - ab_prev) / (1 - ab_t) beta'_t          beta tilde; DDIM Eq. 16's sigma_t^2 at eta = 1
+
+    Floats in, float variance and beta out (coefficients as NumPy float64); host float64 arrays
+    work elementwise. This is the one place the posterior variance is written down: DDPM's
+    fixed_small variance, DDIM's sigma_t(eta) and the variational bound all come from it.
+    """
+    beta = 1.0 - alpha_bar_t / alpha_bar_prev  # beta'_t: the one-step beta from prev to t (= beta_t when prev = t - 1)
+    coef_x0 = np.sqrt(alpha_bar_prev) * beta / (1.0 - alpha_bar_t)
+    coef_xt = np.sqrt(alpha_bar_t / alpha_bar_prev) * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
+    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta
+    return PosteriorCoefficients(coef_x0, coef_xt, variance, beta)
+
+
 def _prev_alpha_bar(alpha_bar: np.ndarray, t, t_prev):
     """Host float64 (alpha_bar_t, alpha_bar_prev), each shaped like t; alpha_bar_prev = 1 where prev < 0."""
-    ab = np.asarray(alpha_bar, dtype=np.float64)
+    ab = check_alpha_bar(alpha_bar)
     T = ab.shape[0]
     t = np.asarray(asnumpy(t))
     if not np.issubdtype(t.dtype, np.integer):
@@ -189,31 +326,12 @@ def _prev_alpha_bar(alpha_bar: np.ndarray, t, t_prev):
     t_prev = t - 1 if t_prev is None else np.asarray(asnumpy(t_prev))
     if not np.issubdtype(t_prev.dtype, np.integer):
         raise TypeError(f"t_prev must hold integer timesteps, got dtype {t_prev.dtype}")
-    if np.any(t < 0) or np.any(t > T - 1):
-        raise ValueError(f"t must lie in [0, {T - 1}], got values {np.unique(t[(t < 0) | (t > T - 1)])[:5].tolist()}")
+    check_timesteps(t, T)
     if np.any(t_prev >= t):
         raise ValueError(f"t_prev must come before t (t_prev < t), got t={t.tolist()}, t_prev={t_prev.tolist()}")
     ab_t = ab[t]
     ab_prev = np.where(t_prev >= 0, ab[np.maximum(t_prev, 0)], 1.0)  # before the first step: x_0, alpha_bar = 1
     return ab_t, ab_prev
-
-
-def _posterior_coefficients(alpha_bar: np.ndarray, t, t_prev=None):
-    """Host float64 (coef_x0, coef_xt, variance) of q(x_prev | x_t, x_0), DDPM Eq. 7."""
-    ab_t, ab_prev = _prev_alpha_bar(alpha_bar, t, t_prev)
-    beta_t = 1.0 - ab_t / ab_prev  # beta'_t: the one-step beta from prev to t (= beta_t when prev = t - 1)
-    coef_x0 = np.sqrt(ab_prev) * beta_t / (1.0 - ab_t)
-    coef_xt = np.sqrt(ab_t / ab_prev) * (1.0 - ab_prev) / (1.0 - ab_t)
-    variance = (1.0 - ab_prev) / (1.0 - ab_t) * beta_t
-    return coef_x0, coef_xt, variance
-
-
-def _to_like(values: np.ndarray, like):
-    """Host values, one per sample (B,) or one for all (scalar), shaped to broadcast against like."""
-    xp = get_xp(like)
-    if values.ndim == 1:  # (B,) -> (B, 1, 1, ...)
-        values = values.reshape((-1,) + (1,) * (like.ndim - 1))
-    return xp.asarray(values, dtype=like.dtype)
 
 
 def posterior_variance(alpha_bar: np.ndarray, t=None, t_prev=None) -> np.ndarray:
@@ -227,7 +345,7 @@ def posterior_variance(alpha_bar: np.ndarray, t=None, t_prev=None) -> np.ndarray
     """
     if t is None:
         t = np.arange(np.asarray(alpha_bar).shape[0])
-    return _posterior_coefficients(alpha_bar, t, t_prev)[2]
+    return posterior_coefficients(*_prev_alpha_bar(alpha_bar, t, t_prev)).variance
 
 
 def posterior_mean_variance(x0, x_t, t, alpha_bar: np.ndarray, t_prev=None) -> Gaussian:
@@ -263,11 +381,11 @@ def posterior_mean_variance(x0, x_t, t, alpha_bar: np.ndarray, t_prev=None) -> G
     Gaussian(mean, variance, log_variance); mean like x_t, the other two broadcast
     against it ((B, 1, ...) for per-sample t, 0-d for an int t).
     """
-    coef_x0, coef_xt, variance = _posterior_coefficients(alpha_bar, t, t_prev)
-    mean = _to_like(coef_x0, x_t) * x0 + _to_like(coef_xt, x_t) * x_t
+    coef_x0, coef_xt, variance, _ = posterior_coefficients(*_prev_alpha_bar(alpha_bar, t, t_prev))
+    mean = broadcast_like(coef_x0, x_t) * x0 + broadcast_like(coef_xt, x_t) * x_t
     # 1e-20 floor: beta_tilde = 0 at the first step (see above)
     log_variance = np.log(np.maximum(variance, 1e-20))
-    return Gaussian(mean, _to_like(variance, x_t), _to_like(log_variance, x_t))
+    return Gaussian(mean, broadcast_like(variance, x_t), broadcast_like(log_variance, x_t))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,8 +488,7 @@ def _fixed_log_variance(alpha_bar: np.ndarray, model_var_type: str) -> np.ndarra
     and beta_0 a slightly wider decoder than its authors trained).
     """
     ab = np.asarray(alpha_bar, dtype=np.float64)
-    post = posterior_variance(ab)
-    betas = 1.0 - ab / np.concatenate([[1.0], ab[:-1]])
+    _, _, post, betas = posterior_coefficients(ab, np.concatenate([[1.0], ab[:-1]]))  # beta tilde_t and beta_t
     first = post[1] if ab.shape[0] > 1 else betas[0]  # T = 1 has no beta_tilde_1: fall back to beta_0
     var = np.concatenate([[first], post[1:] if model_var_type == "fixed_small" else betas[1:]])
     return np.log(var)
@@ -482,7 +599,7 @@ def vlb_terms(
             x0_pred = xp.clip(x0_pred, -1.0, 1.0)
         # 3. p(x_{t-1} | x_t) = N(mu_tilde(x_t, x0_pred), Sigma_t)
         mean_p = posterior_mean_variance(x0_pred, x_t, t_b, ab).mean
-        log_var_p_t = _to_like(log_var_p[t_b], x0)
+        log_var_p_t = gather(log_var_p, t_b, x0)
         if t == 0:
             # 4a. L_0 = -log p(x_0 | x_1), the discretized Gaussian decoder (DDPM Eq. 13)
             nll = -discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * log_var_p_t)

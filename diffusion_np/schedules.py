@@ -8,6 +8,9 @@ index; DDPM's paper counts 1..T). Everything else follows from it (DDPM Eq. 4)::
     SNR_t       = alpha_bar_t / (1 - alpha_bar_t)       log-SNR lambda_t = log SNR_t
     sigma_t     = sqrt((1 - alpha_bar_t) / alpha_bar_t)  (the k-diffusion / Karras noise level, = 1/sqrt(SNR_t))
 
+and back from a noise level sigma to the coefficients of x_t = alpha_t x_0 + sigma_vp eps
+(:func:`vp_coefficients`): alpha_t = sqrt(alpha_bar) = 1 / sqrt(sigma^2 + 1), sigma_vp = sigma alpha_t.
+
 Kinds (diffusers' names, REFERENCE.md):
 
 * ``linear``: beta = linspace(beta_start, beta_end, T) (DDPM, 1e-4 .. 0.02).
@@ -38,6 +41,20 @@ import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine", "sigmoid")
 
+#: diffusers' stand-in for alpha_bar = 0 (zero terminal SNR) where a sampler needs a finite sigma: 2^-24,
+#: the smallest positive float16 subnormal, so sigma_max = sqrt((1 - 2^-24) / 2^-24) = 4096
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
+
+def vp_coefficients(sigma: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)) of the noise level sigma = sqrt((1 - ab) / ab).
+
+    alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t: the coefficients of
+    x_t = alpha_t x_0 + sigma_t eps, for samplers that walk sigma (Python floats in and out).
+    """
+    alpha = 1.0 / math.sqrt(sigma**2 + 1.0)
+    return alpha, sigma * alpha
+
 
 def cosine_alpha_bar(u, s: float = 0.008):
     """Improved DDPM Eq. (17): f(u) = cos^2(((u + s) / (1 + s)) * pi / 2), u = t/T in [0, 1]."""
@@ -64,11 +81,14 @@ def make_betas(
         _check_betas(betas, "trained_betas")
         return betas
     T = num_train_timesteps
-    if not isinstance(T, (int, np.integer)) or T < 1:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"num_train_timesteps must be an integer >= 1, got {T!r}")
     if beta_schedule not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta_schedule {beta_schedule!r}; allowed: {', '.join(BETA_SCHEDULES)}")
     if beta_schedule in ("linear", "scaled_linear", "sigmoid"):
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"{name} must be a number in (0, 1), got {value!r}")
         if not (0 < beta_start < 1 and 0 < beta_end < 1):
             raise ValueError(
                 f"beta_start and beta_end must lie in (0, 1), got beta_start={beta_start}, beta_end={beta_end}"
@@ -122,7 +142,9 @@ class NoiseSchedule:
     Build one with :meth:`from_config` (diffusers' keyword names) or from betas.
     Index t is 0-based, as in diffusers. ``alpha_bar`` may reach exactly 0 at
     t = T-1 with zero terminal SNR; then ``snr[-1] = 0``, ``log_snr[-1] = -inf``
-    and ``sigmas[-1] = inf`` (honest values, not clipped).
+    and ``sigmas[-1] = inf`` (honest values, not clipped). ``sampling_sigmas`` is
+    the same table with that one value finite (:data:`ZERO_SNR_ALPHA_BAR`): the noise
+    levels the sigma samplers (Euler, Heun, DPM-Solver++, UniPC) start from.
     """
 
     betas: np.ndarray
@@ -133,6 +155,7 @@ class NoiseSchedule:
     snr: np.ndarray = field(init=False)
     log_snr: np.ndarray = field(init=False)
     sigmas: np.ndarray = field(init=False)
+    sampling_sigmas: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         betas = np.asarray(self.betas, dtype=np.float64)
@@ -150,6 +173,10 @@ class NoiseSchedule:
             self.snr = self.alpha_bar / (1.0 - self.alpha_bar)
             self.log_snr = np.log(self.snr)
             self.sigmas = np.sqrt((1.0 - self.alpha_bar) / self.alpha_bar)
+        # alpha_bar = 0 (zero terminal SNR) has sigma = inf: a sampler cannot start there, so it
+        # starts from diffusers' stand-in alpha_bar = 2^-24 instead (sigma_max = 4096)
+        ab = np.where(self.alpha_bar > 0.0, self.alpha_bar, ZERO_SNR_ALPHA_BAR)
+        self.sampling_sigmas = np.sqrt((1.0 - ab) / ab)
 
     @classmethod
     def from_config(

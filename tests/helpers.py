@@ -10,6 +10,7 @@ tests/fixtures/make_fixtures.py`` stores them as ``tests/fixtures/<area>.npz``
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,31 @@ def one_error_line(capsys, *fragments) -> None:
     assert err.count("\n") == 1 and "Traceback" not in err, err
     for fragment in fragments:
         assert fragment in err, err
+
+
+def sample_loop(sampler, model, x_init, rng=None, scale_input=True):
+    """diffusers' sampling loop written out: x = x_init * init_noise_sigma, then one step per timestep.
+
+    ``scale_input=False`` feeds the model x itself instead of ``scale_model_input(x, t)`` (to show
+    what forgetting it does); ``rng`` draws the noise of stochastic samplers.
+    """
+    x = x_init * sampler.init_noise_sigma
+    for t in sampler.timesteps:
+        x_in = sampler.scale_model_input(x, t) if scale_input else x
+        x = sampler.step(model(x_in, t), t, x, rng=rng).prev_sample
+    return x
+
+
+def sigma_gaussian_oracle(sampler, s: float):
+    """The exact eps-prediction for data ~ N(0, s^2 I): E[eps | x_t] = x_t sqrt(1-ab) / (ab s^2 + 1 - ab).
+
+    For the sigma samplers: alpha_bar at the (possibly fractional) t comes from the sampler's own
+    sigma interpolation, ab = 1 / (1 + sigma(t)^2).
+    """
+
+    def model(x_t, t):
+        sigma = float(np.interp(float(t), np.arange(len(sampler.train_sigmas)), sampler.train_sigmas))
+        ab = 1.0 / (1.0 + sigma**2)
+        return x_t * (math.sqrt(1.0 - ab) / (ab * s**2 + 1.0 - ab))
+
+    return model

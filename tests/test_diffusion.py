@@ -12,7 +12,7 @@ from scipy import integrate
 from scipy.stats import norm
 
 from diffusion_np import diffusion as d
-from diffusion_np.schedules import NoiseSchedule
+from diffusion_np.schedules import ZERO_SNR_ALPHA_BAR, NoiseSchedule, vp_coefficients
 from diffusion_np.testing import (
     check_conversions_roundtrip,
     check_forward_variance,
@@ -95,6 +95,85 @@ def test_training_target_is_what_a_perfect_model_outputs(prediction_type):
     np.testing.assert_allclose(eps_rec, noise, atol=1e-9)
     expected = {"epsilon": noise, "sample": x0, "v_prediction": d.v_target(x0, noise, t, SD.alpha_bar)}
     np.testing.assert_array_equal(target, expected[prediction_type])
+
+
+@given(schedule_t=schedule_and_t(), prediction_type=st.sampled_from(d.PREDICTION_TYPES), data=st.data())
+def test_x0_and_eps_at_is_the_one_conversion(schedule_t, prediction_type, data):
+    """x0_and_eps is x0_and_eps_at at (sqrt(ab_t), sqrt(1 - ab_t)); given x_t = alpha x0 + sigma eps and the
+    output a perfect model would give, it returns (x0, eps) back, whether alpha and sigma are arrays or floats."""
+    schedule, t = schedule_t
+    t = int(t[0])
+    ab = schedule.alpha_bar[t]
+    if prediction_type == "epsilon" and ab == 0.0 or prediction_type == "sample" and ab == 1.0:
+        return  # x0 (eps) is undefined at alpha_bar = 0 (1)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    x0, eps = rng.standard_normal((2, 3, 2)), rng.standard_normal((2, 3, 2))
+    alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
+    x_t = alpha * x0 + sigma * eps
+    out = {"epsilon": eps, "sample": x0, "v_prediction": alpha * eps - sigma * x0}[prediction_type]
+    got = d.x0_and_eps_at(out, x_t, alpha, sigma, prediction_type)
+    via_t = d.x0_and_eps(out, x_t, t, schedule.alpha_bar, prediction_type)
+    for a, b in zip(got, via_t):
+        np.testing.assert_array_equal(a, b)
+    scale = 1.0 / max(min(alpha, sigma), 1e-3)  # the division amplifies rounding by 1/alpha or 1/sigma
+    np.testing.assert_allclose(got[0], x0, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(got[1], eps, rtol=0, atol=1e-12 * scale)
+
+
+def test_vp_coefficients_and_the_sampling_sigmas():
+    for sigma in (0.0, 0.03, 1.0, 14.6, 4096.0):
+        alpha, sigma_vp = vp_coefficients(sigma)
+        assert alpha**2 + sigma_vp**2 == pytest.approx(1.0, rel=1e-15) and sigma_vp == pytest.approx(sigma * alpha)
+    # sampling_sigmas is sigmas, but finite where alpha_bar = 0 (diffusers' stand-in 2^-24: sigma_max = 4096)
+    np.testing.assert_array_equal(SD.sampling_sigmas, SD.sigmas)
+    assert ZERO_SNR.sigmas[-1] == np.inf
+    assert ZERO_SNR.sampling_sigmas[-1] == math.sqrt((1 - ZERO_SNR_ALPHA_BAR) / ZERO_SNR_ALPHA_BAR)
+
+
+@given(schedule=noise_schedules(), data=st.data())
+def test_posterior_coefficients_are_the_one_posterior(schedule, data):
+    """posterior_coefficients(ab_t, ab_prev) is what posterior_variance / posterior_mean_variance use, and its
+    variance is DDIM Eq. 16's sigma_t^2 at eta = 1: (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev)."""
+    T = schedule.num_train_timesteps
+    t = data.draw(st.integers(1, T - 1)) if T > 1 else 0
+    prev = data.draw(st.integers(-1, t - 1))
+    ab = schedule.alpha_bar
+    ab_t, ab_prev = float(ab[t]), float(ab[prev]) if prev >= 0 else 1.0
+    post = d.posterior_coefficients(ab_t, ab_prev)
+    assert isinstance(post.variance, float) and isinstance(post.beta, float)  # float in, float out: no promotion
+    assert post.variance == float(d.posterior_variance(ab, t, prev))
+    assert post.beta == 1.0 - ab_t / ab_prev
+    assert post.variance == pytest.approx((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev), rel=1e-12, abs=1e-300)
+    x0, x_t = np.ones((1, 2)), np.full((1, 2), 2.0)
+    mean = d.posterior_mean_variance(x0, x_t, t, ab, t_prev=prev).mean
+    np.testing.assert_allclose(mean, post.coef_x0 * x0 + post.coef_xt * x_t, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        # the cases of issue 19: t = -1 was the last step silently, t = T an IndexError, 2.5 a NumPy message,
+        # a list x0 an AttributeError, a NaN alpha_bar a NaN result
+        (lambda x0, ab: d.q_sample(x0, -1, x0, ab), ValueError, r"t must lie in \[0, 19\].*got \[-1\]"),
+        (lambda x0, ab: d.q_sample(x0, 20, x0, ab), ValueError, r"t must lie in \[0, 19\].*got \[20\]"),
+        (lambda x0, ab: d.q_sample(x0, 2.5, x0, ab), TypeError, "t must be an int or an integer array"),
+        (lambda x0, ab: d.q_sample(x0, np.array([1.0, 2.0]), x0, ab), TypeError, "t must hold integer timesteps"),
+        (lambda x0, ab: d.q_sample(x0, np.array([1, 2, 3]), x0, ab), ValueError, r"t must be an int or shape \(2,\)"),
+        (lambda x0, ab: d.q_sample(x0.tolist(), 3, x0, ab), TypeError, "q_sample: x0 must be a float array"),
+        (lambda x0, ab: d.q_sample(x0, 3, x0[:1], ab), ValueError, r"noise must have the shape of x0, \(2, 3\)"),
+        (lambda x0, ab: d.q_sample(x0.astype(np.int64), 3, x0, ab), TypeError, "x0 must hold floats"),
+        (lambda x0, ab: d.q_sample(x0 * np.nan, 3, x0, ab), ValueError, "non-finite value .* in x0"),
+        (lambda x0, ab: d.q_sample(x0, 3, x0, ab * np.nan), ValueError, r"alpha_bar must hold values in \[0, 1\]"),
+        (lambda x0, ab: d.q_sample(x0, 3, x0, None), TypeError, "alpha_bar must be a 1-D array"),
+        (lambda x0, ab: d.training_target(x0, x0 * np.inf, 3, ab), ValueError, "non-finite value .* in noise"),
+        (lambda x0, ab: d.training_target(x0, x0, 25, ab), ValueError, r"t must lie in \[0, 19\]"),
+        (lambda x0, ab: d.v_target(x0, x0, "3", ab), TypeError, "t must be an int"),
+    ],
+)
+def test_forward_process_refuses_bad_arguments_by_name(call, error, match):
+    x0 = np.random.default_rng(0).standard_normal((2, 3))
+    with pytest.raises(error, match=match):
+        call(x0, SMALL.alpha_bar)
 
 
 def test_unknown_prediction_type_raises():
@@ -193,7 +272,7 @@ def test_posterior_matches_diffusers_ddpm(diffusers_cases, spacing):
     [
         (5, 5, ValueError, r"t_prev must come before t \(t_prev < t\)"),
         (np.array([3, 4]), np.array([1, 7]), ValueError, r"t_prev must come before t"),
-        (1000, None, ValueError, r"t must lie in \[0, 999\], got values \[1000\]"),
+        (1000, None, ValueError, r"t must lie in \[0, 999\] \(alpha_bar has T = 1000 timesteps\), got \[1000\]"),
         (np.array([2.0]), None, TypeError, r"t must hold integer timesteps, got dtype float64"),
     ],
 )

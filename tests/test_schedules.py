@@ -135,10 +135,25 @@ def test_every_named_schedule_has_a_diffusers_case():
         ({"beta_start": 0.02, "beta_end": 0.01}, r"beta_end \(0.01\) must be >= beta_start \(0.02\)"),
         ({"trained_betas": [0.1, 1.2]}, r"trained_betas: every beta must lie in \(0, 1\)"),
         ({"trained_betas": []}, r"trained_betas must be a non-empty 1-D sequence"),
+        ({"beta_start": float("nan")}, r"beta_start and beta_end must lie in \(0, 1\)"),
     ],
 )
 def test_invalid_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        NoiseSchedule.from_config(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"beta_start": [0.1]}, r"beta_start must be a number in \(0, 1\), got \[0.1\]"),  # was NumPy's TypeError
+        ({"beta_end": "0.02"}, r"beta_end must be a number in \(0, 1\)"),
+        ({"beta_start": None}, r"beta_start must be a number"),
+        ({"num_train_timesteps": True}, r"num_train_timesteps must be an integer >= 1, got True"),  # was T = 1
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused_by_name(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
         NoiseSchedule.from_config(**kwargs)
 
 

@@ -68,6 +68,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffusion_np.backend import asnumpy
+
 COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -379,8 +381,6 @@ def plot_shapes_grid(images, captions: Sequence[str] | None = None, ncols: int =
     figure (call ``plt.close(fig)`` when done with it in a loop).
     """
     import matplotlib.pyplot as plt  # imported here: only plotting needs it
-
-    from diffusion_np.backend import asnumpy
 
     images = asnumpy(images)
     if images.ndim != 4 or images.shape[-1] not in (1, 3):

@@ -5,6 +5,10 @@ Each file holds forward/backward function pairs (``out, cache = op_forward(...)`
 Activations are channels-last: images (B, H, W, C), tokens (B, L, C).
 """
 
+# The fast variants that build on nn/conv.py and nn/norm.py, imported here so that those two can reach them
+# as fast.conv and fast.norm without importing them back (an import cycle: see nn/fast/__init__.py)
+import diffusion_np.nn.fast.conv  # noqa: F401
+import diffusion_np.nn.fast.norm  # noqa: F401
 from diffusion_np.nn.activation import (
     GEGLU,
     GELU,

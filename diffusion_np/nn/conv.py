@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
-from diffusion_np.nn import fast
+from diffusion_np.nn import fast  # fast.conv: nn/fast/conv.py, which builds on this file (see nn/fast/__init__.py)
 from diffusion_np.nn.module import Module, init_uniform
 from diffusion_np.nn.validate import check_finite, check_image, check_size
 
@@ -62,12 +62,16 @@ class Conv2dCache(NamedTuple):
 # ----------------------------------------------------------------------------- small helpers
 def _padding4(padding) -> tuple:
     """An int ``p`` or a 4-tuple (top, bottom, left, right) -> a 4-tuple of ints >= 0."""
-    if isinstance(padding, (int, np.integer)):
+    def is_int(p):
+        return isinstance(p, (int, np.integer)) and not isinstance(p, bool)
+
+    if is_int(padding):
         padding = (padding,) * 4
-    padding = tuple(int(p) for p in padding)
+    if not isinstance(padding, (tuple, list)) or not all(is_int(p) for p in padding):
+        raise TypeError(f"padding must be an int >= 0 or (top, bottom, left, right) of ints, got {padding!r}")
     if len(padding) != 4 or min(padding) < 0:
-        raise ValueError(f"padding must be an int >= 0 or (top, bottom, left, right), got {padding}")
-    return padding
+        raise ValueError(f"padding must be an int >= 0 or (top, bottom, left, right), got {tuple(padding)}")
+    return tuple(int(p) for p in padding)
 
 
 def _out_size(x_shape: tuple, w_shape: tuple, stride: int, padding: tuple) -> tuple:
@@ -222,12 +226,12 @@ def conv2d_forward(x, w, b=None, stride: int = 1, padding=0, method: str | None 
             f"got x {tuple(x.shape)} and w {tuple(w.shape)}"
         )
     if method in (None, "auto"):
-        method = "reference" if fast.reference_on() else _fast_conv().choose_method(x.shape, w.shape, stride, padding)
+        method = "reference" if fast.reference_on() else fast.conv.choose_method(x.shape, w.shape, stride, padding)
     if method not in METHODS:
         raise ValueError(f"method must be 'auto' or one of {METHODS}, got {method!r}")
     if method == "reference":
         return conv2d_reference_forward(x, w, b, stride, padding)
-    return _fast_conv().conv2d_fast_forward(x, w, b, stride, padding, method)
+    return fast.conv.conv2d_fast_forward(x, w, b, stride, padding, method)
 
 
 def conv2d_backward(dout, cache: Conv2dCache):
@@ -235,14 +239,7 @@ def conv2d_backward(dout, cache: Conv2dCache):
     by the backward of the formulation that ran the forward (``cache.method``)."""
     if cache.method == "reference":
         return conv2d_reference_backward(dout, cache)
-    return _fast_conv().conv2d_fast_backward(dout, cache)
-
-
-def _fast_conv():
-    """nn/fast/conv.py, imported on first use (it builds on the helpers of this file)."""
-    from diffusion_np.nn.fast import conv
-
-    return conv
+    return fast.conv.conv2d_fast_backward(dout, cache)
 
 
 def _kernel2(layer, kernel_size) -> tuple:

@@ -28,7 +28,7 @@ from diffusion_np.backend import DEFAULT_DTYPE, asnumpy, get_xp, scatter_add
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite, check_size
+from diffusion_np.nn.validate import check_features, check_finite, check_number, check_size
 
 
 # --------------------------------------------------------------------------- timesteps
@@ -112,7 +112,7 @@ class Timesteps(Module):
         super().__init__()
         self.num_channels = check_size(self, "num_channels", num_channels)
         self.flip_sin_to_cos = flip_sin_to_cos
-        self.downscale_freq_shift = downscale_freq_shift
+        self.downscale_freq_shift = check_number(self, "downscale_freq_shift", downscale_freq_shift)
         self.scale = scale
 
     def forward(self, timesteps):

@@ -40,10 +40,10 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
-from diffusion_np.nn import fast
+from diffusion_np.nn import fast  # fast.norm: nn/fast/norm.py, which builds on this file (see nn/fast/__init__.py)
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite, check_size
+from diffusion_np.nn.validate import check_features, check_finite, check_number, check_size
 
 # ----------------------------------------------------------------------------- GroupNorm
 
@@ -229,6 +229,7 @@ class GroupNorm(Module):
             )
         if method not in ("auto", "fused", "reference"):
             raise ValueError(f"GroupNorm: method must be 'auto', 'fused' or 'reference', got {method!r}")
+        eps = check_number(self, "eps", eps, positive=True)
         self.num_groups, self.num_channels, self.eps, self.affine = num_groups, num_channels, eps, affine
         self.silu, self.method = bool(silu), method
         if affine:
@@ -240,7 +241,7 @@ class GroupNorm(Module):
         check_finite(self, x)
         gamma, beta = self.params.get("weight"), self.params.get("bias")
         if self.silu and fast.runs_fused(self.method):
-            y, cache = _fast_norm().group_norm_silu_forward(
+            y, cache = fast.norm.group_norm_silu_forward(
                 x, gamma, beta, self.num_groups, self.eps, with_grad=self._keep_cache
             )
         else:
@@ -253,8 +254,8 @@ class GroupNorm(Module):
 
     def backward(self, dout):
         cache = self._pop_cache()
-        if isinstance(cache, _fast_norm().GroupNormSiLUCache):
-            dx, dgamma, dbeta = _fast_norm().group_norm_silu_backward(dout, cache)
+        if isinstance(cache, fast.norm.GroupNormSiLUCache):
+            dx, dgamma, dbeta = fast.norm.group_norm_silu_backward(dout, cache)
         elif isinstance(cache, _GroupNormThenSiLUCache):
             dx, dgamma, dbeta = group_norm_backward(silu_backward(dout, cache.silu), cache.norm)
         else:
@@ -352,7 +353,7 @@ class LayerNorm(Module):
                 )
             normalized_shape = normalized_shape[0]
         self.normalized_shape = check_size(self, "normalized_shape", normalized_shape)
-        self.eps, self.elementwise_affine = eps, elementwise_affine
+        self.eps, self.elementwise_affine = check_number(self, "eps", eps, positive=True), elementwise_affine
         if elementwise_affine:
             self.add_param("weight", np.ones(self.normalized_shape, dtype=dtype))
             self.add_param("bias", np.zeros(self.normalized_shape, dtype=dtype))
@@ -373,10 +374,3 @@ class LayerNorm(Module):
 
     def __repr__(self) -> str:
         return f"LayerNorm({self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine})"
-
-
-def _fast_norm():
-    """nn/fast/norm.py, imported on first use: it builds on this file's ops, so a top-level import would be a cycle."""
-    from diffusion_np.nn.fast import norm
-
-    return norm

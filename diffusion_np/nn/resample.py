@@ -43,6 +43,7 @@ import numpy as np
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
 from diffusion_np.nn import fast
 from diffusion_np.nn.conv import Conv2d
+from diffusion_np.nn.fast.resample import UpsampleConvCache, upsample_conv_backward, upsample_conv_forward
 from diffusion_np.nn.module import Module
 from diffusion_np.nn.validate import check_finite, check_image, check_size
 
@@ -128,7 +129,7 @@ class Upsample2D(Module):
         check_image(self, x, self.channels)
         check_finite(self, x)
         if self.use_conv and fast.runs_fused(self.method):
-            y, cache = _fast_resample().upsample_conv_forward(x, self.conv.weight, self.conv.params.get("bias"))
+            y, cache = upsample_conv_forward(x, self.conv.weight, self.conv.params.get("bias"))
             self._set_cache(cache)
             return y  # (B, 2H, 2W, C_out)
         h, cache = upsample_nearest2x_forward(x)  # (B, 2H, 2W, C)
@@ -137,8 +138,8 @@ class Upsample2D(Module):
 
     def backward(self, dout):
         cache = self._pop_cache()
-        if isinstance(cache, _fast_resample().UpsampleConvCache):  # the fused forward ran
-            dx, dw, db = _fast_resample().upsample_conv_backward(dout, cache)
+        if isinstance(cache, UpsampleConvCache):  # the fused forward ran
+            dx, dw, db = upsample_conv_backward(dout, cache)
             self.conv.add_grad("weight", dw)
             if db is not None:
                 self.conv.add_grad("bias", db)
@@ -195,10 +196,3 @@ class Downsample2D(Module):
         if self.use_conv:
             return self.conv.backward(dout)
         return avg_pool2x2_backward(dout, cache)
-
-
-def _fast_resample():
-    """nn/fast/resample.py, imported on first use (it builds on this file's ops: a top-level import is a cycle)."""
-    from diffusion_np.nn.fast import resample
-
-    return resample

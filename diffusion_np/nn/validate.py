@@ -59,10 +59,24 @@ def check_finite(layer, x, what: str = "x") -> None:
     xp = get_xp(x)
     if xp is not np:  # the `if` below would wait for the device at every layer
         return
-    if bool(xp.isfinite(x.sum())):  # NaN and Inf propagate through a sum
-        return
+    with np.errstate(invalid="ignore", over="ignore"):  # inf + (-inf) in the sum is the case being looked for
+        if bool(xp.isfinite(x.sum())):  # NaN and Inf propagate through a sum
+            return
     if not bool(xp.isfinite(x).all()):  # the sum may only have overflowed
         raise ValueError(f"{_name(layer)} got a non-finite value (NaN or Inf) in {what}")
+
+
+def check_number(layer, name: str, value, positive: bool = False) -> float:
+    """A finite real number (``positive``: > 0), such as a normalisation's eps; returned as a Python float.
+
+    TypeError for a string, a list, None or a bool; ValueError for NaN, Inf, or (``positive``) 0 or less.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{_name(layer)}: {name} must be a number, got {value!r} ({type(value).__name__})")
+    if not np.isfinite(value) or (positive and not value > 0):
+        kind = "positive finite" if positive else "finite"
+        raise ValueError(f"{_name(layer)}: {name} must be a {kind} number, got {value}")
+    return float(value)
 
 
 def check_size(layer, name: str, value) -> int:

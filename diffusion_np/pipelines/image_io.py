@@ -116,14 +116,20 @@ def make_grid(images, ncols: int | None = None, padding: int = 2, pad_value: flo
 
     ``ncols`` defaults to B (one row); cells are separated by ``padding`` pixels of
     ``pad_value`` (1.0 = white in [-1, 1]). Empty cells of the last row are filled with it too.
+    A NaN or Inf in ``images`` is refused (it would become an arbitrary pixel).
     """
     images = asnumpy(images)
     if images.ndim != 4:
-        raise ValueError(f"make_grid expects a batch (B, H, W, C), got {tuple(images.shape)}")
+        raise ValueError(f"make_grid expects images as a batch (B, H, W, C), got shape {tuple(images.shape)}")
+    if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
+        raise TypeError(f"make_grid expects images of real numbers, got dtype {images.dtype}")
     B, H, W, C = images.shape
-    ncols = B if ncols is None else int(ncols)
-    if ncols < 1:
-        raise ValueError(f"make_grid: ncols must be >= 1, got {ncols}")
+    if B == 0:
+        raise ValueError(f"make_grid: images is an empty batch, shape {tuple(images.shape)}")
+    if not np.all(np.isfinite(images)):
+        raise ValueError("make_grid: images hold NaN or Inf")
+    ncols = B if ncols is None else _count(ncols, "ncols", 1)
+    padding = _count(padding, "padding", 0)
     nrows = -(-B // ncols)  # ceil(B / ncols)
     cells = np.full((nrows * ncols, H + padding, W + padding, C), pad_value, dtype=images.dtype)
     cells[:B, :H, :W] = images
@@ -131,6 +137,15 @@ def make_grid(images, ncols: int | None = None, padding: int = 2, pad_value: flo
     grid = cells.reshape(nrows, ncols, H + padding, W + padding, C).transpose(0, 2, 1, 3, 4)
     grid = grid.reshape(nrows * (H + padding), ncols * (W + padding), C)
     return grid[: grid.shape[0] - padding, : grid.shape[1] - padding]
+
+
+def _count(value, name: str, minimum: int) -> int:
+    """An int >= ``minimum`` for make_grid's ``ncols`` / ``padding``; TypeError or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"make_grid: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"make_grid: {name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def _pil_size(size, where: str) -> tuple[int, int]:

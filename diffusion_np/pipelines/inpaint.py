@@ -8,7 +8,7 @@ expects. With m = 1 on the pixels to repaint and 0 on those to keep (our convent
 diffusers'; RePaint's paper uses the opposite one)::
 
     x_T = init_noise_sigma * z,  known part = add_noise(x_0, z', t_first)
-    for each step t -> t_prev:
+    for each step t -> t_prev (where the step lands: DDIM's previous_timestep(t), else the next timestep):
         x_unknown = sampler.step(model(x_t, t), t, x_t)               the model's proposal at t_prev
         x_known   = sampler.add_noise(x_0, z'', t_prev)                 q(x_{t_prev} | x_0), fresh z''
         x_{t_prev} = m * x_unknown + (1 - m) * x_known                  RePaint Algorithm 1, lines 4-6
@@ -175,7 +175,11 @@ class InpaintPipeline(ImageToImagePipeline):
 
         trajectory = Trajectory(timesteps, [x], []) if return_trajectory else None
         for i, t in enumerate(_progress(timesteps, progress)):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None  # None: the step ends at x_0
+            # where the step lands: the next timestep (None: the step ends at x_0), or for DDIM its
+            # previous_timestep (t - T // N by default, a level that uneven spacings never visit)
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+            if t_prev is not None and isinstance(sampler, DDIMSampler):
+                t_prev = sampler.previous_timestep(t)
             passes = U if t_prev is not None else 1  # nothing to resample after the last step
             for u in range(passes):
                 # 2. the model's proposal for x_{t_prev} (RePaint Algorithm 1, line 5)

@@ -23,12 +23,21 @@ Diffusion's config). In the second case Eq. 16 gives sigma > 0 on the last step
 and, like diffusers, we add that noise when eta > 0: the step lands on the noise
 level of timestep 0, not on clean data.
 
-The previous timestep is the next entry of ``self.timesteps``. diffusers' DDIM
-uses ``t - T // N`` instead (REFERENCE pitfall 1). The two agree when every gap
-of the sequence is T // N ("leading" spacing, "trailing" when N divides T) and
-disagree otherwise ("linspace", "trailing" with N not dividing T), where
-diffusers jumps to a timestep the sequence never visits. Our numbers equal
-diffusers' exactly where the gaps are uniform.
+Which timestep a step goes to (``prev_timestep_rule``):
+
+* ``"stride"`` (the default, diffusers' ``DDIMScheduler``): prev = t - T // N, the stride of
+  "leading" spacing, whatever the spacing. Where every gap of the sequence is T // N
+  ("leading", "trailing" when N divides T) that is the next entry of ``timesteps``. Where the
+  gaps are uneven ("linspace", "trailing" with N not dividing T) a step lands on a noise level
+  the sequence does not visit, and the next step is asked at its own timestep all the same;
+  the last step of a sequence that ends at t >= T // N goes to alpha_bar[t - T // N], not to
+  the final alpha_bar. This is the rule Stable Diffusion pipelines run with, so it is the default.
+* ``"sequence"``: prev = the next entry of ``timesteps`` (the final alpha_bar after the last),
+  which is what DDIM Eq. 12 means for a sub-sequence tau of [1, ..., T] (Song et al. Sec. 4.2):
+  every step starts where the previous one ended (REFERENCE pitfall 1 calls ``t - T // N`` the
+  shortcut that is wrong for uneven gaps). It differs from diffusers wherever the gaps are uneven (by 3e-3
+  to 3e-1 relative on a sample, on the random configurations of the parity tests); with
+  uniform gaps the two are the same.
 
 ``clip_sample=True`` (the diffusers default) is right for pixels in [-1, 1] and
 wrong for latents (REFERENCE pitfall 6). With ``prediction_type="sample"`` or
@@ -53,28 +62,23 @@ import math
 
 import numpy as np
 
-from diffusion_np.diffusion import x0_and_eps
-from diffusion_np.samplers.base import Sampler, StepOutput
-from diffusion_np.samplers.ddpm import check_clip_config, clip_x0
+from diffusion_np.diffusion import posterior_coefficients, x0_and_eps, x0_and_eps_at
+from diffusion_np.samplers.base import ClipsX0, Sampler, StepOutput
+from diffusion_np.samplers.timesteps import PREV_TIMESTEP_RULES
 
 
-def ddim_variance(alpha_bar_t: float, alpha_bar_prev: float) -> float:
-    """sigma_t^2 / eta^2 of DDIM Eq. 16: (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev).
-
-    Equal to DDPM's posterior variance beta tilde for the jump t -> prev (DDPM Eq. 7).
-    """
-    return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev)
-
-
-class DDIMSampler(Sampler):
+class DDIMSampler(ClipsX0, Sampler):
     """DDIM sampler (Song et al. 2021, Eq. 12 and 16), diffusers ``DDIMScheduler`` keywords.
 
     Parameters beyond :class:`~diffusion_np.samplers.base.Sampler`'s
     ----------------------------------------------------------------
     clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
-        As in :class:`~diffusion_np.samplers.ddpm.DDPMSampler`.
+        As in :class:`~diffusion_np.samplers.ddpm.DDPMSampler` (:func:`~diffusion_np.samplers.base.clip_x0`).
     set_alpha_to_one : bool
         alpha_bar after the last step: 1 (True, the paper) or alpha_bar[0] (False, Stable Diffusion).
+    prev_timestep_rule : "stride" | "sequence"
+        Where a step goes: t - T // N ("stride", diffusers') or the next entry of ``timesteps``
+        ("sequence", the paper's sub-sequence); see the module docstring for where they differ.
     """
 
     def __init__(
@@ -94,32 +98,44 @@ class DDIMSampler(Sampler):
         sample_max_value: float = 1.0,
         timestep_spacing: str = "leading",
         rescale_betas_zero_snr: bool = False,
+        prev_timestep_rule: str = "stride",
     ) -> None:
+        if prev_timestep_rule not in PREV_TIMESTEP_RULES:
+            raise ValueError(f"prev_timestep_rule must be one of {PREV_TIMESTEP_RULES}, got {prev_timestep_rule!r}")
         super().__init__(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             prediction_type, timestep_spacing, steps_offset, rescale_betas_zero_snr,
         )  # fmt: skip
-        check_clip_config(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
-        self.clip_sample = clip_sample
+        self._keep_clip_config(
+            clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+        )
         self.set_alpha_to_one = set_alpha_to_one
-        self.clip_sample_range = clip_sample_range
-        self.thresholding = thresholding
-        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
-        self.sample_max_value = sample_max_value
+        self.prev_timestep_rule = prev_timestep_rule
 
     @property
     def final_alpha_bar(self) -> float:
         """alpha_bar after the last step: 1 or alpha_bar[0], by ``set_alpha_to_one``."""
         return 1.0 if self.set_alpha_to_one else float(self.alpha_bar[0])
 
+    def previous_timestep(self, t) -> int:
+        """The timestep the step at t goes to, by ``prev_timestep_rule``; negative after the last step."""
+        if self.prev_timestep_rule == "sequence":
+            return super().previous_timestep(t)
+        self._position(t)  # t must be one of the timesteps all the same
+        return int(t) - self.num_train_timesteps // self.num_inference_steps
+
     def alpha_bar_prev(self, t) -> float:
-        """alpha_bar at the next entry of the sequence after t, or ``final_alpha_bar`` after the last."""
+        """alpha_bar at ``previous_timestep(t)``, or ``final_alpha_bar`` where that is negative."""
         prev_t = self.previous_timestep(t)
         return float(self.alpha_bar[prev_t]) if prev_t >= 0 else self.final_alpha_bar
 
     def variance(self, t) -> float:
-        """sigma_t^2 at eta = 1 for the step t -> prev (DDIM Eq. 16; equals DDPM fixed_small)."""
-        return ddim_variance(float(self.alpha_bar[int(t)]), self.alpha_bar_prev(t))
+        """sigma_t^2 / eta^2 of DDIM Eq. 16 for the step t -> prev: (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev).
+
+        That is DDPM's posterior variance beta tilde of the jump (DDPM Eq. 7, DDPM's fixed_small):
+        :func:`~diffusion_np.diffusion.posterior_coefficients`.
+        """
+        return posterior_coefficients(float(self.alpha_bar[int(t)]), self.alpha_bar_prev(t)).variance
 
     def step(
         self,
@@ -156,14 +172,10 @@ class DDIMSampler(Sampler):
         self._require_timesteps()
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(
-                f"DDIMSampler.step: model_output must have the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        self._check_output(model_output, sample)
         t = int(t)
 
-        # 1. the previous timestep: the next entry of the sequence (not t - T // N: pitfall 1)
+        # 1. the previous timestep: t - T // N, or the next entry of the sequence (module docstring)
         ab_t = float(self.alpha_bar[t])
         ab_prev = self.alpha_bar_prev(t)
 
@@ -171,15 +183,12 @@ class DDIMSampler(Sampler):
         x0_pred, eps_pred = x0_and_eps(model_output, sample, t, self.alpha_bar, self.prediction_type)
 
         # 3. clip or threshold x0_pred (wrong for latents: pitfall 6)
-        x0_pred = clip_x0(
-            x0_pred, self.clip_sample, self.clip_sample_range,
-            self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
-        )  # fmt: skip
+        x0_pred = self._clip(x0_pred)
 
         # 4. sigma_t(eta), Eq. 16
-        std = eta * math.sqrt(ddim_variance(ab_t, ab_prev))
-        if use_clipped_model_output:  # eps consistent with the clipped x0 (GLIDE)
-            eps_pred = (sample - math.sqrt(ab_t) * x0_pred) / math.sqrt(1.0 - ab_t)
+        std = eta * math.sqrt(posterior_coefficients(ab_t, ab_prev).variance)
+        if use_clipped_model_output:  # eps consistent with the clipped x0 (GLIDE): x0 read as a "sample" output
+            eps_pred = x0_and_eps_at(x0_pred, sample, math.sqrt(ab_t), math.sqrt(1.0 - ab_t), "sample")[1]
 
         # 5. "direction pointing to x_t", Eq. 12; its coefficient is real for eta <= 1
         dir_var = 1.0 - ab_prev - std**2

@@ -39,17 +39,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from diffusion_np.backend import get_xp
-from diffusion_np.diffusion import x0_and_eps
-from diffusion_np.samplers.base import Sampler, StepOutput
+from diffusion_np.diffusion import x0_and_eps_at
+from diffusion_np.samplers.base import ClipsX0, Sampler, StepOutput
 
 #: the spacings diffusers' DDIMInverseScheduler offers
 INVERSE_SPACINGS = ("leading", "trailing")
 
 
-class DDIMInverseSampler(Sampler):
+class DDIMInverseSampler(ClipsX0, Sampler):
     """DDIM inversion (Song et al. 2021, Eq. 12 with eta = 0, stepped upwards), diffusers
     ``DDIMInverseScheduler`` keywords. ``step`` returns the noisier sample as ``prev_sample``
     (diffusers' name), so :func:`diffusion_np.samplers.loop.denoise` runs it unchanged.
@@ -88,14 +85,11 @@ class DDIMInverseSampler(Sampler):
                 "prediction_type='sample' cannot start from alpha_bar = 1: a clean image says nothing about "
                 "eps; use set_alpha_to_one=False, or an epsilon / v_prediction model"
             )
-        if not clip_sample_range > 0:
-            raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range!r}")
         super().__init__(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             prediction_type, timestep_spacing, steps_offset, rescale_betas_zero_snr,
         )  # fmt: skip
-        self.clip_sample = bool(clip_sample)
-        self.clip_sample_range = float(clip_sample_range)
+        self._keep_clip_config(clip_sample, clip_sample_range)
         self.set_alpha_to_one = bool(set_alpha_to_one)
 
     @classmethod
@@ -150,11 +144,7 @@ class DDIMInverseSampler(Sampler):
         StepOutput(prev_sample=x_t (noisier), pred_original_sample=x0_pred after clipping)
         """
         self._require_timesteps()
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(
-                f"DDIMInverseSampler.step: model_output must have the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        self._check_output(model_output, sample)
         t = int(t)
         if t not in self.timesteps:
             raise ValueError(f"timestep {t} is not in this sampler's timesteps {self.timesteps.tolist()}")
@@ -163,12 +153,12 @@ class DDIMInverseSampler(Sampler):
         ab_s = float(self.alpha_bar[s]) if s >= 0 else self.initial_alpha_bar
         ab_t = float(self.alpha_bar[t])
 
-        # 2. x0_pred and eps_pred at level s: x0_and_eps reads alpha_bar at index 0 of a one-entry table
-        x0_pred, eps_pred = x0_and_eps(model_output, sample, 0, np.array([ab_s]), self.prediction_type)
+        # 2. x0_pred and eps_pred at level s
+        x0_pred, eps_pred = x0_and_eps_at(model_output, sample, math.sqrt(ab_s), math.sqrt(1.0 - ab_s),
+                                          self.prediction_type)  # fmt: skip
 
         # 3. clip x0_pred (pixels only: pitfall 6)
-        if self.clip_sample:
-            x0_pred = get_xp(x0_pred).clip(x0_pred, -self.clip_sample_range, self.clip_sample_range)
+        x0_pred = self._clip(x0_pred)
 
         # 4. DDIM Eq. 12 with eta = 0, towards level t
         next_sample = math.sqrt(ab_t) * x0_pred + math.sqrt(1.0 - ab_t) * eps_pred

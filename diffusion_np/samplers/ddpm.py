@@ -45,11 +45,17 @@ halves are split on the LAST axis: model output (B, H, W, 2C) for a sample
 (B, H, W, C) (diffusers, channels-first, splits axis 1).
 
 The noise added is std * z with std = sqrt(var) (REFERENCE pitfall 10: var is not
-the std), and none at the last step, whatever the variance type. diffusers adds
-sqrt(var) z whenever t > 0, so when the sequence ends at t > 0 ("trailing",
-``steps_offset`` > 0) its last step adds noise of variance beta'_t with
-"fixed_large" or "learned_range"; we follow Algorithm 2 line 3 and add none
-(with "fixed_small" diffusers' extra noise is 1e-10 z, invisible).
+the std). When, by ``clean_last_step``:
+
+* False (the default, diffusers' ``DDPMScheduler``): at every step with t > 0, Algorithm 2
+  line 3 read literally (z = 0 only at paper t = 1, our t = 0). A sequence that ends at t > 0
+  ("trailing" spacing, ``steps_offset`` > 0) then gets noise on its last step too: of
+  variance beta'_t = 1 - alpha_bar_t with "fixed_large", an interpolation towards it with
+  "learned_range", and 1e-20 (the floor, std 1e-10) with "fixed_small".
+* True: never on the last step of the sequence, whatever its t. That step goes to x_0
+  (alpha_bar_prev = 1), where the posterior q(x_0 | x_t, x_0) is a point mass, so the
+  sample ends on the mean, clean. It differs from diffusers only where the sequence ends
+  at t > 0, by up to sqrt(1 - alpha_bar_t) z there.
 
 ``clip_sample=True`` (diffusers' default) clips the x_0 estimate to
 [-clip_sample_range, clip_sample_range]: right for pixels in [-1, 1], wrong for
@@ -76,48 +82,13 @@ import math
 import numpy as np
 
 from diffusion_np.backend import get_xp
-from diffusion_np.diffusion import posterior_mean_variance, posterior_variance, x0_and_eps
-from diffusion_np.samplers.base import Sampler, StepOutput
+from diffusion_np.diffusion import posterior_coefficients, posterior_mean_variance, x0_and_eps
+from diffusion_np.samplers.base import ClipsX0, Sampler, StepOutput
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
 
 
-def dynamic_threshold(x0, ratio: float = 0.995, max_value: float = 1.0):
-    """Dynamic thresholding of an x_0 estimate (Saharia et al. 2022, Imagen, Sec. 2.3).
-
-    Per sample, s = the ``ratio`` quantile of |x0| over all its elements, kept in
-    [1, max_value]; then x0 <- clip(x0, -s, s) / s. With s = 1 this is plain
-    clipping to [-1, 1]. Shape (B, ...) in, same shape out; the quantile uses
-    linear interpolation, as ``torch.quantile`` does.
-    """
-    xp = get_xp(x0)
-    B = x0.shape[0]
-    flat = x0.reshape(B, -1)  # (B, H*W*C): the quantile runs over each sample's elements
-    s = xp.quantile(xp.abs(flat), ratio, axis=1)  # (B,)
-    s = xp.clip(s, 1.0, max_value).astype(x0.dtype)[:, None]  # (B, 1); s >= 1 never amplifies
-    return (xp.clip(flat, -s, s) / s).reshape(x0.shape)
-
-
-def clip_x0(x0, clip_sample: bool, clip_sample_range: float, thresholding: bool, ratio: float, max_value: float):
-    """Step 3 of diffusers' DDPM/DDIM steps: threshold (if asked), else clip (if asked), else leave x0."""
-    if thresholding:
-        return dynamic_threshold(x0, ratio, max_value)
-    if clip_sample:
-        return get_xp(x0).clip(x0, -clip_sample_range, clip_sample_range)
-    return x0
-
-
-def check_clip_config(clip_sample_range: float, dynamic_thresholding_ratio: float, sample_max_value: float) -> None:
-    """ValueError for a non-positive clip range or max value, or a quantile ratio outside (0, 1]."""
-    if not clip_sample_range > 0:
-        raise ValueError(f"clip_sample_range must be > 0, got {clip_sample_range}")
-    if not 0 < dynamic_thresholding_ratio <= 1:
-        raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1], got {dynamic_thresholding_ratio}")
-    if not sample_max_value > 0:
-        raise ValueError(f"sample_max_value must be > 0, got {sample_max_value}")
-
-
-class DDPMSampler(Sampler):
+class DDPMSampler(ClipsX0, Sampler):
     """Ancestral DDPM sampler (DDPM Algorithm 2), diffusers ``DDPMScheduler`` keywords.
 
     Parameters beyond :class:`~diffusion_np.samplers.base.Sampler`'s
@@ -130,7 +101,10 @@ class DDPMSampler(Sampler):
     thresholding : bool
         Dynamic thresholding (Imagen) instead of clipping; needs pixel-space x0.
     dynamic_thresholding_ratio, sample_max_value : float
-        The quantile and the largest threshold s of :func:`dynamic_threshold`.
+        The quantile and the largest threshold s of :func:`~diffusion_np.samplers.base.dynamic_threshold`.
+    clean_last_step : bool
+        False (diffusers): noise at every step with t > 0; True: none on the last step of the
+        sequence, whatever its t (see the module docstring).
     """
 
     def __init__(
@@ -150,20 +124,21 @@ class DDPMSampler(Sampler):
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
+        clean_last_step: bool = False,
     ) -> None:
         super().__init__(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
             prediction_type, timestep_spacing, steps_offset, rescale_betas_zero_snr,
         )  # fmt: skip
+        if not isinstance(clean_last_step, (bool, np.bool_)):
+            raise TypeError(f"clean_last_step must be True or False, got {clean_last_step!r}")
+        self.clean_last_step = bool(clean_last_step)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-        check_clip_config(clip_sample_range, dynamic_thresholding_ratio, sample_max_value)
+        self._keep_clip_config(
+            clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value
+        )
         self.variance_type = variance_type
-        self.clip_sample = clip_sample
-        self.clip_sample_range = clip_sample_range
-        self.thresholding = thresholding
-        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
-        self.sample_max_value = sample_max_value
 
     def alpha_bar_prev(self, t) -> float:
         """alpha_bar at the step after t in the sequence; 1 after the last step (x_0 is clean)."""
@@ -177,11 +152,11 @@ class DDPMSampler(Sampler):
         learned ones. ``fixed_small`` is floored at 1e-20, as diffusers does, so that
         its log (used by learned_range) stays finite at the last step, where it is 0.
         """
-        t, prev_t = int(t), self.previous_timestep(t)
-        ab_t, ab_prev = float(self.alpha_bar[t]), self.alpha_bar_prev(t)
-        beta_t = 1.0 - ab_t / ab_prev  # beta'_t of the jump t -> t_prev
-        # beta tilde, DDPM Eq. 7, floored at 1e-20 (it is 0 at the last step)
-        var_small = max(float(posterior_variance(self.alpha_bar, t, prev_t)), 1e-20)
+        t = int(t)
+        # DDPM Eq. 7 for the jump t -> t_prev: beta tilde and beta'_t = 1 - alpha_bar_t / alpha_bar_prev
+        posterior = posterior_coefficients(float(self.alpha_bar[t]), self.alpha_bar_prev(t))
+        beta_t = posterior.beta
+        var_small = max(posterior.variance, 1e-20)  # beta tilde, floored at 1e-20 (it is 0 at the last step)
         if self.variance_type == "fixed_small":
             return var_small
         if self.variance_type == "fixed_large":
@@ -207,7 +182,7 @@ class DDPMSampler(Sampler):
         sample : array (B, ..., C)
             x_t.
         noise : array like ``sample``, optional
-            z for this step; drawn from ``rng`` (host side) when not given. Unused at the last step.
+            z for this step; drawn from ``rng`` (host side) when not given. Unused where no noise is added.
         rng : numpy Generator, optional
 
         Returns
@@ -225,16 +200,14 @@ class DDPMSampler(Sampler):
         x0_pred, _ = x0_and_eps(model_output, sample, t, self.alpha_bar, self.prediction_type)
 
         # 3. clip or threshold x0_pred (wrong for latents: pitfall 6)
-        x0_pred = clip_x0(
-            x0_pred, self.clip_sample, self.clip_sample_range,
-            self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value,
-        )  # fmt: skip
+        x0_pred = self._clip(x0_pred)
 
         # 4. posterior mean tilde{mu}_t(x_t, x0_pred) of q(x_{t_prev} | x_t, x0_pred), DDPM Eq. 7
         mean = posterior_mean_variance(x0_pred, sample, t, self.alpha_bar, t_prev=prev_t).mean
 
-        # 5. add sigma_t z, except at the last step (Algorithm 2 line 3; pitfall 10: std = sqrt(var))
-        if prev_t < 0:
+        # 5. add sigma_t z where t > 0 (Algorithm 2 line 3), or on every step but the last with
+        #    clean_last_step (pitfall 10: std = sqrt(var))
+        if t == 0 or (self.clean_last_step and prev_t < 0):
             return StepOutput(mean, x0_pred)
         z = self._noise_like(sample, noise, rng)
         var = self.variance(t, predicted_variance)

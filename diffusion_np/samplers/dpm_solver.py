@@ -47,7 +47,9 @@ and sigma_max (whatever the spacing), and the timesteps are recovered from them 
 interpolation and rounded (truncated for the cosine schedule, as diffusers does).
 
 The sampler works on x_t directly, so unlike Euler: ``init_noise_sigma = 1`` and
-``scale_model_input`` is the identity.
+``scale_model_input`` is the identity. UniPC shares all of this and the first-order update:
+that code is :class:`~diffusion_np.samplers.base.DataPredictionSampler`'s; this file holds
+DPM-Solver++'s second-order update and its step.
 
 Code -> paper notation::
 
@@ -66,21 +68,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
-from diffusion_np.backend import get_xp
-from diffusion_np.samplers.base import StepOutput
-from diffusion_np.samplers.euler import SigmaSampler, karras_sigmas, sigma_to_t
-from diffusion_np.samplers.timesteps import SPACINGS
+from diffusion_np.samplers.base import DataPredictionSampler, StepOutput
+from diffusion_np.schedules import vp_coefficients
 
 
-def _alpha_sigma(s: float) -> tuple[float, float]:
-    """VP coefficients (alpha_t, sigma_t) from the k-diffusion sigma s: alpha = 1/sqrt(s^2+1), sigma = s alpha."""
-    alpha = 1.0 / math.sqrt(s**2 + 1.0)
-    return alpha, s * alpha
-
-
-class DPMSolverMultistepSampler(SigmaSampler):
+class DPMSolverMultistepSampler(DataPredictionSampler):
     """DPM-Solver++(1) / (2M) in data-prediction form (diffusers' ``DPMSolverMultistepScheduler``).
 
     Parameters follow diffusers: ``num_train_timesteps``, ``beta_start``, ``beta_end``,
@@ -110,113 +102,24 @@ class DPMSolverMultistepSampler(SigmaSampler):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ) -> None:
-        super().__init__(
-            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
-            timestep_spacing, steps_offset, rescale_betas_zero_snr, use_karras_sigmas, final_sigmas_type,
-        )
         if algorithm_type != "dpmsolver++":
             raise ValueError(
                 f"algorithm_type {algorithm_type!r} is not implemented; only 'dpmsolver++' (data prediction) is"
             )
-        if solver_order not in (1, 2):
-            raise ValueError(f"solver_order must be 1 or 2 (order 3 is not implemented), got {solver_order!r}")
+        super().__init__(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, solver_order, prediction_type,
+            lower_order_final, use_karras_sigmas, final_sigmas_type, lambda_min_clipped, timestep_spacing,
+            steps_offset, rescale_betas_zero_snr,
+        )  # fmt: skip
         self.algorithm_type = algorithm_type
-        self.solver_order = solver_order
-        self.lower_order_final = lower_order_final
         self.euler_at_final = euler_at_final
-        self.lambda_min_clipped = lambda_min_clipped
-        self.beta_schedule = beta_schedule
-        self._reset_state()
 
-    def _reset_state(self) -> None:
-        self._model_outputs: list = [None] * self.solver_order  # x_0 estimates of the last steps, newest last
-        self._lower_order_nums = 0
-
-    # ---- schedule -------------------------------------------------------------------------
-    def _dpm_timesteps(self, N: int) -> np.ndarray:
-        """diffusers' DPM-Solver spacing (N + 1 points, last dropped; see the module docstring), int64."""
-        T = self.num_train_timesteps
-        if not isinstance(N, (int, np.integer)) or not 1 <= N <= T:
-            raise ValueError(f"num_inference_steps must be an integer in [1, {T}], got {N!r}")
-        if self.timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {self.timestep_spacing!r}")
-        # lambda_t = -log sigma_t decreases with t: count the noisiest steps with lambda < lambda_min_clipped
-        # (searchsorted needs increasing values, hence the flip) and leave them out
-        lambdas = -np.log(self.train_sigmas)
-        clipped_idx = int(np.searchsorted(lambdas[::-1], self.lambda_min_clipped))
-        last_timestep = T - clipped_idx
-        if self.timestep_spacing == "linspace":
-            t = np.linspace(0, last_timestep - 1, N + 1).round()[::-1][:-1].astype(np.int64)
-        elif self.timestep_spacing == "leading":
-            step_ratio = last_timestep // (N + 1)
-            t = (np.arange(N + 1) * step_ratio)[::-1][:-1].astype(np.int64) + self.steps_offset
-        else:  # trailing
-            # [:N]: float roundoff in arange's step can add an (N+1)-th entry ~1e-13 that becomes timestep -1
-            # (T=1000, N=61; diffusers 0.42 keeps it, and then indexes sigma_{-1} = sigma_max)
-            t = np.arange(last_timestep, 0, -T / N)[:N].round().astype(np.int64) - 1
-        return t.copy()
-
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        """Choose the steps: ``timesteps`` (int64) and ``sigmas`` (float64, one more, last = 0 by default)."""
-        timesteps = self._dpm_timesteps(num_inference_steps)
-        if self.use_karras_sigmas:
-            # EDM Eq. (5) over the whole training range, then t from log-sigma interpolation
-            sigmas = karras_sigmas(num_inference_steps, float(self.train_sigmas[0]), float(self.train_sigmas[-1]))
-            t = sigma_to_t(sigmas, np.log(self.train_sigmas))
-            # diffusers rounds, except for the cosine schedule, where the int64 cast truncates
-            timesteps = (t if self.beta_schedule in ("squaredcos_cap_v2", "cosine") else t.round()).astype(np.int64)
-        else:
-            sigmas = self.train_sigmas[timesteps]
-        self.sigmas = np.concatenate([sigmas, [self._final_sigma()]])
-        self.timesteps = timesteps
-        self.num_inference_steps = len(timesteps)
-        self._step_index = None
-        self._reset_state()
-
-    # ---- the sample is x_t itself ----------------------------------------------------------
-    @property
-    def init_noise_sigma(self) -> float:
-        """1: DPM-Solver works on x_t, whose prior is N(0, I) (diffusers sets 1.0 too)."""
-        return 1.0
-
-    def scale_model_input(self, sample, t):
-        """The identity: x_t is already what the model was trained on (t is checked, not used)."""
-        self._current_index(t)
-        return sample
-
-    def add_noise(self, original_samples, noise, t):
-        """x_t = alpha_t x_0 + sigma_t noise at the sigma of timestep t (DDPM Eq. 4 at that noise level)."""
-        self._require_timesteps()
-        t_host = np.atleast_1d(np.asarray(t))
-        s = self.sigmas[[self.index_for_timestep(ti) for ti in t_host]]
-        alpha = 1.0 / np.sqrt(s**2 + 1.0)
-        shape = (-1,) + (1,) * (original_samples.ndim - 1) if np.ndim(t) == 1 else ()
-        xp = get_xp(original_samples)
-        a = xp.asarray(alpha.reshape(shape), dtype=original_samples.dtype)
-        sig = xp.asarray((s * alpha).reshape(shape), dtype=original_samples.dtype)
-        return a * original_samples + sig * noise
-
-    # ---- the solver --------------------------------------------------------------------------
-    def _data_prediction(self, model_output, sample, s: float):
-        """x_theta(x_t, t), the x_0 estimate, from the model output (diffusers' ``convert_model_output``)."""
-        alpha_t, sigma_t = _alpha_sigma(s)
-        if self.prediction_type == "epsilon":
-            return (sample - sigma_t * model_output) / alpha_t
-        if self.prediction_type == "v_prediction":
-            return alpha_t * sample - sigma_t * model_output
-        return model_output
-
-    def _first_order_update(self, x0_pred, sample, s: float, s_next: float):
-        """DPM-Solver++(1): x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D, e^{-h} = s_next / s."""
-        alpha_t, sigma_t = _alpha_sigma(s_next)
-        _, sigma_s = _alpha_sigma(s)
-        exp_neg_h = s_next / s  # e^{-(lambda_t - lambda_s)}, exactly 0 at the final sigma = 0
-        return (sigma_t / sigma_s) * sample - (alpha_t * (exp_neg_h - 1.0)) * x0_pred
-
+    # ---- the solver: timesteps, sigmas, x_t as the sample, x_theta and the first-order update are
+    # ---- DataPredictionSampler's (samplers/base.py, shared with UniPC); the second order is here
     def _second_order_update(self, m0, m1, sample, s_prev: float, s: float, s_next: float):
         """DPM-Solver++(2M), Algorithm 2: the first-order update with D = D0 + (D0 - m1) / (2r), r = h_0 / h."""
-        alpha_t, sigma_t = _alpha_sigma(s_next)
-        _, sigma_s0 = _alpha_sigma(s)
+        alpha_t, sigma_t = vp_coefficients(s_next)
+        _, sigma_s0 = vp_coefficients(s)
         h = math.log(s / s_next)  # lambda_t - lambda_s0 (s_next > 0 here: the final step to 0 is first order)
         h_0 = math.log(s_prev / s)  # lambda_s0 - lambda_s1
         r0 = h_0 / h
@@ -231,6 +134,7 @@ class DPMSolverMultistepSampler(SigmaSampler):
 
         ``noise`` and ``rng`` are accepted for a uniform loop and unused (the solver is deterministic).
         """
+        self._check_output(model_output, sample)
         i = self._current_index(t)
         n = len(self.timesteps)
         # the last step is first order whenever it goes to sigma = 0 (h = inf), or when asked
@@ -239,6 +143,9 @@ class DPMSolverMultistepSampler(SigmaSampler):
             self.euler_at_final or (self.lower_order_final and n < 15) or self.final_sigmas_type == "zero"
         )
         s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        # a step of length h = 0 ("trailing" ends at t = 0, and final_sigmas_type="sigma_min" repeats its
+        # sigma) is the identity, which the first-order update gives exactly; the second order divides by h
+        lower_order_final = lower_order_final or s_next == s
 
         # 1. the x_0 estimate at this step, and the history (newest last)
         x0_pred = self._data_prediction(model_output, sample, s)

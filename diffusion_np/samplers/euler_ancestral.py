@@ -22,7 +22,7 @@ Code -> k-diffusion / REFERENCE notation::
     noise                    z, drawn from ``rng`` or injected with ``noise=`` (tests pass torch's draws)
 
 Timesteps, sigmas, ``init_noise_sigma`` and ``scale_model_input`` are Euler's
-(:class:`~diffusion_np.samplers.euler.SigmaSampler`). diffusers' ancestral scheduler has no
+(:class:`~diffusion_np.samplers.base.SigmaSampler`). diffusers' ancestral scheduler has no
 Karras option; neither does this one.
 
 Left out: s_noise scaling and a noise sampler other than Gaussian.
@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import math
 
-from diffusion_np.samplers.base import StepOutput
-from diffusion_np.samplers.euler import SigmaSampler
+from diffusion_np.samplers.base import SigmaSampler, StepOutput
 
 
 def ancestral_sigmas(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -86,6 +85,7 @@ class EulerAncestralSampler(SigmaSampler):
         ``noise``: the z ~ N(0, I) to add (sample's shape); otherwise drawn from ``rng``
         (a ``numpy.random.Generator``) on the host and moved to the sample's device.
         """
+        self._check_output(model_output, sample)
         i = self._current_index(t)
         sigma_from, sigma_to = float(self.sigmas[i]), float(self.sigmas[i + 1])
         # 1. x_0 estimate D(x; sigma)

@@ -34,6 +34,17 @@ Code -> EDM Algorithm 1 notation::
     prev_derivative, dt      d_i, t_{i+1} - t_i   (kept between the two calls)
     _first_sample            x_i                  (kept between the two calls)
 
+Precision. Sigmas and fractional timesteps are float64 here, as every schedule in this package
+is (schedules.py); diffusers' Heun (like its Euler) rounds both to float32. The two schedules
+agree to that rounding, and run in float64 on the same sigmas the two loops agree to 1e-14
+(tests/samplers/test_parity_random.py), so we do not copy the rounding. A float32 loop is
+another matter where sigma_max is large: the cosine schedule's is 2.0e4 (alpha_bar_{T-1} =
+2.4e-9), the first step's update x_i + dt * slope then cancels four to five digits, and a
+float32 sample is good to about 5e-3 relative only, in diffusers and here alike (each 4.5e-3
+to 2e-2 from the float64 loop at 5 to 20 linspace or trailing steps, v-prediction). The
+4.3e-3 between the two float32 loops in that configuration is that rounding seen twice, not
+a difference of method: run such schedules in float64 where the digits matter.
+
 Left out: EDM's stochastic churn (gamma = 0 as in diffusers), exponential and beta sigmas,
 custom timesteps.
 """
@@ -42,11 +53,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffusion_np.samplers.base import StepOutput
-from diffusion_np.samplers.euler import SigmaSampler
+from diffusion_np.samplers.base import ClipsX0, SigmaSampler, StepOutput
 
 
-class HeunSampler(SigmaSampler):
+class HeunSampler(ClipsX0, SigmaSampler):
     """Heun's method, one model call per ``step`` (diffusers' ``HeunDiscreteScheduler``).
 
     Parameters follow diffusers, including its defaults (beta 0.00085 .. 0.012, "linear"):
@@ -76,8 +86,7 @@ class HeunSampler(SigmaSampler):
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
             timestep_spacing, steps_offset, False, use_karras_sigmas,
         )
-        self.clip_sample = clip_sample
-        self.clip_sample_range = float(clip_sample_range)
+        self._keep_clip_config(clip_sample, clip_sample_range)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -106,6 +115,7 @@ class HeunSampler(SigmaSampler):
 
         ``noise`` and ``rng`` are accepted for a uniform loop and unused (the ODE is deterministic).
         """
+        self._check_output(model_output, sample)
         i = self._current_index(t)
         if self.state_in_first_order:
             sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
@@ -117,8 +127,8 @@ class HeunSampler(SigmaSampler):
 
         # 1. x_0 estimate D(x; sigma) at the noise level the model was evaluated at
         pred_original = self._x0_from_output(model_output, sample, sigma_model)
-        if self.clip_sample:  # for pixel-space models only; never for latents (REFERENCE pitfall 6)
-            pred_original = pred_original.clip(-self.clip_sample_range, self.clip_sample_range)
+        # for pixel-space models only; never for latents (REFERENCE pitfall 6)
+        pred_original = self._clip(pred_original)
 
         if self.state_in_first_order:
             # 2a. Euler predictor: d_i at x_i, keep (d_i, dt, x_i) for the corrector

@@ -50,20 +50,23 @@ and dropped). Each step is one call of ``step``, so the warm-up's extra call sho
     skip_prk_steps=True    t_0, t_1, t_1, t_2, ..., t_{N-1}
     skip_prk_steps=False   t_0, m_0, m_0, t_1,  t_1, m_1, m_1, t_2,  t_2, m_2, m_2, t_3,  t_3, t_4, ..., t_{N-1}
 
-with m_i = t_{i+1} + (t_i - t_{i+1}) // 2 the PRK half step. After the last step
+with m_i the PRK half step (see ``prev_timestep_rule`` below). After the last step
 alpha_bar is 1 (``set_alpha_to_one=True``) or alpha_bar[0] (False, diffusers' default and
 Stable Diffusion's), as in DDIM.
 
-Where this differs from diffusers, and why:
+Which timesteps a transfer goes between (``prev_timestep_rule``), with g = T // N:
 
-* The step goes to the next entry of the timestep sequence. diffusers' PNDM uses
-  ``t - T // N`` (REFERENCE pitfall 1), and on the corrector call it takes t_1 + T // N
-  as the start; the two agree when every gap of the sequence is T // N ("leading"
-  spacing, SD's; "trailing" when N divides T; ``steps_offset < T // N``). Elsewhere
-  diffusers steps to timesteps the sequence never visits and we do not.
-* PRK's first half step lands on m_i, where the model then evaluates it. diffusers
-  lands on t_i - (T // N) // 2, which is m_i + 1 when T // N is odd; with even gaps the
-  two agree.
+* ``"stride"`` (the default, diffusers' ``PNDMScheduler``): a step at t goes to t - g, and
+  the warm-up's corrector starts from t_1 + g; PRK's half steps are m_i = t_{i+1} + g // 2,
+  and its first stage goes to t_i - g // 2 (which is m_i + 1 when g is odd, while the model
+  is then asked at m_i). Where every gap of the sequence is g ("leading", SD's spacing;
+  "trailing" when N divides T) and g is even, this is the sequence below.
+* ``"sequence"``: the transfers follow the sequence: a step goes to the next entry (the final
+  alpha_bar after the last), the corrector starts from t_0, and PRK's half steps are
+  m_i = t_{i+1} + (t_i - t_{i+1}) // 2 both ways. Where the gaps are uneven ("linspace",
+  "trailing" with N not dividing T) diffusers' transfers land on noise levels the sequence never
+  visits, which the paper's method does not do, and the results differ visibly (1e-3 relative
+  and more).
 
 The multistep weights combine the raw model outputs, and a v-prediction is converted to
 eps afterwards, at the x and t the transfer starts from (eps = sqrt(ab_t) v + sqrt(1 - ab_t) x),
@@ -91,7 +94,7 @@ import numpy as np
 
 from diffusion_np.diffusion import x0_and_eps
 from diffusion_np.samplers.base import Sampler, StepOutput
-from diffusion_np.samplers.timesteps import make_timesteps
+from diffusion_np.samplers.timesteps import PREV_TIMESTEP_RULES, make_timesteps
 
 #: Adams-Bashforth weights by order, newest estimate first (PLMS warm-up and PNDM's 4-step formula)
 ADAMS_BASHFORTH = {
@@ -126,6 +129,9 @@ class PNDMSampler(Sampler):
     set_alpha_to_one : bool
         alpha_bar after the last step: 1 (True) or alpha_bar[0] (False, Stable Diffusion).
     prediction_type : "epsilon" or "v_prediction"
+    prev_timestep_rule : "stride" | "sequence"
+        Where a transfer goes: t - T // N ("stride", diffusers') or the next entry of the
+        sequence ("sequence"); see the module docstring.
 
     Loop (one model call per entry of ``timesteps``)::
 
@@ -146,7 +152,10 @@ class PNDMSampler(Sampler):
         prediction_type: str = "epsilon",
         timestep_spacing: str = "leading",
         steps_offset: int = 0,
+        prev_timestep_rule: str = "stride",
     ) -> None:
+        if prev_timestep_rule not in PREV_TIMESTEP_RULES:
+            raise ValueError(f"prev_timestep_rule must be one of {PREV_TIMESTEP_RULES}, got {prev_timestep_rule!r}")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
                 f"PNDMSampler: prediction_type must be 'epsilon' or 'v_prediction' (PLMS extrapolates a noise "
@@ -158,6 +167,7 @@ class PNDMSampler(Sampler):
         )  # fmt: skip
         self.skip_prk_steps = bool(skip_prk_steps)
         self.set_alpha_to_one = bool(set_alpha_to_one)
+        self.prev_timestep_rule = prev_timestep_rule
         self.step_timesteps: np.ndarray | None = None  # the N distinct timesteps, without repeats
         self._num_prk_calls = 0
         self._reset_state()
@@ -181,6 +191,7 @@ class PNDMSampler(Sampler):
     def set_timesteps(self, num_inference_steps: int) -> None:
         """The N steps (``step_timesteps``) and the calls that visit them (``timesteps``, with repeats)."""
         steps = make_timesteps(num_inference_steps, self.num_train_timesteps, self.timestep_spacing, self.steps_offset)
+        self.num_inference_steps = num_inference_steps
         if self.skip_prk_steps:
             prk = []
             # t_0, t_1, t_1, t_2, ...: the warm-up's corrector repeats t_1 (N = 1: just t_0)
@@ -194,18 +205,28 @@ class PNDMSampler(Sampler):
             prk = []
             for i in range(3):  # t_i, m_i, m_i, t_{i+1} for each of the three PRK steps
                 t, t_next = int(steps[i]), int(steps[i + 1])
-                mid = t_next + (t - t_next) // 2
+                mid = t_next + self._half_gap(t, t_next)
                 prk += [t, mid, mid, t_next]
             plms = list(steps[3:])
         self.timesteps = np.array(prk + plms, dtype=np.int64)
         self.step_timesteps = steps
-        self.num_inference_steps = num_inference_steps
         self._num_prk_calls = len(prk)
         self._reset_state()
 
+    def _stride(self) -> int:
+        """g = T // N, the step of the "stride" rule."""
+        return self.num_train_timesteps // self.num_inference_steps
+
+    def _half_gap(self, t: int, t_next: int) -> int:
+        """A PRK half step: g // 2 ("stride") or half the gap t - t_next ("sequence"), rounded down."""
+        return self._stride() // 2 if self.prev_timestep_rule == "stride" else (t - t_next) // 2
+
     def previous_timestep(self, t) -> int:
-        """The step after t in ``step_timesteps``, or -1 after the last."""
+        """Where the step at t goes: t - T // N ("stride") or the step after t in ``step_timesteps``
+        ("sequence"); negative after the last step."""
         self._require_timesteps()
+        if self.prev_timestep_rule == "stride":
+            return int(t) - self._stride()
         index = np.flatnonzero(self.step_timesteps == int(t))
         if index.size == 0:
             raise ValueError(f"timestep {t} is not one of this sampler's steps {self.step_timesteps.tolist()}")
@@ -238,11 +259,7 @@ class PNDMSampler(Sampler):
         and the x_0 estimate of the transfer's noise estimate at its start.
         """
         self._require_timesteps()
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(
-                f"PNDMSampler.step: model_output must have the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        self._check_output(model_output, sample)
         k = self.counter
         if k >= len(self.timesteps):
             raise RuntimeError(f"PNDMSampler: all {len(self.timesteps)} calls are done; call set_timesteps again")
@@ -267,7 +284,9 @@ class PNDMSampler(Sampler):
             self._start_sample = sample
             self._ets.append(model_output)
             self._rk_sum = model_output * (1.0 / 6.0)
-            eps_prime, t_to = model_output, t_mid  # x1 = phi(x_t, e1, t, t - delta/2)
+            # x1 = phi(x_t, e1, t, t - delta/2): m_i, or t_i - g // 2 by diffusers' stride rule
+            t_half = t_start - self._stride() // 2 if self.prev_timestep_rule == "stride" else t_mid
+            eps_prime, t_to = model_output, t_half
         elif stage == 1:  # e2 at x1
             self._rk_sum = self._rk_sum + model_output * (1.0 / 3.0)
             eps_prime, t_to = model_output, t_mid  # x2 = phi(x_t, e2, t, t - delta/2)
@@ -285,7 +304,8 @@ class PNDMSampler(Sampler):
         if self.skip_prk_steps and self.counter == 1:
             # corrector of step 0: the trapezoid (e_0 + e(x', t_1)) / 2 from x_0; e(x', t_1) is not kept
             eps_prime = (model_output + self._ets[-1]) * 0.5
-            t_from, t_to, x_from = int(self.step_timesteps[0]), t, self._start_sample
+            t_from = t + self._stride() if self.prev_timestep_rule == "stride" else int(self.step_timesteps[0])
+            t_to, x_from = t, self._start_sample
             self._start_sample = None
         else:
             # 1. keep the last four estimates, this one newest

@@ -51,10 +51,10 @@ corrector run at step j + 1 is skipped). The last step goes to sigma = 0 (h = in
 default, where only the first-order update is defined: it is first order here whatever
 ``lower_order_final`` says (diffusers divides by h = inf there and returns NaN).
 
-Timesteps, sigmas, ``add_noise``, ``init_noise_sigma = 1`` and the identity
-``scale_model_input`` are DPM-Solver++'s (diffusers lays out both schedulers alike),
-so this class extends :class:`~diffusion_np.samplers.dpm_solver.DPMSolverMultistepSampler`
-and replaces its step.
+Timesteps, sigmas, ``add_noise``, ``init_noise_sigma = 1``, the identity
+``scale_model_input`` and the first-order update are DPM-Solver++'s (diffusers lays out both
+schedulers alike): both classes extend :class:`~diffusion_np.samplers.base.DataPredictionSampler`,
+and this one writes UniPC's step.
 
 Code -> paper notation::
 
@@ -77,15 +77,15 @@ import math
 
 import numpy as np
 
-from diffusion_np.samplers.base import StepOutput
-from diffusion_np.samplers.dpm_solver import DPMSolverMultistepSampler, _alpha_sigma
-from diffusion_np.samplers.euler import sigma_to_t
+from diffusion_np.samplers.base import DataPredictionSampler, StepOutput
+from diffusion_np.samplers.timesteps import sigma_to_t
+from diffusion_np.schedules import vp_coefficients
 
 #: diffusers maps its DPM-Solver solver types to bh2 (UniPCMultistepScheduler.__init__)
 SOLVER_TYPES = {"bh1": "bh1", "bh2": "bh2", "midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
 
 
-class UniPCSampler(DPMSolverMultistepSampler):
+class UniPCSampler(DataPredictionSampler):
     """UniPC with the data prediction, orders 1 and 2 (diffusers' ``UniPCMultistepScheduler``).
 
     Parameters follow diffusers: ``num_train_timesteps``, ``beta_start``, ``beta_end``,
@@ -129,8 +129,6 @@ class UniPCSampler(DPMSolverMultistepSampler):
             raise ValueError("UniPCSampler: thresholding=True is not implemented (it is for pixel models)")
         if solver_type not in SOLVER_TYPES:
             raise ValueError(f"UniPCSampler: solver_type must be one of {sorted(SOLVER_TYPES)}, got {solver_type!r}")
-        if solver_order not in (1, 2):
-            raise ValueError(f"UniPCSampler: solver_order must be 1 or 2 (3 is not implemented), got {solver_order!r}")
         if isinstance(disable_corrector, (int, str)) or not all(
             isinstance(j, (int, np.integer)) for j in disable_corrector
         ):
@@ -170,8 +168,8 @@ class UniPCSampler(DPMSolverMultistepSampler):
         s0, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         if order == 1:  # DDIM / DPM-Solver++(1); also the step to sigma = 0 (e^{-h} = s_next / s0 = 0)
             return self._first_order_update(m0, sample, s0, s_next)
-        alpha_t, sigma_t = _alpha_sigma(s_next)
-        _, sigma_s0 = _alpha_sigma(s0)
+        alpha_t, sigma_t = vp_coefficients(s_next)
+        _, sigma_s0 = vp_coefficients(s0)
         h = math.log(s0 / s_next)  # lambda_t - lambda_s0
         hh = -h
         r1 = math.log(s0 / float(self.sigmas[i - 1])) / h  # (lambda_s1 - lambda_s0) / h < 0
@@ -184,8 +182,8 @@ class UniPCSampler(DPMSolverMultistepSampler):
         """UniC-p: redo the step sigmas[i - 1] -> sigmas[i] from ``last_sample`` with D_t = m_t - m0."""
         m0 = self._model_outputs[-1]
         s0, s_t = float(self.sigmas[i - 1]), float(self.sigmas[i])
-        alpha_t, sigma_t = _alpha_sigma(s_t)
-        _, sigma_s0 = _alpha_sigma(s0)
+        alpha_t, sigma_t = vp_coefficients(s_t)
+        _, sigma_s0 = vp_coefficients(s0)
         h = math.log(s0 / s_t)  # lambda_t - lambda_s0 (finite: only the last step reaches sigma = 0)
         hh = -h
         h_phi_1 = math.expm1(hh)
@@ -211,11 +209,7 @@ class UniPCSampler(DPMSolverMultistepSampler):
         Returns StepOutput(prev_sample = the predictor's x at sigmas[i + 1], pred_original_sample = m_t).
         """
         i = self._current_index(t)
-        if tuple(model_output.shape) != tuple(sample.shape):
-            raise ValueError(
-                f"UniPCSampler.step: model_output must have the sample's shape {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}"
-            )
+        self._check_output(model_output, sample)
         n = len(self.timesteps)
 
         # 1. the data prediction m_t at the (uncorrected) sample the model was given
@@ -231,7 +225,7 @@ class UniPCSampler(DPMSolverMultistepSampler):
         # 4. this step's order: 1 at the start (warm-up), at the end with lower_order_final, and into sigma = 0
         order = min(self.solver_order, n - i) if self.lower_order_final else self.solver_order
         order = min(order, self._lower_order_nums + 1)
-        if float(self.sigmas[i + 1]) == 0.0:
+        if float(self.sigmas[i + 1]) in (0.0, float(self.sigmas[i])):  # into sigma = 0, or a step of length 0
             order = 1
         self._this_order = order
         self._last_sample = sample

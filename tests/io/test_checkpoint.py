@@ -166,6 +166,8 @@ def test_directory_of_pickles_is_refused(tmp_path):
 
 
 def test_clear_errors_for_missing_and_broken_checkpoints(tmp_path):
+    with pytest.raises(TypeError, match="checkpoint directory must be a str or path, got NoneType"):
+        load_checkpoint(None)  # was pathlib's TypeError from inside
     with pytest.raises(CheckpointError, match="no checkpoint at .*nowhere"):
         load_checkpoint(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()

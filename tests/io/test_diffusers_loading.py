@@ -605,3 +605,10 @@ def test_sd15_unet_one_step_on_a_64x64_latent_matches_diffusers():
           f"diffusers {t2 - t1:.1f} s, peak RSS {peak_gib:.1f} GiB")
     # float32 through 860M parameters and ~70 layers: rounding differences grow with depth
     assert diff <= 1e-3
+
+
+@pytest.mark.parametrize("cls", ["DDIMScheduler", "EulerDiscreteScheduler", "PNDMScheduler"])
+def test_the_loader_refuses_an_invalid_timestep_spacing_when_it_loads(cls):
+    # it used to pass the constructor and the loader and fail only at the first set_timesteps
+    with pytest.raises((ValueError, WeightsError), match="timestep_spacing must be one of"):
+        sampler_from_config(None, {"_class_name": cls, "timestep_spacing": "uniform"})

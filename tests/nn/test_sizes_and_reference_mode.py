@@ -73,6 +73,37 @@ def test_the_cases_of_the_issue():
     assert nn.LayerNorm((4,)).normalized_shape == 4  # PyTorch's 1-tuple
 
 
+@pytest.mark.parametrize("bad", [1.5, None, "same?", [1.0], (1, 1.5), True])
+def test_conv_padding_that_is_not_ints_is_a_type_error_naming_it(bad):
+    with pytest.raises(TypeError, match=r"padding must be an int >= 0 or \(top, bottom, left, right\) of ints"):
+        nn.Conv2d(2, 3, 3, padding=bad)
+
+
+def test_conv_padding_below_zero_is_a_value_error():
+    with pytest.raises(ValueError, match=r"padding must be an int >= 0"):
+        nn.Conv2d(2, 3, 3, padding=-1)
+    with pytest.raises(ValueError, match=r"padding must be an int >= 0"):
+        nn.Conv2d(2, 3, 3, padding=(0, 1, -1, 0))
+    with pytest.raises(ValueError, match=r"padding must be an int >= 0 or \(top, bottom, left, right\)"):
+        nn.Conv2d(2, 3, 3, padding=(1, 1))  # two numbers: which sides?
+    assert nn.Conv2d(2, 3, 3, padding=[0, 1, 0, 1]).padding == (0, 1, 0, 1)  # the VAE's asymmetric padding
+
+
+@pytest.mark.parametrize("layer", [lambda eps: nn.GroupNorm(2, 4, eps=eps), lambda eps: nn.LayerNorm(4, eps=eps)])
+@pytest.mark.parametrize("bad,error", [(float("nan"), ValueError), (-1.0, ValueError), (0.0, ValueError),
+                                       (float("inf"), ValueError), ("1e-5", TypeError), (None, TypeError)])
+def test_a_normalisation_eps_must_be_a_positive_finite_number(layer, bad, error):
+    # a NaN or negative eps was accepted and made every forward NaN
+    with pytest.raises(error, match="eps must be a"):
+        layer(bad)
+
+
+@pytest.mark.parametrize("bad,error", [(float("nan"), ValueError), ("0", TypeError), (None, TypeError)])
+def test_timesteps_downscale_freq_shift_must_be_a_finite_number(bad, error):
+    with pytest.raises(error, match="downscale_freq_shift must be a"):
+        nn.Timesteps(4, True, bad)
+
+
 @pytest.mark.parametrize("cls,args", [(nn.Conv2d, (4, 3, 3)), (nn.GroupNorm, (2, 4)), (nn.Upsample2D, (4,))])
 def test_an_unknown_method_is_refused(cls, args):
     with pytest.raises(ValueError, match="method must be 'auto'"):

@@ -195,6 +195,29 @@ def test_png_round_trip_and_grid(tmp_path):
     assert load_image(tmp_path / "grid.png").shape == (6, 2 * 10 + 2, 3)
 
 
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"images": np.full((2, 4, 4, 3), np.nan, np.float32)}, ValueError, "images hold NaN or Inf"),  # was silent
+        ({"images": np.zeros((0, 4, 4, 3), np.float32)}, ValueError, "images is an empty batch"),
+        ({"images": np.zeros((2, 4, 4, 3), np.complex64)}, TypeError, "images of real numbers"),
+        ({"ncols": 0}, ValueError, "ncols must be >= 1, got 0"),
+        ({"ncols": 1.5}, TypeError, "ncols must be an int, got 1.5"),
+        ({"padding": -1}, ValueError, "padding must be >= 0, got -1"),  # was a NumPy broadcast error
+        ({"padding": "1"}, TypeError, "padding must be an int"),
+    ],
+)
+def test_make_grid_refuses_bad_input_by_name(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_grid(**{"images": np.zeros((2, 4, 4, 3), np.float32), **kwargs})
+
+
+def test_save_image_names_an_empty_batch(tmp_path):
+    # it used to be reported as make_grid's ncols
+    with pytest.raises(ValueError, match=r"images is an empty batch, shape \(0, 4, 4, 3\)"):
+        save_image(tmp_path / "a.png", np.zeros((0, 4, 4, 3), np.float32))
+
+
 def test_mask_png_is_white_for_repaint(tmp_path):
     grey = np.zeros((4, 4, 1), dtype=np.float32) - 1.0  # black
     grey[1:3, 1:3] = 1.0  # white square

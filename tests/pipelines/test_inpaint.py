@@ -46,6 +46,23 @@ def test_oracle_fills_the_hole_and_the_rest_is_kept_exactly(models, name):
     np.testing.assert_allclose(out.images[0][fill], a[fill], atol=2e-3)
 
 
+@pytest.mark.parametrize("rule", ["stride", "sequence"])
+def test_known_region_is_noised_to_where_the_ddim_step_lands(models, rule):
+    # linspace has uneven gaps: DDIM's default step lands on t - T // N, not on the next timestep, and the
+    # known region must be at that level for the two halves to join (the sequence rule lands on the next one)
+    _, text_encoder, tokenizer = models
+    sampler = DDIMSampler(timestep_spacing="linspace", prev_timestep_rule=rule)
+    levels = []
+    add_noise = sampler.add_noise
+    sampler.add_noise = lambda x0, noise, t: levels.append(int(t)) or add_noise(x0, noise, t)
+    InpaintPipeline(Oracle(image(1)[None], sampler), text_encoder, tokenizer, sampler)(
+        "a red circle", image(2), square_mask(), num_inference_steps=7, progress=False)  # fmt: skip
+    ts = sampler.timesteps.tolist()
+    landing = [t - 1000 // 7 for t in ts[:-1]] if rule == "stride" else ts[1:]
+    assert levels == [ts[0]] + landing  # x_T's known part, then one level per step but the last (x_0 there)
+    assert rule == "sequence" or landing != ts[1:]
+
+
 def test_oracle_with_repaint_resampling(models):
     _, text_encoder, tokenizer = models
     a, b, mask = image(1), image(2), square_mask(lo=1, hi=5)

@@ -4,20 +4,19 @@ import math
 
 import numpy as np
 import pytest
-from fixtures.cases_samplers_ddpm_ddim import CASES, fake_model_np, is_shortcut_case
+from fixtures.cases_samplers_ddpm_ddim import CASES, fake_model_np, has_uneven_gaps
 from helpers import SOURCES, reference
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffusion_np.diffusion import q_sample, v_target
-from diffusion_np.samplers.ddim import DDIMSampler, ddim_variance
+from diffusion_np.diffusion import posterior_coefficients, q_sample, v_target
+from diffusion_np.samplers.ddim import DDIMSampler
 from diffusion_np.samplers.ddpm import DDPMSampler
 from diffusion_np.samplers.loop import sample
 
 AREA = "samplers_ddpm_ddim"
 DDIM_CASES = [name for name, case in CASES.items() if case[0] == "ddim"]
-PARITY_CASES = [name for name in DDIM_CASES if not is_shortcut_case(name)]
-SHORTCUT_CASES = [name for name in DDIM_CASES if is_shortcut_case(name)]
+UNEVEN_CASES = [name for name in DDIM_CASES if has_uneven_gaps(name)]
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
@@ -26,10 +25,10 @@ def diffusers_cases(request):
     return reference(AREA, request.param)
 
 
-def _replay(name, case):
-    """Our loop on the case's config, x_T and recorded per-step noise."""
+def _replay(name, case, **options):
+    """Our loop on the case's config (and ``options``), x_T and recorded per-step noise."""
     _, config, steps, step_kwargs = CASES[name]
-    sampler = DDIMSampler(**config)
+    sampler = DDIMSampler(**config, **options)
     model = lambda x, t: fake_model_np(x, t, sampler.num_train_timesteps, False)  # noqa: E731
     x = sample(model, case["x_T"].shape, sampler, steps, noise=case["x_T"], step_noise=list(case["step_noise"]),
                progress=False, **step_kwargs)  # fmt: skip
@@ -42,7 +41,7 @@ def _rel_err(ours, ref):
     return float(np.max(np.abs(ours - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-@pytest.mark.parametrize("name", PARITY_CASES)
+@pytest.mark.parametrize("name", DDIM_CASES)
 def test_ddim_full_loop_matches_diffusers(diffusers_cases, name):
     # float32 loops on both sides; diffusers keeps alpha_bar in float32, we in float64 (measured rel <= 3e-6)
     err = _rel_err(_replay(name, diffusers_cases[name]), diffusers_cases[name]["out"])
@@ -81,24 +80,27 @@ def _ddim_eq12(config, timesteps, x_T, step_noise, eta, prev_of):
     return x
 
 
-@pytest.mark.parametrize("name", SHORTCUT_CASES)
-def test_pitfall_01_diffusers_ddim_uses_t_minus_T_over_N_where_the_sequence_says_otherwise(diffusers_cases, name):
+@pytest.mark.parametrize("name", UNEVEN_CASES)
+def test_pitfall_01_stride_rule_is_diffusers_and_the_sequence_rule_walks_the_sequence(diffusers_cases, name):
     _, config, steps, step_kwargs = CASES[name]
     case = diffusers_cases[name]
     ts, T = case["timesteps"], 1000
     # the sequence has uneven gaps here, so t - T // N is not its next entry
     assert set((-np.diff(ts)).tolist()) != {T // steps}, ts
     sequence_prev = lambda i, t: int(ts[i + 1]) if i + 1 < len(ts) else -1  # noqa: E731
-    shortcut_prev = lambda i, t: int(t) - T // steps  # noqa: E731
+    stride_prev = lambda i, t: int(t) - T // steps  # noqa: E731
     args = (config, ts, case["x_T"], case["step_noise"], step_kwargs["eta"])
-    by_sequence, by_shortcut = _ddim_eq12(*args, sequence_prev), _ddim_eq12(*args, shortcut_prev)
-    ours = _replay(name, case)
-    # diffusers is Eq. 12 with the shortcut; we are Eq. 12 walking the sequence; the two differ visibly
-    assert _rel_err(case["out"], by_shortcut) <= 1e-5
-    assert _rel_err(ours, by_sequence) <= 1e-5
-    assert _rel_err(ours, case["out"]) > 1e-3
+    by_sequence, by_stride = _ddim_eq12(*args, sequence_prev), _ddim_eq12(*args, stride_prev)
+    # diffusers is Eq. 12 with prev = t - T // N, and so is our default; the sequence rule is Eq. 12 walking
+    # the sequence, and the two differ visibly
+    assert _rel_err(case["out"], by_stride) <= 1e-5
+    assert _rel_err(_replay(name, case), by_stride) <= 1e-5
+    by_our_sequence = _replay(name, case, prev_timestep_rule="sequence")
+    assert _rel_err(by_our_sequence, by_sequence) <= 1e-5
+    assert _rel_err(by_our_sequence, case["out"]) > 1e-3
 
 
+@pytest.mark.parametrize("rule", ["stride", "sequence"])
 @pytest.mark.parametrize(
     "config,steps,eta",
     [
@@ -107,17 +109,35 @@ def test_pitfall_01_diffusers_ddim_uses_t_minus_T_over_N_where_the_sequence_says
         ({**SD, "timestep_spacing": "linspace", "clip_sample": False, "set_alpha_to_one": False}, 13, 0.7),
     ],
 )
-def test_ddim_matches_independent_eq12_on_uneven_sequences(config, steps, eta):
+def test_ddim_matches_independent_eq12_on_uneven_sequences(config, steps, eta, rule):
     rng = np.random.default_rng(5)
     x_T = rng.standard_normal((2, 3, 3, 2)).astype(np.float32)
-    sampler = DDIMSampler(**config)
+    sampler = DDIMSampler(**config, prev_timestep_rule=rule)
     sampler.set_timesteps(steps)
     noise = rng.standard_normal((len(sampler.timesteps),) + x_T.shape).astype(np.float32)
     ours = sample(lambda x, t: fake_model_np(x, t, 1000, False), x_T.shape, sampler, steps, noise=x_T,
                   step_noise=list(noise), progress=False, eta=eta)  # fmt: skip
     ts = sampler.timesteps
-    ref = _ddim_eq12(config, ts, x_T, noise, eta, lambda i, t: int(ts[i + 1]) if i + 1 < len(ts) else -1)
+    if rule == "sequence":
+        prev_of = lambda i, t: int(ts[i + 1]) if i + 1 < len(ts) else -1  # noqa: E731
+    else:
+        prev_of = lambda i, t: int(t) - 1000 // steps  # noqa: E731
+    ref = _ddim_eq12(config, ts, x_T, noise, eta, prev_of)
     assert _rel_err(ours, ref) <= 1e-5  # our float32 loop against a float64 one
+
+
+def test_stride_rule_last_step_of_trailing_goes_to_alpha_bar_of_t_minus_T_over_N():
+    # trailing, T = 1000, N = 7: the sequence ends at t = 142, and 142 - 142 = 0 >= 0, so the last step lands on
+    # alpha_bar[0], not on the final alpha_bar (1 with set_alpha_to_one), as in diffusers; the sequence rule
+    # lands on the final alpha_bar
+    stride = DDIMSampler(timestep_spacing="trailing", clip_sample=False)
+    sequence = DDIMSampler(timestep_spacing="trailing", clip_sample=False, prev_timestep_rule="sequence")
+    for s in (stride, sequence):
+        s.set_timesteps(7)
+    t = int(stride.timesteps[-1])
+    assert t == 142 and stride.previous_timestep(t) == 0 and sequence.previous_timestep(t) == -1
+    assert stride.alpha_bar_prev(t) == stride.alpha_bar[0] and sequence.alpha_bar_prev(t) == 1.0
+    assert stride.previous_timestep(int(stride.timesteps[0])) == 999 - 142 != int(stride.timesteps[1])
 
 
 # --- DDIM Eq. 16 variance and pitfall 9 ---
@@ -126,7 +146,7 @@ def test_ddim_matches_independent_eq12_on_uneven_sequences(config, steps, eta):
 @pytest.mark.parametrize("t,prev,expected", [(420, 400, 0.14771), (980, 960, 0.32460), (487, 486, 0.00979),
                                              (999, 998, 0.02)])  # fmt: skip
 def test_ddim_variance_reference_values(t, prev, expected):
-    sampler = DDIMSampler()  # linear 1e-4 .. 0.02, T = 1000
+    sampler = DDIMSampler(prev_timestep_rule="sequence")  # linear 1e-4 .. 0.02, T = 1000
     sampler.timesteps = np.array([t, prev])  # a custom two-step sequence
     assert sampler.variance(t) == pytest.approx(expected, abs=1e-5)  # REFERENCE.md truncates to 5 decimals
 
@@ -135,7 +155,7 @@ def test_ddim_variance_reference_values(t, prev, expected):
 def test_pitfall_09_ddim_eta1_variance_is_ddpm_fixed_small_not_fixed_large(t, data):
     prev = data.draw(st.integers(0, t - 1))
     ddim, small, large = (
-        DDIMSampler(),
+        DDIMSampler(prev_timestep_rule="sequence"),
         DDPMSampler(variance_type="fixed_small"),
         DDPMSampler(variance_type="fixed_large"),
     )
@@ -190,7 +210,7 @@ def test_ddim_last_step_without_set_alpha_to_one_lands_on_alpha_bar_0_and_adds_i
                                math.sqrt(ab_0) * x0 + math.sqrt(1 - ab_0) * eps, rtol=1e-12)  # fmt: skip
     z = np.ones_like(x)
     added = sampler.step(eps, t, x, eta=1.0, noise=z).prev_sample - sampler.step(eps, t, x, eta=1.0, noise=0 * z)[0]
-    np.testing.assert_allclose(added, math.sqrt(ddim_variance(ab_t, ab_0)), rtol=1e-9)
+    np.testing.assert_allclose(added, math.sqrt(posterior_coefficients(ab_t, ab_0).variance), rtol=1e-9)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
@@ -268,3 +288,5 @@ def test_ddim_bad_input():
         DDIMSampler(clip_sample_range=0.0)
     with pytest.raises(ValueError, match="dynamic_thresholding_ratio must lie in"):
         DDIMSampler(dynamic_thresholding_ratio=1.5)
+    with pytest.raises(ValueError, match="prev_timestep_rule must be one of"):
+        DDIMSampler(prev_timestep_rule="next")

@@ -10,13 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffusion_np.diffusion import q_sample
+from diffusion_np.samplers.base import dynamic_threshold
 from diffusion_np.samplers.ddim import DDIMSampler
-from diffusion_np.samplers.ddpm import DDPMSampler, dynamic_threshold
+from diffusion_np.samplers.ddpm import DDPMSampler
 from diffusion_np.samplers.loop import sample
 
 AREA = "samplers_ddpm_ddim"
 FINAL_NOISE_CASE = "ddpm_final_noise_trailing_eps_large_5"
-PARITY_CASES = [name for name, case in CASES.items() if case[0] == "ddpm" and name != FINAL_NOISE_CASE]
+PARITY_CASES = [name for name, case in CASES.items() if case[0] == "ddpm"]
 VARIANCE_TYPES = ["fixed_small", "fixed_large", "learned_range", "learned"]
 
 
@@ -25,10 +26,10 @@ def diffusers_cases(request):
     return reference(AREA, request.param)
 
 
-def _replay(name, case):
-    """Our loop on the case's config, x_T and diffusers' recorded per-step noise."""
+def _replay(name, case, **options):
+    """Our loop on the case's config (and ``options``), x_T and diffusers' recorded per-step noise."""
     _, config, steps, _ = CASES[name]
-    sampler = DDPMSampler(**config)
+    sampler = DDPMSampler(**config, **options)
     learned = learned_variance(config)
     model = lambda x, t: fake_model_np(x, t, sampler.num_train_timesteps, learned)  # noqa: E731
     x = sample(model, case["x_T"].shape, sampler, steps, noise=case["x_T"], step_noise=list(case["step_noise"]),
@@ -49,11 +50,11 @@ def test_ddpm_full_loop_matches_diffusers(diffusers_cases, name):
     assert err <= 1e-5, f"{name}: max abs diff relative to scale {err:.2e}"
 
 
-def test_ddpm_last_step_adds_no_noise_where_diffusers_adds_sqrt_beta(diffusers_cases):
-    # trailing spacing ends at t = 199 > 0: diffusers' "if t > 0" adds sqrt(beta'_t) z with beta'_t = 1 - alpha_bar_t
-    # under fixed_large; DDPM Algorithm 2 (line 3) adds none on the last step, and so do we
+def test_ddpm_clean_last_step_leaves_out_the_noise_diffusers_adds_at_t_above_0(diffusers_cases):
+    # trailing spacing ends at t = 199 > 0: diffusers' "if t > 0" (our default) adds sqrt(beta'_t) z with
+    # beta'_t = 1 - alpha_bar_t under fixed_large; clean_last_step=True adds none on the last step
     case = diffusers_cases[FINAL_NOISE_CASE]
-    x, sampler = _replay(FINAL_NOISE_CASE, case)
+    x, sampler = _replay(FINAL_NOISE_CASE, case, clean_last_step=True)
     t_last = int(case["timesteps"][-1])
     assert t_last > 0
     extra = math.sqrt(1.0 - sampler.alpha_bar[t_last]) * case["step_noise"][-1]
@@ -128,17 +129,24 @@ def test_learned_variance_reads_the_second_half_of_the_last_axis(variance_type):
     seed=st.integers(0, 2**16),
 )
 def test_pitfall_10_no_noise_at_the_last_step_and_std_is_sqrt_var(variance_type, spacing, steps, offset, seed):
-    sampler = DDPMSampler(variance_type=variance_type, timestep_spacing=spacing, steps_offset=offset,
-                          clip_sample=False)  # fmt: skip
+    sampler, clean = (DDPMSampler(variance_type=variance_type, timestep_spacing=spacing, steps_offset=offset,
+                                  clip_sample=False, clean_last_step=c) for c in (False, True))  # fmt: skip
     sampler.set_timesteps(steps)
+    clean.set_timesteps(steps)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 2, 2, 3))
     learned = variance_type in ("learned_range", "learned")
     out = np.concatenate([np.tanh(x), np.full_like(x, 0.3)], -1) if learned else np.tanh(x)
     last = sampler.timesteps[-1]
-    a = sampler.step(out, last, x, noise=rng.standard_normal(x.shape)).prev_sample
-    b = sampler.step(out, last, x, noise=rng.standard_normal(x.shape)).prev_sample
-    np.testing.assert_array_equal(a, b)  # last step: whatever the noise, the same x_0
+    noises = [rng.standard_normal(x.shape) for _ in range(2)]
+    a, b = (clean.step(out, last, x, noise=z).prev_sample for z in noises)
+    np.testing.assert_array_equal(a, b)  # clean_last_step: whatever the noise, the same x_0
+    a, b = (sampler.step(out, last, x, noise=z).prev_sample for z in noises)
+    if last == 0:  # the default adds noise where t > 0 (Algorithm 2 line 3), so none at t = 0
+        np.testing.assert_array_equal(a, b)
+    else:  # a sequence ending at t > 0 gets sqrt(var) z on its last step too, as in diffusers
+        var = sampler.variance(last, out[..., 3:] if learned else None)
+        np.testing.assert_allclose(a - b, np.sqrt(var) * (noises[0] - noises[1]), rtol=1e-6, atol=1e-12)
     if steps > 1:  # a middle step adds std * z with std = sqrt(var), not var
         t = sampler.timesteps[0]
         z = np.ones_like(x)

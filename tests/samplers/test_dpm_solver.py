@@ -5,21 +5,15 @@ import math
 import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import parity_errors
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop
 from hypothesis import given
 from hypothesis import strategies as st
 
 from diffusion_np.diffusion import x0_and_eps
 from diffusion_np.samplers.dpm_solver import DPMSolverMultistepSampler
+from diffusion_np.samplers.unipc import UniPCSampler
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
-def sample_loop(sampler, model, x_init):
-    x = x_init * sampler.init_noise_sigma
-    for t in sampler.timesteps:
-        x = sampler.step(model(sampler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
 
 
 @pytest.fixture(params=SOURCES, scope="module")
@@ -150,6 +144,35 @@ def test_dpm_solver_refuses_what_it_does_not_implement():
         DPMSolverMultistepSampler().set_timesteps(0)
     with pytest.raises(ValueError, match="timestep_spacing must be one of"):
         DPMSolverMultistepSampler(timestep_spacing="uniform").set_timesteps(10)
+
+
+def test_layouts_that_would_repeat_or_leave_the_timestep_range_are_refused():
+    # diffusers runs each of these and steps twice at one timestep, or at timestep T or -1 (sigma_max again)
+    with pytest.raises(ValueError, match="num_inference_steps=30 is too many for 'linspace'"):
+        DPMSolverMultistepSampler(num_train_timesteps=30).set_timesteps(30)  # 31 points on 30 timesteps
+    with pytest.raises(ValueError, match="steps_offset=1 with 29 leading steps of 1 reaches timestep 30"):
+        DPMSolverMultistepSampler(num_train_timesteps=30, timestep_spacing="leading", steps_offset=1).set_timesteps(29)
+    clipped = DPMSolverMultistepSampler(num_train_timesteps=30, beta_schedule="squaredcos_cap_v2",
+                                        timestep_spacing="trailing", lambda_min_clipped=-5.1)  # fmt: skip
+    with pytest.raises(ValueError, match="reach timestep -1"):
+        clipped.set_timesteps(22)  # the range ends at 29, and 22 steps of 30/22 overshoot 0
+
+
+@pytest.mark.parametrize("cls", [DPMSolverMultistepSampler, UniPCSampler])
+def test_a_step_of_length_zero_is_the_identity(cls):
+    # trailing ends at t = 0, and final_sigmas_type="sigma_min" ends at sigma_0 too: h = 0 on the last step,
+    # where a second-order update would divide by h (diffusers' gives the identity in the limit)
+    sampler = cls(num_train_timesteps=30, timestep_spacing="trailing", final_sigmas_type="sigma_min",
+                  lower_order_final=False, solver_order=2)  # fmt: skip
+    sampler.set_timesteps(24)
+    assert sampler.sigmas[-1] == sampler.sigmas[-2]
+    x = np.random.default_rng(0).standard_normal((1, 2, 2, 3))
+    for t in sampler.timesteps:
+        before = x
+        x = sampler.step(np.tanh(0.5 * x + float(t) / 30), t, x).prev_sample
+    assert np.all(np.isfinite(x))
+    if cls is DPMSolverMultistepSampler:  # (UniPC's last call still corrects the step before it)
+        np.testing.assert_array_equal(x, before)
 
 
 @pytest.mark.gpu

@@ -5,38 +5,17 @@ import math
 import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model, parity_errors
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop, sigma_gaussian_oracle
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffusion_np.samplers.euler import EulerSampler, karras_sigmas, sigma_to_t, training_sigmas
+from diffusion_np.samplers.euler import EulerSampler
 from diffusion_np.samplers.euler_ancestral import EulerAncestralSampler, ancestral_sigmas
+from diffusion_np.samplers.timesteps import karras_sigmas, sigma_to_t
 from diffusion_np.schedules import NoiseSchedule
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 CLASSES = {"euler": EulerSampler, "euler_ancestral": EulerAncestralSampler}
-
-
-def gaussian_oracle(sampler, s: float):
-    """The exact eps-prediction for data ~ N(0, s^2 I): E[eps | x_t] = x_t sqrt(1-ab) / (ab s^2 + 1 - ab).
-
-    alpha_bar at the (possibly fractional) t comes from the sampler's own sigma interpolation.
-    """
-
-    def model(x_t, t):
-        sigma = float(np.interp(float(t), np.arange(len(sampler.train_sigmas)), sampler.train_sigmas))
-        ab = 1.0 / (1.0 + sigma**2)
-        return x_t * (math.sqrt(1.0 - ab) / (ab * s**2 + 1.0 - ab))
-
-    return model
-
-
-def sample_loop(sampler, model, x_init, rng=None, scale_input=True):
-    x = x_init * sampler.init_noise_sigma
-    for t in sampler.timesteps:
-        x_in = sampler.scale_model_input(x, t) if scale_input else x
-        x = sampler.step(model(x_in, t), t, x, rng=rng).prev_sample
-    return x
 
 
 # ---- parity with diffusers -------------------------------------------------------------------
@@ -91,7 +70,7 @@ def test_karras_sigmas_follow_edm_eq5(steps, schedule):
 
 def test_karras_sigmas_closed_form_and_sigma_to_t_inverts_training_sigmas():
     np.testing.assert_allclose(karras_sigmas(3, 0.1, 10.0), [10.0, ((10**(1 / 7) + 0.1**(1 / 7)) / 2) ** 7, 0.1])
-    sig = training_sigmas(NoiseSchedule.from_config(**SD).alpha_bar)
+    sig = NoiseSchedule.from_config(**SD).sampling_sigmas
     k = np.array([0, 1, 17, 500, 998, 999])
     np.testing.assert_allclose(sigma_to_t(sig[k], np.log(sig)), k, atol=1e-9)
     # below sigma_min / above sigma_max clamp to the ends
@@ -104,6 +83,10 @@ def test_zero_snr_sigma_max_is_finite_as_in_diffusers():
     sampler.set_timesteps(10)
     np.testing.assert_allclose(sampler.sigmas[0], math.sqrt((1 - 2.0**-24) / 2.0**-24))  # ~4096
     assert sampler.init_noise_sigma == sampler.sigmas[0]
+    # the schedule keeps its honest sigma = inf; the samplers' table replaces only that entry
+    schedule = sampler.schedule
+    assert schedule.sigmas[-1] == np.inf and schedule.sampling_sigmas[-1] == sampler.sigmas[0]
+    np.testing.assert_array_equal(schedule.sampling_sigmas[:-1], schedule.sigmas[:-1])
 
 
 # ---- pitfall 7: both scalings ------------------------------------------------------------------
@@ -128,9 +111,9 @@ def test_pitfall7_init_noise_sigma_and_scale_model_input():
     s, x_init = 0.5, np.random.default_rng(1).standard_normal((2000, 4))
     right = EulerSampler(**SD, use_karras_sigmas=True)
     right.set_timesteps(200)
-    good = sample_loop(right, gaussian_oracle(right, s), x_init)
+    good = sample_loop(right, sigma_gaussian_oracle(right, s), x_init)
     right.set_timesteps(200)
-    bad = sample_loop(right, gaussian_oracle(right, s), x_init, scale_input=False)
+    bad = sample_loop(right, sigma_gaussian_oracle(right, s), x_init, scale_input=False)
     assert abs(good.std() / s - 1) < 0.05
     assert abs(bad.std() / s - 1) > 0.5
 
@@ -198,7 +181,7 @@ def test_gaussian_oracle_recovers_data_std(cls, kwargs, steps, tol):
     sampler = cls(**SD, **kwargs)
     sampler.set_timesteps(steps)
     x_init = np.random.default_rng(0).standard_normal((4000, 8))
-    out = sample_loop(sampler, gaussian_oracle(sampler, s), x_init, rng=np.random.default_rng(1))
+    out = sample_loop(sampler, sigma_gaussian_oracle(sampler, s), x_init, rng=np.random.default_rng(1))
     assert abs(out.std() / s - 1) < tol, out.std()
     assert abs(out.mean()) < 4 * s / math.sqrt(out.size) + 0.01
 

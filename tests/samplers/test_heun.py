@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model, parity_errors
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop, sigma_gaussian_oracle
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,24 +13,6 @@ from diffusion_np.samplers.euler import EulerSampler
 from diffusion_np.samplers.heun import HeunSampler
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
-def gaussian_oracle(sampler, s: float):
-    """Exact eps-prediction for data ~ N(0, s^2 I) (see test_euler.py), alpha_bar from the sampler's sigma at t."""
-
-    def model(x_t, t):
-        sigma = float(np.interp(float(t), np.arange(len(sampler.train_sigmas)), sampler.train_sigmas))
-        ab = 1.0 / (1.0 + sigma**2)
-        return x_t * (math.sqrt(1.0 - ab) / (ab * s**2 + 1.0 - ab))
-
-    return model
-
-
-def sample_loop(sampler, model, x_init):
-    x = x_init * sampler.init_noise_sigma
-    for t in sampler.timesteps:
-        x = sampler.step(model(sampler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
 
 
 @pytest.fixture(params=SOURCES, scope="module")
@@ -93,7 +75,7 @@ def test_heun_is_second_order_where_euler_is_first():
         sampler.set_timesteps(steps)
         s0 = sampler.sigmas[0]
         exact = sampler.init_noise_sigma * s / math.sqrt(s**2 + s0**2)
-        return abs(float(sample_loop(sampler, gaussian_oracle(sampler, s), x_init)[0]) - exact)
+        return abs(float(sample_loop(sampler, sigma_gaussian_oracle(sampler, s), x_init)[0]) - exact)
 
     euler = [error(EulerSampler, n) for n in (10, 20, 40)]
     heun = [error(HeunSampler, n) for n in (10, 20)]
@@ -107,7 +89,7 @@ def test_gaussian_oracle_recovers_data_std():
     s = 0.5
     sampler = HeunSampler(**SD, use_karras_sigmas=True)
     sampler.set_timesteps(30)
-    out = sample_loop(sampler, gaussian_oracle(sampler, s), np.random.default_rng(0).standard_normal((4000, 8)))
+    out = sample_loop(sampler, sigma_gaussian_oracle(sampler, s), np.random.default_rng(0).standard_normal((4000, 8)))
     assert abs(out.std() / s - 1) < 0.015, out.std()
 
 

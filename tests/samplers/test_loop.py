@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from diffusion_np.samplers import SAMPLERS
 from diffusion_np.samplers.base import Sampler, StepOutput
 from diffusion_np.samplers.ddim import DDIMSampler
 from diffusion_np.samplers.ddpm import DDPMSampler
@@ -150,3 +151,20 @@ def test_loop_on_cupy_matches_numpy(sampler_cls, kwargs):
     on_cpu = sample(model, SHAPE, sampler_cls(**config), 10, seed=4, progress=False, **step_kwargs)
     assert isinstance(on_gpu, cupy.ndarray) and on_gpu.dtype == np.float32
     np.testing.assert_allclose(cupy.asnumpy(on_gpu), on_cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_checks_its_config_where_it_enters(name):
+    """steps_offset and timestep_spacing are refused by the constructor (a negative offset walked timestep
+    -3, i.e. alpha_bar[-3] = step T - 3; an unknown spacing passed the constructor and failed at the first
+    call), and so is a bool number of steps."""
+    cls = SAMPLERS[name]
+    with pytest.raises(ValueError, match="steps_offset must be >= 0, got -3"):
+        cls(num_train_timesteps=100, steps_offset=-3)
+    for bad in (1.5, float("nan"), "1", None, True):
+        with pytest.raises(TypeError, match="steps_offset must be an int >= 0"):
+            cls(steps_offset=bad)
+    with pytest.raises(ValueError, match=r"timestep_spacing must be one of \('linspace', 'leading', 'trailing'\)"):
+        cls(timestep_spacing="uniform")
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer"):
+        cls().set_timesteps(True)

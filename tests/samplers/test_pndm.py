@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model
 from fixtures.cases_samplers_multistep import CASES, replay
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,13 +18,6 @@ from diffusion_np.testing.strategies import inference_steps
 SD15 = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
         "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}
 SD15_DDIM = {**{k: v for k, v in SD15.items() if k != "skip_prk_steps"}, "clip_sample": False}
-
-
-def sample_loop(sampler, model, x_init):
-    x = x_init
-    for t in sampler.timesteps:
-        x = sampler.step(model(x, t), t, x).prev_sample
-    return x
 
 
 def point_mass_oracle(sampler, x0):
@@ -48,21 +41,17 @@ def test_pndm_full_loops_match_diffusers(diffusers_cases):
 
 
 # ------------------------------------------------------------------------------ live parity, float64
-def _divisors(n):
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 @st.composite
 def pndm_configs(draw):
-    """Configs where diffusers' t - T // N is the sequence's next entry (and, for PRK, T // N is even)."""
+    """Any spacing (the stride rule is diffusers'); trailing where diffusers' arange holds N entries."""
     T = draw(st.sampled_from([1000, 1000, 500, 100]))
     skip = draw(st.booleans())
-    spacing = draw(st.sampled_from(["leading", "trailing"]))
-    ok = [n for n in range(1 if skip else 4, min(T, 60) + 1) if skip or (T // n) % 2 == 0]
+    spacing = draw(st.sampled_from(["leading", "trailing", "linspace"]))
+    ok = list(range(1 if skip else 4, min(T, 60) + 1))
     if spacing == "trailing":
-        ok = [n for n in ok if n in _divisors(T)]
+        ok = [n for n in ok if np.arange(T, 0, -T / n).size == n]
     N = draw(st.sampled_from(ok))
-    offset = draw(st.integers(0, min(T // N - 1, T - 1 - (N - 1) * (T // N), 3))) if spacing == "leading" else 0
+    offset = draw(st.integers(0, min(T - 1 - (N - 1) * (T // N), 3))) if spacing == "leading" else 0
     config = {
         "num_train_timesteps": T,
         "beta_schedule": draw(st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"])),
@@ -111,27 +100,18 @@ def test_pndm_matches_diffusers_float64_on_random_configs(case, seed):
 @pytest.mark.crosscheck
 @given(cfg=inference_steps(max_T=1000), skip=st.booleans())
 def test_pndm_timestep_layout_matches_diffusers_for_every_spacing(cfg, skip):
-    """Same calls as diffusers even where the steps differ (linspace: diffusers steps to t - T // N)."""
+    """The same calls as diffusers for every spacing (PRK's half steps by the stride rule)."""
     import diffusers
 
     T, N, spacing, offset = cfg
     if (not skip and N < 4) or (spacing == "trailing" and np.arange(T, 0, -T / N).size != N):
         return  # PRK needs 4 steps; diffusers' trailing arange can hold an (N+1)-th entry (timesteps.py)
-    if not skip and any((a - b) != T // N for a, b in zip(_plain(T, N, spacing, offset)[:4],
-                                                         _plain(T, N, spacing, offset)[1:4])):
-        return  # PRK's half step: ours halves the actual gap, diffusers' (T // N) // 2
     ours = PNDMSampler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset, skip_prk_steps=skip)
     ours.set_timesteps(N)
     ref = diffusers.PNDMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset,
                                   skip_prk_steps=skip)
     ref.set_timesteps(N)
     np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
-
-
-def _plain(T, N, spacing, offset):
-    from diffusion_np.samplers.timesteps import make_timesteps
-
-    return make_timesteps(N, T, spacing, offset)
 
 
 # ------------------------------------------------------------------------------ properties
@@ -189,13 +169,16 @@ def test_transfer_is_ddim():
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_point_mass_oracle_lands_on_x0(skip):
+@pytest.mark.parametrize("rule,steps", [("sequence", 12), ("stride", 10)])
+def test_point_mass_oracle_lands_on_x0(skip, rule, steps):
     """With the exact eps of a point mass, eps is the same at every step, every method's e' equals it,
-    and every transfer is exact: the loop ends on x0 (set_alpha_to_one=True)."""
+    and every transfer is exact: the loop ends on x0 (set_alpha_to_one=True). This needs each transfer to
+    end where the model is next asked, which the stride rule breaks in PRK's first stage when T // N is
+    odd (1000 // 12 = 83: it lands on t - 41, the model is asked at t - 42), so the stride case has 10 steps."""
     x0 = np.random.default_rng(0).standard_normal((3, 4, 4, 2))
     x_init = np.random.default_rng(1).standard_normal(x0.shape)
-    sampler = PNDMSampler(**{**SD15, "skip_prk_steps": skip, "set_alpha_to_one": True})
-    sampler.set_timesteps(12)
+    sampler = PNDMSampler(**{**SD15, "skip_prk_steps": skip, "set_alpha_to_one": True}, prev_timestep_rule=rule)
+    sampler.set_timesteps(steps)
     np.testing.assert_allclose(sample_loop(sampler, point_mass_oracle(sampler, x0), x_init), x0, atol=1e-10)
 
 
@@ -234,7 +217,7 @@ def test_state_resets_and_determinism():
     np.testing.assert_allclose(sampler.add_noise(np.ones(3), np.full(3, 2.0), t),
                                np.full(3, math.sqrt(ab) + 2 * math.sqrt(1 - ab)), rtol=1e-12)
     assert sampler.scale_model_input(x_init, t) is x_init and sampler.init_noise_sigma == 1.0
-    assert sampler.previous_timestep(sampler.step_timesteps[-1]) == -1
+    assert sampler.previous_timestep(sampler.step_timesteps[-1]) < 0  # 1 - 1000 // 6: after the last step
 
 
 def test_pndm_refuses_what_it_does_not_implement():
@@ -282,3 +265,19 @@ def test_pndm_refuses_a_mid_schedule_start():
     x = np.zeros((1, 2, 2, 1))
     with pytest.raises(ValueError, match="cannot start mid-schedule"):
         sampler.step(x, sampler.timesteps[3], x)
+
+
+def test_prev_timestep_rules():
+    """"stride" (diffusers): t - T // N, PRK half steps of (T // N) // 2; "sequence": the next entry, half gaps."""
+    stride, sequence = (PNDMSampler(timestep_spacing="linspace", skip_prk_steps=False, prev_timestep_rule=rule)
+                        for rule in ("stride", "sequence"))  # fmt: skip
+    for sampler in (stride, sequence):
+        sampler.set_timesteps(7)  # linspace: 999, 832, 666, 500, 333, 166, 0 (uneven gaps), T // N = 142
+    steps = stride.step_timesteps.tolist()
+    assert steps == sequence.step_timesteps.tolist() == [999, 832, 666, 500, 333, 166, 0]
+    assert [stride.previous_timestep(t) for t in steps] == [t - 142 for t in steps]
+    assert [sequence.previous_timestep(t) for t in steps] == steps[1:] + [-1]
+    assert stride.timesteps[:4].tolist() == [999, 832 + 71, 832 + 71, 832]  # m_0 = t_1 + 142 // 2
+    assert sequence.timesteps[:4].tolist() == [999, 832 + 83, 832 + 83, 832]  # m_0 = t_1 + (999 - 832) // 2
+    with pytest.raises(ValueError, match="prev_timestep_rule must be one of"):
+        PNDMSampler(prev_timestep_rule="t-1")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fixtures.cases_samplers_kdiff import fake_model
 from fixtures.cases_samplers_multistep import CASES, replay
-from helpers import SOURCES, reference
+from helpers import SOURCES, reference, sample_loop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,13 +16,6 @@ from diffusion_np.testing import check_timesteps
 from diffusion_np.testing.strategies import inference_steps
 
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
-def sample_loop(sampler, model, x_init):
-    x = x_init * sampler.init_noise_sigma
-    for t in sampler.timesteps:
-        x = sampler.step(model(sampler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
 
 
 def gaussian_model(sampler, s):
@@ -123,8 +116,14 @@ def test_unipc_schedule_is_dpm_solvers(cfg, karras):
     if spacing == "leading" and N * (T // (N + 1)) + offset > T - 1:
         return
     unipc, dpm = UniPCSampler(**kwargs), DPMSolverMultistepSampler(**kwargs)
+    try:
+        dpm.set_timesteps(N)
+    except ValueError as err:  # N + 1 points on T <= N timesteps can repeat one: refused, never stepped twice
+        assert f"num_inference_steps={N} is too many" in str(err) and spacing != "trailing" and N >= T
+        with pytest.raises(ValueError, match="is too many"):
+            unipc.set_timesteps(N)
+        return
     unipc.set_timesteps(N)
-    dpm.set_timesteps(N)
     np.testing.assert_array_equal(unipc.sigmas, dpm.sigmas)
     assert unipc.sigmas[-1] == 0.0 and len(unipc.sigmas) == N + 1
     if T >= 2 * N:  # N + 1 points on fewer than 2N training steps can round together (diffusers' layout)

@@ -16,6 +16,14 @@ Selection is local and explicit: ``Conv2d(..., method="auto" | "reference" | "ro
 ``GroupNorm(..., silu=True)`` (fused unless reference mode is on), ``Upsample2D`` (fused
 unless reference mode is on). ``"auto"`` (the default) picks the fast path.
 
+How the layers reach these modules: ``nn/resample.py`` imports ``nn/fast/resample.py`` as any
+module would. ``nn/fast/conv.py`` and ``nn/fast/norm.py`` build on the helpers of ``nn/conv.py``
+and ``nn/norm.py``, so those two cannot import them back (an import cycle); they import this
+package (which imports nothing) and call ``fast.conv.choose_method(...)``,
+``fast.norm.group_norm_silu_forward(...)``. ``diffusion_np/nn/__init__.py`` imports the two
+submodules (which import the reference files first), and a package's ``__init__`` always runs
+before any of its modules is used, so ``fast.conv`` and ``fast.norm`` are there whenever a layer runs.
+
 Reference mode runs every layer on its reference forward and backward, for
 teaching and for bisecting a wrong number::
 
