@@ -319,6 +319,7 @@ def sample_case(rng):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffusion_np.models import AutoencoderKL, TextEncoder, TextEncoderConfig, UNet2DConditionModel
+    from diffusion_np.nn.module import inference_mode
     from diffusion_np.pipelines.text_to_image import GuidedDenoiser
     from diffusion_np.samplers import DDIMSampler
     from diffusion_np.samplers.loop import sample
@@ -333,10 +334,11 @@ def sample_case(rng):
     vae = AutoencoderKL(**vcfg, rng=np.random.default_rng(1)).eval()
     text = TextEncoder(TextEncoderConfig(**tcfg), rng=np.random.default_rng(2)).eval()
 
-    def np_sample():
-        denoiser = GuidedDenoiser(unet, text(ids), text(empty), GUIDANCE)
-        latents = sample(denoiser, noise.shape, DDIMSampler(), SAMPLE_STEPS, noise=noise, progress=False)
-        return vae.decode_latents(latents)
+    def np_sample():  # in inference mode, as the pipelines sample (torch: no_grad)
+        with inference_mode(unet, vae, text):
+            denoiser = GuidedDenoiser(unet, text(ids), text(empty), GUIDANCE)
+            latents = sample(denoiser, noise.shape, DDIMSampler(), SAMPLE_STEPS, noise=noise, progress=False)
+            return vae.decode_latents(latents)
 
     torch.manual_seed(0)
     tunet, tvae = TorchUNet(**ucfg).eval(), TorchVAE(**vcfg).eval()

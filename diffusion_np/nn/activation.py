@@ -26,6 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, erf, get_xp
+from diffusion_np.nn import fast
+from diffusion_np.nn.fast import activation as fast_activation
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
 from diffusion_np.nn.validate import check_features, check_finite, check_float, check_size
@@ -112,12 +114,17 @@ def gelu_forward(x, approximate: str = "none"):
     exact ("none"):  y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
     "tanh":          y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))),  k = sqrt(2 / pi)
 
-    Same names and defaults as ``torch.nn.functional.gelu``.
+    Same names and defaults as ``torch.nn.functional.gelu``. Phi of a float32 NumPy
+    array comes from :func:`diffusion_np.nn.fast.activation.normal_cdf` (a few NumPy
+    passes instead of SciPy's scalar erf) unless reference mode is on.
     """
     if approximate == "none":
-        a = erf(x * _SQRT_HALF)
-        a += 1.0
-        a *= 0.5  # Phi(x)
+        if not fast.reference_on() and fast_activation.applies_to(x):
+            a = fast_activation.normal_cdf(x)  # Phi(x), the fast path
+        else:
+            a = erf(x * _SQRT_HALF)
+            a += 1.0
+            a *= 0.5  # Phi(x)
     elif approximate == "tanh":
         xp = get_xp(x)
         a = xp.tanh(_TANH_K * (x + _TANH_C * x * x * x))
