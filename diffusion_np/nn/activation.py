@@ -184,8 +184,7 @@ def quick_gelu_backward(dout, cache: QuickGELUCache):
 
 class GEGLUCache(NamedTuple):
     h: object  # (..., D) first half of the projection
-    gelu_g: object  # (..., D) gelu of the second half
-    gelu_cache: GELUCache
+    gelu_cache: GELUCache  # g and Phi(g): gelu(g) = g Phi(g) is recomputed, not kept (a (..., D) array less)
 
 
 def geglu_forward(hg):
@@ -200,14 +199,15 @@ def geglu_forward(hg):
     D = two_d // 2
     h, g = hg[..., :D], hg[..., D:]  # (..., 2D) -> (..., D), (..., D)
     gelu_g, gelu_cache = gelu_forward(g)
-    return h * gelu_g, GEGLUCache(h, gelu_g, gelu_cache)
+    return h * gelu_g, GEGLUCache(h, gelu_cache)
 
 
 def geglu_backward(dout, cache: GEGLUCache):
     """dh = dout * gelu(g),  dg = gelu'(g) * (dout * h);  dhg = [dh, dg] on the last axis."""
-    h, gelu_g, gelu_cache = cache
+    h, gelu_cache = cache
     xp = get_xp(dout)
-    dh = dout * gelu_g
+    dh = gelu_cache.x * gelu_cache.a  # gelu(g) = g Phi(g), recomputed: one pass instead of a cached array
+    dh *= dout
     dg = gelu_backward(dout * h, gelu_cache)
     return xp.concatenate([dh, dg], axis=-1)  # (..., D) + (..., D) -> (..., 2D)
 

@@ -173,22 +173,23 @@ def test_forward_and_input_gradient_may_use_different_formulations(x_shape, w_sh
 
 
 def test_im2col_rebuilds_large_columns_in_backward(monkeypatch):
-    """Above the size limit the forward keeps x_pad, not the columns; the gradients do not change."""
+    """Above the size limit the forward keeps x, not the columns; the gradients do not change."""
     x_shape, w_shape = (2, 8, 8, 4), (3, 3, 4, 5)
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns kept
     monkeypatch.setattr(fast_conv, "_MAX_SAVED_COLUMNS_BYTES", 0)
     x = np.ones(x_shape)
     _, cache = conv2d_forward(x, np.ones(w_shape), None, 1, 1, method="im2col")
-    assert cache.saved.shape == (2, 10, 10, 4)  # the padded input, not (128, 36) columns
+    assert cache.saved is x  # the input itself, not (128, 36) columns
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns rebuilt
     _compare_methods((2, 9, 7, 4), w_shape, 2, (0, 1, 0, 1), np.float32)
 
 
-def test_rows_keeps_the_padded_input_not_the_width_columns():
-    """The width-columns are kw times the input: the backward rebuilds them from x_pad."""
+def test_rows_keeps_the_input_not_the_width_columns():
+    """The width-columns are kw times the input: the backward pads x again and rebuilds them."""
     x_shape, w_shape = (2, 9, 8, 4), (3, 3, 4, 5)
-    _, cache = conv2d_forward(np.ones(x_shape), np.ones(w_shape), None, 1, 1, method="rows")
-    assert cache.saved.shape == (2, 11, 10, 4)  # x_pad, not (2, 11, 8, 12) columns
+    x = np.ones(x_shape)
+    _, cache = conv2d_forward(x, np.ones(w_shape), None, 1, 1, method="rows")
+    assert cache.saved is x  # not x_pad (2, 11, 10, 4), nor (2, 11, 8, 12) columns
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)
     _compare_methods(x_shape, (3, 2, 4, 3), 1, (0, 2, 1, 0), np.float32)
 

@@ -113,11 +113,12 @@ def _dx_method(dout_shape: tuple, w_shape: tuple, H: int, W: int) -> str:
     return "im2col" if method == "matmul" else method
 
 
-#: Above this many bytes the "im2col" forward keeps the padded input instead of the
-#: columns (``kh*kw`` times larger) and the backward rebuilds them: one more copy
-#: (about 25% of the weight-gradient matmul) for a ninth of the memory. Below it
-#: (the 4x4 and stride-2 layers of a small U-Net) the columns are kept.
-_MAX_SAVED_COLUMNS_BYTES = 32 * 2**20
+#: Above this many bytes the "im2col" forward keeps its input instead of the columns
+#: (``kh*kw`` times larger) and the backward rebuilds them: one more copy (about 25%
+#: of the weight-gradient matmul) for a ninth of the memory. The 4x4 layers of the
+#: shapes U-Net at batch 64 (4.7 MB of columns each) are above it: keeping their
+#: columns was 40 MB of the step's peak, which is held to 1.2x PyTorch's.
+_MAX_SAVED_COLUMNS_BYTES = 2 * 2**20
 
 
 # ----------------------------------------------------------------------------- the op pair
@@ -138,15 +139,16 @@ def conv2d_fast_forward(x, w, b, stride: int, padding: tuple, method: str):
         x_pad = _pad_hw(x, *padding)  # (B, Hp, Wp, C_in), contiguous
         conv = _conv_rows if method == "rows" else _conv_rows_stacked
         y = conv(_width_columns(x_pad, kw, Wo), w)  # (B, Ho, Wo, C_out), a fresh array
-        # keep x_pad, not the kw times larger width-columns: rebuilding them in the backward
-        # costs one copy, while keeping them made the VAE's training step page-fault
-        saved = x_pad
+        # keep x itself, not x_pad nor the kw times larger width-columns: the backward pads
+        # and rebuilds them (two copies, a few % of that convolution), while keeping the
+        # columns made the VAE's step page-fault and x_pad is 1.56x x at 8x8, 2.25x at 4x4
+        saved = x
     else:  # "im2col": the reference forward; what it keeps and its backward differ
         x_pad = _pad_hw(x, *padding)
         cols = _im2col(x_pad, kh, kw, stride, Ho, Wo)  # (B*Ho*Wo, kh*kw*C_in)
         y = cols @ w.reshape(kh * kw * C_in, C_out)  # (B*Ho*Wo, K) @ (K, C_out)
-        # keep the columns for dw, or (when they are large) the 9x smaller padded input
-        saved = cols if cols.nbytes <= _MAX_SAVED_COLUMNS_BYTES else x_pad
+        # keep the columns for dw while they are small, else x itself (kh*kw times smaller)
+        saved = cols if cols.nbytes <= _MAX_SAVED_COLUMNS_BYTES else x
     y = y.reshape(B, Ho, Wo, C_out)
     if b is not None:
         y += b  # y is a fresh matmul result: add in place, no second full-size array
@@ -178,9 +180,9 @@ def conv2d_fast_backward(dout, cache: Conv2dCache):
     _, Ho, Wo, _ = dout.shape
     if method in ("rows", "rows_stacked"):
         dw_rows = _dw_rows if method == "rows" else _dw_rows_stacked
-        dw = dw_rows(_width_columns(saved, kw, Wo), dout, w.shape)  # the forward's columns, rebuilt
+        dw = dw_rows(_width_columns(_pad_hw(saved, *padding), kw, Wo), dout, w.shape)  # the columns, rebuilt
     else:
-        cols = saved if saved.ndim == 2 else _im2col(saved, kh, kw, stride, Ho, Wo)  # rebuilt if not kept
+        cols = saved if saved.ndim == 2 else _im2col(_pad_hw(saved, *padding), kh, kw, stride, Ho, Wo)  # rebuilt
         dw = (cols.T @ dout2).reshape(w.shape)  # (K, B*Ho*Wo) @ (B*Ho*Wo, C_out) -> (K, C_out)
     return dx, dw, db
 
