@@ -253,8 +253,9 @@ class Module:
         return cache
 
     def _set_cache(self, cache) -> None:
-        if self._keep_cache:  # in inference mode the cache is dropped here (see inference())
-            object.__setattr__(self, "_cache", cache)
+        # in inference mode the cache is dropped here (see inference()), and so is the one an
+        # earlier training forward left: a backward must not pair it with this forward
+        object.__setattr__(self, "_cache", cache if self._keep_cache else None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.num_parameters():,} parameters)"
