@@ -324,12 +324,19 @@ class GEGLU(Module):
         check_features(self, x, self.dim_in, min_ndim=2)
         check_finite(self, x)
         hg = self.proj(x)  # (..., dim_in) -> (..., 2 dim_out)
-        out, cache = geglu_forward(hg)  # (..., 2 dim_out) -> (..., dim_out)
+        if fast.splits_batch(hg):  # blocks of the batch on the threads (nn/fast/parallel.py)
+            out, cache = fast.parallel.forward_in_blocks(geglu_forward, (hg,), (*hg.shape[:-1], self.dim_out))
+        else:
+            out, cache = geglu_forward(hg)  # (..., 2 dim_out) -> (..., dim_out)
         self._set_cache(cache)
         return out
 
     def backward(self, dout):
-        dhg = geglu_backward(dout, self._pop_cache())  # (..., dim_out) -> (..., 2 dim_out)
+        cache = self._pop_cache()
+        if isinstance(cache, fast.parallel.BlockCaches):
+            (dhg,) = fast.parallel.backward_in_blocks(lambda d, c: (geglu_backward(d, c),), dout, cache)
+        else:
+            dhg = geglu_backward(dout, cache)  # (..., dim_out) -> (..., 2 dim_out)
         return self.proj.backward(dhg)  # -> (..., dim_in); adds into proj.grads
 
 

@@ -67,3 +67,32 @@ def test_blocked_rows_equal_one_pass_in_float64(monkeypatch, method, x_shape, w_
         np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
         for g, g_ref in zip(grads, grads_ref):
             np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_unet_on_three_threads_gives_the_one_thread_numbers_in_float64():
+    """GroupNorm (+ SiLU), LayerNorm, GEGLU and attention in blocks of the batch, and the blocked
+    convolutions: forward, input gradients and every parameter gradient as on one thread."""
+    from diffusion_np.models import UNet2DConditionModel
+
+    config = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=6,
+                  attention_head_dim=2, norm_num_groups=4)
+    unet = UNet2DConditionModel(**config).to(dtype=np.float64)
+    rng = np.random.default_rng(0)
+    x, text = rng.standard_normal((5, 8, 8, 4)), rng.standard_normal((5, 3, 6))
+    dout = rng.standard_normal((5, 8, 8, 4))
+
+    def run(n):
+        unet.zero_grad()
+        with parallel.threads(n):
+            y = unet(x, np.arange(5) * 100, text)
+            kinds = {type(m._cache).__name__ for _, m in unet.named_modules()}
+            g = unet.backward(dout)
+        return kinds, [y, g.dx, g.dcontext] + [grad.copy() for _, grad in unet.named_grads()]
+
+    kinds_1, one = run(1)
+    kinds_3, three = run(3)
+    assert "BlockCaches" in kinds_3 and "BlockCaches" not in kinds_1
+    for a, b in zip(one, three):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from diffusion_np.nn.fast import parallel
 from diffusion_np.nn.fast.parallel import get_threads, threads
 
 _reference = os.environ.get("DIFFUSION_NP_REFERENCE", "").strip().lower() not in ("", "0", "false", "no")
@@ -51,6 +52,13 @@ def runs_fused(method: str) -> bool:
     return method == "fused" or (method == "auto" and not _reference)
 
 
+def splits_batch(*arrays) -> bool:
+    """Whether a layer runs its op pair in blocks of the batch on the threads now
+    (:mod:`diffusion_np.nn.fast.parallel`): not in reference mode, two threads or more,
+    NumPy arrays with a batch of two or more."""
+    return not _reference and parallel.splits(arrays)
+
+
 @contextmanager
 def reference_mode(on: bool = True):
     """Run every layer on its reference path inside the ``with`` block (``on=False``:
@@ -63,4 +71,4 @@ def reference_mode(on: bool = True):
         _reference = before
 
 
-__all__ = ["get_threads", "reference_mode", "reference_on", "runs_fused", "threads"]
+__all__ = ["get_threads", "reference_mode", "reference_on", "runs_fused", "splits_batch", "threads"]

@@ -29,6 +29,9 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import NamedTuple
+
+import numpy as np
 
 
 def _threads_from_env() -> int:
@@ -65,12 +68,31 @@ def threads(n: int):
         _threads = before
 
 
+def _one_blas_thread_here() -> None:
+    """Make OpenBLAS run the calls of this thread on this thread only (a pool thread's
+    per-image products are the parallel work already; OpenBLAS splitting each of them
+    again would make the pool threads queue for its own threads). Uses
+    ``openblas_set_num_threads_local`` of the OpenBLAS that NumPy's wheel bundles;
+    elsewhere (another BLAS, no such symbol) nothing changes."""
+    import ctypes
+    import glob
+
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
+    for path in libs:
+        try:
+            ctypes.CDLL(path).openblas_set_num_threads_local(1)
+            return
+        except (OSError, AttributeError):
+            continue
+
+
 def _get_pool(n: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     if _pool is None or _pool_size < n:
         if _pool is not None:
             _pool.shutdown(wait=True)
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="diffusion_np"), n
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="diffusion_np", initializer=_one_blas_thread_here)
+        _pool_size = n
     return _pool
 
 
@@ -92,4 +114,64 @@ def run_blocks(fn: Callable[[int, int], object], n_items: int, per_block: int) -
     return list(_get_pool(n).map(lambda span: fn(*span), spans))
 
 
-__all__ = ["block_size", "get_threads", "run_blocks", "threads"]
+__all__ = ["BlockCaches", "backward_in_blocks", "block_size", "forward_in_blocks", "get_threads", "run_blocks",
+           "splits", "threads"]
+
+
+# ----------------------------------------------------------------------------- an op pair in blocks
+class BlockCaches(NamedTuple):
+    """The caches of an op pair run in blocks of the batch: one per block, with its span."""
+
+    spans: tuple  # ((lo, hi), ...)
+    caches: tuple
+
+
+def splits(arrays: tuple, min_per_block: int = 1) -> bool:
+    """Whether an op on these batch-first arrays runs in blocks: two threads or more, NumPy
+    arrays, and a batch of at least two blocks."""
+    return _threads > 1 and all(isinstance(a, np.ndarray) for a in arrays) and arrays[0].shape[0] >= 2 * min_per_block
+
+
+def forward_in_blocks(forward: Callable, arrays: tuple, out_shape: tuple, *args):
+    """``y, cache = forward(*arrays, *args)`` computed per block of the batch (axis 0 of every
+    array in ``arrays``) on the threads; ``y`` (``out_shape``, batch first) is assembled in place
+    and the cache is a :class:`BlockCaches`. ``args`` are passed to every block as they are."""
+    B = arrays[0].shape[0]
+    y = np.empty(out_shape, dtype=np.result_type(*arrays))
+    per_block = -(-B // _threads)  # one block per thread: these ops stream, they do not block for the cache
+
+    def block(lo: int, hi: int):
+        y_block, cache = forward(*(a[lo:hi] for a in arrays), *args)
+        y[lo:hi] = y_block
+        return (lo, hi), cache
+
+    results = run_blocks(block, B, per_block)
+    return y, BlockCaches(tuple(r[0] for r in results), tuple(r[1] for r in results))
+
+
+def backward_in_blocks(backward: Callable, dout, cache: BlockCaches, n_batch_grads: int = 1):
+    """The gradients of :func:`forward_in_blocks`: ``backward(dout[lo:hi], cache)`` per block.
+
+    The first ``n_batch_grads`` gradients are batch-first (the inputs') and are assembled;
+    the others (parameters: gamma, beta) are sums over the batch, so the blocks' parts are
+    added in block order. None stays None."""
+    results = [None] * len(cache.spans)
+
+    def block(i: int, _):
+        lo, hi = cache.spans[i]
+        results[i] = backward(dout[lo:hi], cache.caches[i])
+
+    run_blocks(block, len(cache.spans), 1)
+    grads = []
+    for k in range(len(results[0])):
+        parts = [r[k] for r in results]
+        if parts[0] is None:
+            grads.append(None)
+        elif k < n_batch_grads:
+            grads.append(np.concatenate(parts, axis=0))
+        else:
+            total = parts[0].copy()
+            for part in parts[1:]:
+                total += part
+            grads.append(total)
+    return tuple(grads)
