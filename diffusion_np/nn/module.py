@@ -264,8 +264,10 @@ class Module:
 @contextmanager
 def inference_mode(*modules):
     """Within the block, ``modules`` (and their children) keep no backward caches
-    (:meth:`Module.inference`); afterwards each goes back to the mode it had.
-    Arguments that are not Modules (None, plain functions) are ignored."""
+    (:meth:`Module.inference`): each forward drops its cache, and the one an earlier
+    training forward left, so a backward raises instead of pairing a stale cache with
+    this forward. Afterwards each module goes back to the mode it had. Arguments that
+    are not Modules (None, plain functions) are ignored."""
     saved = [(m, m._keep_cache) for module in modules if isinstance(module, Module) for _, m in module.named_modules()]
     for module, _ in saved:
         object.__setattr__(module, "_keep_cache", False)
