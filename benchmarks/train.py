@@ -32,8 +32,10 @@
 
 Timing: the machine this was written on is shared, so every row alternates one
 NumPy run and one torch run ``repeats`` times after a warm-up and reports the
-*best* time of each side (``numpy_s``, ``torch_s``, the ratio of the two) and the
-medians (``numpy_median_s``, ``torch_median_s``). The best time is the one least
+*best* time of each side (``numpy_s``, ``torch_s``, the ratio of the two), the
+medians (``numpy_median_s``, ``torch_median_s``) and the best CPU time of the process
+(``numpy_cpu_s``, ``torch_cpu_s``, ``cpu_ratio``; at one thread the measure the other
+jobs of a shared machine disturb least). The best time is the one least
 disturbed by other processes; the medians show how noisy the run was.
 
 Peak memory (``numpy_peak_mb``, ``torch_peak_mb``, measured once per row at the
@@ -186,15 +188,19 @@ def best_of_alternating(np_fn, torch_fn, repeats: int, warmup: int = 1) -> dict:
     for _ in range(warmup):
         np_fn()
         torch_fn()
-    t_np, t_torch = [], []
+    t_np, t_torch, cpu_np, cpu_torch = [], [], [], []
     for _ in range(repeats):
-        for fn, times in ((np_fn, t_np), (torch_fn, t_torch)):
-            start = time.perf_counter()
+        for fn, times, cpu in ((np_fn, t_np, cpu_np), (torch_fn, t_torch, cpu_torch)):
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     return {
         "numpy_s": min(t_np), "torch_s": min(t_torch),
         "numpy_median_s": float(np.median(t_np)), "torch_median_s": float(np.median(t_torch)),
+        # CPU time of the process (all its threads): what the other jobs on a shared machine disturb
+        # least at one thread; at two it also counts threads that spin while they wait
+        "numpy_cpu_s": min(cpu_np), "torch_cpu_s": min(cpu_torch), "cpu_ratio": min(cpu_np) / min(cpu_torch),
     }
 
 
@@ -465,6 +471,10 @@ def main(argv=None) -> list[dict]:
         del np_fn, torch_fn
         gc.collect()
     print_table(rows, "training steps: best time, numpy / torch CPU")
+    print("  CPU time (best, ms; all threads of the process):")
+    for r in rows:
+        print(f"  {r['name']:32s} {r['threads']:3d}  numpy {1e3 * r['numpy_cpu_s']:9.1f}  torch "
+              f"{1e3 * r['torch_cpu_s']:9.1f}  ratio {r['cpu_ratio']:.2f}")
     for r in rows:
         if r.get("numpy_peak_mb") is not None and r["threads"] == r.get("memory_threads"):
             print(f"  {r['name']:32s} peak MB  numpy {r['numpy_peak_mb']:8.1f} (traced {r['numpy_peak_traced_mb']:.1f})"
