@@ -114,8 +114,6 @@ def run_blocks(fn: Callable[[int, int], object], n_items: int, per_block: int) -
     return list(_get_pool(n).map(lambda span: fn(*span), spans))
 
 
-__all__ = ["BlockCaches", "backward_in_blocks", "block_size", "forward_in_blocks", "get_threads", "run_blocks",
-           "splits", "threads"]
 
 
 # ----------------------------------------------------------------------------- an op pair in blocks
@@ -175,3 +173,7 @@ def backward_in_blocks(backward: Callable, dout, cache: BlockCaches, n_batch_gra
                 total += part
             grads.append(total)
     return tuple(grads)
+
+
+__all__ = ["BlockCaches", "backward_in_blocks", "block_size", "forward_in_blocks", "get_threads", "run_blocks",
+           "splits", "threads"]
