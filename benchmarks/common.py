@@ -90,8 +90,10 @@ def blas_kernel() -> str:
 
 @contextmanager
 def threads(n: int):
-    """Limit NumPy's BLAS and PyTorch to ``n`` threads inside the block."""
+    """Limit NumPy's BLAS, diffusion_np's blocks (``nn.fast.threads``) and PyTorch to ``n`` threads inside the block."""
     from threadpoolctl import threadpool_limits
+
+    from diffusion_np.nn import fast
 
     try:
         import torch
@@ -100,7 +102,7 @@ def threads(n: int):
     old = torch.get_num_threads() if torch else None
     if torch:
         torch.set_num_threads(n)
-    with threadpool_limits(limits=n):
+    with threadpool_limits(limits=n), fast.threads(n):
         yield
     if torch:
         torch.set_num_threads(old)

@@ -3,7 +3,7 @@
     python -m benchmarks.ops --json bench-ops.json [--threads 1 2] [--repeats 7]
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m benchmarks.ops --json bench-ops.json
 
-(``make bench`` runs both.) Each row times one forward and one backward of the op
+(``make bench`` runs both; ``--quick``: 3 repeats at one thread.) Each row times one forward and one backward of the op
 with a fixed random upstream gradient, float32, and prints numpy/torch.
 """
 
@@ -99,7 +99,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", help="run only cases whose name contains this")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc thresholds")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 thread: a check that every row runs")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.threads = min(args.repeats, 3), [1]
     if args.json:
         read_results(args.json)  # an unreadable --json fails now, not after the timing
     malloc = "default" if args.default_malloc or not tune_malloc() else "tuned"

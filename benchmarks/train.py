@@ -18,12 +18,24 @@
 ``sample_ddim50_cfg``
     Text-to-image sampling: encode 8 prompts and "" once, 50 DDIM steps with
     classifier-free guidance (the U-Net at batch 16), decode with the VAE. The
-    row also gives images per second.
+    row also gives images per second. Inference mode on our side, ``no_grad`` on torch's.
+``sd15_unet_forward``
+    One forward of Stable Diffusion 1.5's U-Net (860 M parameters, random weights:
+    diffusers' initialisation, loaded into ours) on a 64x64 latent at batch 2 (one
+    guided step of a 512x512 image), 77 context tokens; inference mode and attention
+    in chunks of 1024 queries on our side (as ``load_pipeline`` sets it), ``no_grad``
+    on torch's. About 7 GB for the two models; 30-40 s a forward on one core, so it runs
+    with ``--repeats`` capped at 3 and is left out of ``--quick``.
+
+``--quick``: two repeats, one thread, no memory measurement and no SD 1.5 row unless
+``--only`` names it; a check that every row runs, in about a minute.
 
 Timing: the machine this was written on is shared, so every row alternates one
 NumPy run and one torch run ``repeats`` times after a warm-up and reports the
-*best* time of each side (``numpy_s``, ``torch_s``, the ratio of the two) and the
-medians (``numpy_median_s``, ``torch_median_s``). The best time is the one least
+*best* time of each side (``numpy_s``, ``torch_s``, the ratio of the two), the
+medians (``numpy_median_s``, ``torch_median_s``) and the best CPU time of the process
+(``numpy_cpu_s``, ``torch_cpu_s``, ``cpu_ratio``; at one thread the measure the other
+jobs of a shared machine disturb least). The best time is the one least
 disturbed by other processes; the medians show how noisy the run was.
 
 Peak memory (``numpy_peak_mb``, ``torch_peak_mb``, measured once per row at the
@@ -176,15 +188,19 @@ def best_of_alternating(np_fn, torch_fn, repeats: int, warmup: int = 1) -> dict:
     for _ in range(warmup):
         np_fn()
         torch_fn()
-    t_np, t_torch = [], []
+    t_np, t_torch, cpu_np, cpu_torch = [], [], [], []
     for _ in range(repeats):
-        for fn, times in ((np_fn, t_np), (torch_fn, t_torch)):
-            start = time.perf_counter()
+        for fn, times, cpu in ((np_fn, t_np, cpu_np), (torch_fn, t_torch, cpu_torch)):
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     return {
         "numpy_s": min(t_np), "torch_s": min(t_torch),
         "numpy_median_s": float(np.median(t_np)), "torch_median_s": float(np.median(t_torch)),
+        # CPU time of the process (all its threads): what the other jobs on a shared machine disturb
+        # least at one thread; at two it also counts threads that spin while they wait
+        "numpy_cpu_s": min(cpu_np), "torch_cpu_s": min(cpu_torch), "cpu_ratio": min(cpu_np) / min(cpu_torch),
     }
 
 
@@ -319,6 +335,7 @@ def sample_case(rng):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffusion_np.models import AutoencoderKL, TextEncoder, TextEncoderConfig, UNet2DConditionModel
+    from diffusion_np.nn.module import inference_mode
     from diffusion_np.pipelines.text_to_image import GuidedDenoiser
     from diffusion_np.samplers import DDIMSampler
     from diffusion_np.samplers.loop import sample
@@ -333,10 +350,11 @@ def sample_case(rng):
     vae = AutoencoderKL(**vcfg, rng=np.random.default_rng(1)).eval()
     text = TextEncoder(TextEncoderConfig(**tcfg), rng=np.random.default_rng(2)).eval()
 
-    def np_sample():
-        denoiser = GuidedDenoiser(unet, text(ids), text(empty), GUIDANCE)
-        latents = sample(denoiser, noise.shape, DDIMSampler(), SAMPLE_STEPS, noise=noise, progress=False)
-        return vae.decode_latents(latents)
+    def np_sample():  # in inference mode, as the pipelines sample (torch: no_grad)
+        with inference_mode(unet, vae, text):
+            denoiser = GuidedDenoiser(unet, text(ids), text(empty), GUIDANCE)
+            latents = sample(denoiser, noise.shape, DDIMSampler(), SAMPLE_STEPS, noise=noise, progress=False)
+            return vae.decode_latents(latents)
 
     torch.manual_seed(0)
     tunet, tvae = TorchUNet(**ucfg).eval(), TorchVAE(**vcfg).eval()
@@ -360,11 +378,49 @@ def sample_case(rng):
     return np_sample, torch_sample, info
 
 
+def sd15_unet_case(rng):
+    """One SD 1.5 U-Net forward at a 64x64 latent, batch 2, the same random weights in both."""
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    from diffusion_np.io.diffusers import SD1_UNET_CONFIG, _NoInit, _release_gradients, load_weights
+    from diffusion_np.models import UNet2DConditionModel
+    from diffusion_np.nn.attention import set_attention_chunk_size
+
+    torch.manual_seed(0)
+    tmodel = TorchUNet(**SD1_UNET_CONFIG).eval()
+    model = UNet2DConditionModel.from_config(SD1_UNET_CONFIG, rng=_NoInit())  # zeros: the weights come next
+    _release_gradients(model)  # no gradient buffers: inference only, 3.4 GB less
+    load_weights(model, {k: v.numpy() for k, v in tmodel.state_dict().items()}, "unet", keep_grads=False)
+    model.inference()
+    set_attention_chunk_size(model, 1024)
+    latent = rng.standard_normal((SD15_BATCH, 64, 64, 4)).astype(np.float32)
+    context = rng.standard_normal((SD15_BATCH, 77, 768)).astype(np.float32)
+    t = np.array([500] * SD15_BATCH)
+    tlatent, tcontext = torch.tensor(latent.transpose(0, 3, 1, 2).copy()), torch.tensor(context)
+
+    def np_forward():
+        return model(latent, t, context)
+
+    @torch.no_grad()
+    def torch_forward():
+        return tmodel(tlatent, 500, tcontext).sample
+
+    info = {"batch": SD15_BATCH, "latent": "64x64x4", "tokens": 77, "parameters": model.num_parameters(),
+            "attention_chunk_size": 1024}
+    return np_forward, torch_forward, info
+
+
+SD15_BATCH = 2
+#: rows too slow for --quick and capped at 3 repeats
+SLOW_CASES = ("sd15_unet_forward",)
+
 CASES = {
     "unet_train_step": unet_step_case,
     "vae_train_step": vae_step_case,
     "text_encoder_train_step": text_encoder_step_case,
     "sample_ddim50_cfg": sample_case,
+    "sd15_unet_forward": sd15_unet_case,
 }
 
 
@@ -376,7 +432,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--only", help="run only rows whose name contains this")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's default malloc thresholds")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 repeats, 1 thread, no memory, no SD 1.5 row unless --only names it")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.threads, args.no_memory = min(args.repeats, 2), [1], True
     if args.json:
         read_results(args.json)  # an unreadable --json fails now, not after the timing
     malloc = "default" if args.default_malloc or not tune_malloc() else "tuned"
@@ -384,10 +444,14 @@ def main(argv=None) -> list[dict]:
     for name, make in CASES.items():
         if args.only and args.only not in name:
             continue
+        if name in SLOW_CASES and args.quick and not args.only:
+            continue
+        repeats = min(args.repeats, 3) if name in SLOW_CASES else args.repeats
+        measure_memory = not args.no_memory and name not in SLOW_CASES  # a forward only: nothing to compare
         with threads(args.threads[0]):
             np_fn, torch_fn, info = make(np.random.default_rng(0))
             memory = {}
-            if not args.no_memory:
+            if measure_memory:
                 np_fn(), torch_fn()  # warm: optimizer state and caches exist before measuring
                 memory = {
                     "numpy_peak_traced_mb": traced_peak_mb(np_fn),
@@ -397,16 +461,20 @@ def main(argv=None) -> list[dict]:
                 }
         for n in args.threads:
             with threads(n):
-                timing = best_of_alternating(np_fn, torch_fn, args.repeats)
+                timing = best_of_alternating(np_fn, torch_fn, repeats)
             extra = {k: v for k, v in timing.items() if k not in ("numpy_s", "torch_s")}
             if name.startswith("sample"):
                 extra["numpy_images_per_s"] = info["batch"] / timing["numpy_s"]
                 extra["torch_images_per_s"] = info["batch"] / timing["torch_s"]
             rows.append(row(name, n, timing["numpy_s"], timing["torch_s"], malloc=malloc, timing="best of "
-                            f"{args.repeats}, alternating", **extra, **memory, **info))
+                            f"{repeats}, alternating", **extra, **memory, **info))
         del np_fn, torch_fn
         gc.collect()
     print_table(rows, "training steps: best time, numpy / torch CPU")
+    print("  CPU time (best, ms; all threads of the process):")
+    for r in rows:
+        print(f"  {r['name']:32s} {r['threads']:3d}  numpy {1e3 * r['numpy_cpu_s']:9.1f}  torch "
+              f"{1e3 * r['torch_cpu_s']:9.1f}  ratio {r['cpu_ratio']:.2f}")
     for r in rows:
         if r.get("numpy_peak_mb") is not None and r["threads"] == r.get("memory_threads"):
             print(f"  {r['name']:32s} peak MB  numpy {r['numpy_peak_mb']:8.1f} (traced {r['numpy_peak_traced_mb']:.1f})"

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, erf, get_xp
+from diffusion_np.nn import fast
+from diffusion_np.nn.fast import activation as fast_activation
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
 from diffusion_np.nn.validate import check_features, check_finite, check_float, check_size
@@ -112,12 +114,17 @@ def gelu_forward(x, approximate: str = "none"):
     exact ("none"):  y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
     "tanh":          y = 0.5 x (1 + tanh(k (x + 0.044715 x^3))),  k = sqrt(2 / pi)
 
-    Same names and defaults as ``torch.nn.functional.gelu``.
+    Same names and defaults as ``torch.nn.functional.gelu``. Phi of a float32 NumPy
+    array comes from :func:`diffusion_np.nn.fast.activation.normal_cdf` (a few NumPy
+    passes instead of SciPy's scalar erf) unless reference mode is on.
     """
     if approximate == "none":
-        a = erf(x * _SQRT_HALF)
-        a += 1.0
-        a *= 0.5  # Phi(x)
+        if not fast.reference_on() and fast_activation.applies_to(x):
+            a = fast_activation.normal_cdf(x)  # Phi(x), the fast path
+        else:
+            a = erf(x * _SQRT_HALF)
+            a += 1.0
+            a *= 0.5  # Phi(x)
     elif approximate == "tanh":
         xp = get_xp(x)
         a = xp.tanh(_TANH_K * (x + _TANH_C * x * x * x))
@@ -177,8 +184,7 @@ def quick_gelu_backward(dout, cache: QuickGELUCache):
 
 class GEGLUCache(NamedTuple):
     h: object  # (..., D) first half of the projection
-    gelu_g: object  # (..., D) gelu of the second half
-    gelu_cache: GELUCache
+    gelu_cache: GELUCache  # g and Phi(g): gelu(g) = g Phi(g) is recomputed, not kept (a (..., D) array less)
 
 
 def geglu_forward(hg):
@@ -193,14 +199,15 @@ def geglu_forward(hg):
     D = two_d // 2
     h, g = hg[..., :D], hg[..., D:]  # (..., 2D) -> (..., D), (..., D)
     gelu_g, gelu_cache = gelu_forward(g)
-    return h * gelu_g, GEGLUCache(h, gelu_g, gelu_cache)
+    return h * gelu_g, GEGLUCache(h, gelu_cache)
 
 
 def geglu_backward(dout, cache: GEGLUCache):
     """dh = dout * gelu(g),  dg = gelu'(g) * (dout * h);  dhg = [dh, dg] on the last axis."""
-    h, gelu_g, gelu_cache = cache
+    h, gelu_cache = cache
     xp = get_xp(dout)
-    dh = dout * gelu_g
+    dh = gelu_cache.x * gelu_cache.a  # gelu(g) = g Phi(g), recomputed: one pass instead of a cached array
+    dh *= dout
     dg = gelu_backward(dout * h, gelu_cache)
     return xp.concatenate([dh, dg], axis=-1)  # (..., D) + (..., D) -> (..., 2D)
 
@@ -317,12 +324,19 @@ class GEGLU(Module):
         check_features(self, x, self.dim_in, min_ndim=2)
         check_finite(self, x)
         hg = self.proj(x)  # (..., dim_in) -> (..., 2 dim_out)
-        out, cache = geglu_forward(hg)  # (..., 2 dim_out) -> (..., dim_out)
+        if fast.splits_batch(hg):  # blocks of the batch on the threads (nn/fast/parallel.py)
+            out, cache = fast.parallel.forward_in_blocks(geglu_forward, (hg,), (*hg.shape[:-1], self.dim_out))
+        else:
+            out, cache = geglu_forward(hg)  # (..., 2 dim_out) -> (..., dim_out)
         self._set_cache(cache)
         return out
 
     def backward(self, dout):
-        dhg = geglu_backward(dout, self._pop_cache())  # (..., dim_out) -> (..., 2 dim_out)
+        cache = self._pop_cache()
+        if isinstance(cache, fast.parallel.BlockCaches):
+            (dhg,) = fast.parallel.backward_in_blocks(lambda d, c: (geglu_backward(d, c),), dout, cache)
+        else:
+            dhg = geglu_backward(dout, cache)  # (..., dim_out) -> (..., 2 dim_out)
         return self.proj.backward(dhg)  # -> (..., dim_in); adds into proj.grads
 
 

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
+from diffusion_np.nn import fast
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import BlockGrads, Module, ModuleList
 from diffusion_np.nn.validate import check_features, check_finite, check_size
@@ -337,6 +338,8 @@ class Attention(Module):
         if self.chunk_size is not None and x.shape[1] > self.chunk_size:
             out = sdpa_chunked_forward(q, k, v, mask=mask, chunk_size=self.chunk_size)  # (B, heads, N, d)
             sdpa_cache = None  # forward only: the probabilities were never kept
+        elif fast.splits_batch(q, k, v):  # blocks of the batch on the threads (nn/fast/parallel.py)
+            out, sdpa_cache = fast.parallel.forward_in_blocks(sdpa_forward, (q, k, v), (*q.shape[:3], v.shape[3]), mask)
         else:
             out, sdpa_cache = sdpa_forward(q, k, v, mask=mask)  # (B, heads, N, d)
         y = self.to_out[0](_merge_heads(out))  # (B, N, heads*d) -> (B, N, query_dim)
@@ -351,7 +354,11 @@ class Attention(Module):
                 "inference and keeps no cache; set chunk_size=None for training"
             )
         d_merged = self.to_out[0].backward(dout)  # (B, N, heads*d)
-        dq, dk, dv = sdpa_backward(_split_heads(d_merged, self.heads), sdpa_cache)
+        if isinstance(sdpa_cache, fast.parallel.BlockCaches):
+            dq, dk, dv = fast.parallel.backward_in_blocks(sdpa_backward, _split_heads(d_merged, self.heads),
+                                                          sdpa_cache, n_batch_grads=3)
+        else:
+            dq, dk, dv = sdpa_backward(_split_heads(d_merged, self.heads), sdpa_cache)
         dx = self.to_q.backward(_merge_heads(dq))  # (B, N, query_dim)
         dcontext = self.to_k.backward(_merge_heads(dk))  # (B, L, cross_attention_dim)
         dcontext += self.to_v.backward(_merge_heads(dv))

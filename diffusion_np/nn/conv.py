@@ -50,8 +50,8 @@ METHODS = ("reference", "im2col", "rows", "rows_stacked", "matmul")
 
 class Conv2dCache(NamedTuple):
     method: str  # which formulation ran the forward (its backward must match)
-    saved: object  # reference: columns (B*Ho*Wo, kh*kw*C_in); im2col: the columns, or x_pad when they
-    # are large (fast.conv._MAX_SAVED_COLUMNS_BYTES); rows and rows_stacked: x_pad; matmul: x
+    saved: object  # reference: columns (B*Ho*Wo, kh*kw*C_in); im2col: the columns, or x when they
+    # are large (fast.conv._MAX_SAVED_COLUMNS_BYTES); rows, rows_stacked and matmul: x
     w: object  # (kh, kw, C_in, C_out)
     x_shape: tuple  # (B, H, W, C_in) of the unpadded input
     stride: int

@@ -253,8 +253,9 @@ class Module:
         return cache
 
     def _set_cache(self, cache) -> None:
-        if self._keep_cache:  # in inference mode the cache is dropped here (see inference())
-            object.__setattr__(self, "_cache", cache)
+        # in inference mode the cache is dropped here (see inference()), and so is the one an
+        # earlier training forward left: a backward must not pair it with this forward
+        object.__setattr__(self, "_cache", cache if self._keep_cache else None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.num_parameters():,} parameters)"
@@ -263,8 +264,10 @@ class Module:
 @contextmanager
 def inference_mode(*modules):
     """Within the block, ``modules`` (and their children) keep no backward caches
-    (:meth:`Module.inference`); afterwards each goes back to the mode it had.
-    Arguments that are not Modules (None, plain functions) are ignored."""
+    (:meth:`Module.inference`): each forward drops its cache, and the one an earlier
+    training forward left, so a backward raises instead of pairing a stale cache with
+    this forward. Afterwards each module goes back to the mode it had. Arguments that
+    are not Modules (None, plain functions) are ignored."""
     saved = [(m, m._keep_cache) for module in modules if isinstance(module, Module) for _, m in module.named_modules()]
     for module, _ in saved:
         object.__setattr__(module, "_keep_cache", False)

@@ -240,26 +240,38 @@ class GroupNorm(Module):
         check_features(self, x, self.num_channels, min_ndim=2)
         check_finite(self, x)
         gamma, beta = self.params.get("weight"), self.params.get("bias")
-        if self.silu and fast.runs_fused(self.method):
-            y, cache = fast.norm.group_norm_silu_forward(
-                x, gamma, beta, self.num_groups, self.eps, with_grad=self._keep_cache
-            )
+        if fast.splits_batch(x):  # blocks of the batch on the threads (nn/fast/parallel.py)
+            y, cache = fast.parallel.forward_in_blocks(self._forward, (x,), x.shape, gamma, beta)
         else:
-            y, cache = group_norm_forward(x, gamma, beta, self.num_groups, self.eps)
-            if self.silu:  # the reference path: the two ops one after the other
-                y, silu_cache = silu_forward(y)
-                cache = _GroupNormThenSiLUCache(cache, silu_cache)
+            y, cache = self._forward(x, gamma, beta)
         self._set_cache(cache)
         return y
 
+    def _forward(self, x, gamma, beta):
+        if self.silu and fast.runs_fused(self.method):
+            return fast.norm.group_norm_silu_forward(
+                x, gamma, beta, self.num_groups, self.eps, with_grad=self._keep_cache
+            )
+        y, cache = group_norm_forward(x, gamma, beta, self.num_groups, self.eps)
+        if self.silu:  # the reference path: the two ops one after the other
+            y, silu_cache = silu_forward(y)
+            cache = _GroupNormThenSiLUCache(cache, silu_cache)
+        return y, cache
+
+    @staticmethod
+    def _backward(dout, cache):
+        if isinstance(cache, fast.norm.GroupNormSiLUCache):
+            return fast.norm.group_norm_silu_backward(dout, cache)
+        if isinstance(cache, _GroupNormThenSiLUCache):
+            return group_norm_backward(silu_backward(dout, cache.silu), cache.norm)
+        return group_norm_backward(dout, cache)
+
     def backward(self, dout):
         cache = self._pop_cache()
-        if isinstance(cache, fast.norm.GroupNormSiLUCache):
-            dx, dgamma, dbeta = fast.norm.group_norm_silu_backward(dout, cache)
-        elif isinstance(cache, _GroupNormThenSiLUCache):
-            dx, dgamma, dbeta = group_norm_backward(silu_backward(dout, cache.silu), cache.norm)
+        if isinstance(cache, fast.parallel.BlockCaches):
+            dx, dgamma, dbeta = fast.parallel.backward_in_blocks(self._backward, dout, cache)
         else:
-            dx, dgamma, dbeta = group_norm_backward(dout, cache)
+            dx, dgamma, dbeta = self._backward(dout, cache)
         if self.affine:
             self.add_grad("weight", dgamma)
             self.add_grad("bias", dbeta)
@@ -361,12 +373,20 @@ class LayerNorm(Module):
     def forward(self, x):
         check_features(self, x, self.normalized_shape, min_ndim=1)
         check_finite(self, x)
-        y, cache = layer_norm_forward(x, self.params.get("weight"), self.params.get("bias"), self.eps)
+        gamma, beta = self.params.get("weight"), self.params.get("bias")
+        if fast.splits_batch(x):  # blocks of the batch on the threads (nn/fast/parallel.py)
+            y, cache = fast.parallel.forward_in_blocks(layer_norm_forward, (x,), x.shape, gamma, beta, self.eps)
+        else:
+            y, cache = layer_norm_forward(x, gamma, beta, self.eps)
         self._set_cache(cache)
         return y
 
     def backward(self, dout):
-        dx, dgamma, dbeta = layer_norm_backward(dout, self._pop_cache())
+        cache = self._pop_cache()
+        if isinstance(cache, fast.parallel.BlockCaches):
+            dx, dgamma, dbeta = fast.parallel.backward_in_blocks(layer_norm_backward, dout, cache)
+        else:
+            dx, dgamma, dbeta = layer_norm_backward(dout, cache)
         if self.elementwise_affine:
             self.add_grad("weight", dgamma)
             self.add_grad("bias", dbeta)

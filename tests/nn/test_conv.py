@@ -136,10 +136,10 @@ def test_fast_formulations_equal_reference_on_larger_shapes(x_shape, w_shape, st
     "x_shape,w_shape,stride,padding,expected",
     [
         ((64, 16, 16, 32), (3, 3, 32, 32), 1, 1, "rows"),
-        ((16, 32, 32, 64), (3, 3, 64, 32), 1, 1, "rows_stacked"),  # 3.3 M numbers of width-columns
-        ((16, 32, 32, 64), (3, 3, 64, 64), 1, 1, "rows_stacked"),
-        ((64, 32, 32, 32), (3, 3, 32, 32), 1, 1, "rows_stacked"),  # the VAE's 32x32 layers
-        ((64, 16, 16, 64), (3, 3, 64, 64), 1, 1, "rows_stacked"),
+        ((16, 32, 32, 64), (3, 3, 64, 32), 1, 1, "rows"),  # large width-columns: run in blocks of images
+        ((16, 32, 32, 64), (3, 3, 64, 64), 1, 1, "rows"),
+        ((64, 32, 32, 32), (3, 3, 32, 32), 1, 1, "rows"),  # the VAE's 32x32 layers
+        ((64, 16, 16, 64), (3, 3, 64, 64), 1, 1, "rows"),
         ((64, 32, 32, 3), (3, 3, 3, 32), 1, 1, "rows"),  # 3 input channels: the kernel-row sum costs more
         ((64, 8, 8, 128), (3, 3, 128, 128), 1, 1, "rows"),  # the U-Net's 8x8 layers: 2.0 M numbers, under the limit
         ((16, 32, 32, 3), (3, 3, 3, 32), 1, 1, "rows"),  # 3 input channels
@@ -173,22 +173,23 @@ def test_forward_and_input_gradient_may_use_different_formulations(x_shape, w_sh
 
 
 def test_im2col_rebuilds_large_columns_in_backward(monkeypatch):
-    """Above the size limit the forward keeps x_pad, not the columns; the gradients do not change."""
+    """Above the size limit the forward keeps x, not the columns; the gradients do not change."""
     x_shape, w_shape = (2, 8, 8, 4), (3, 3, 4, 5)
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns kept
     monkeypatch.setattr(fast_conv, "_MAX_SAVED_COLUMNS_BYTES", 0)
     x = np.ones(x_shape)
     _, cache = conv2d_forward(x, np.ones(w_shape), None, 1, 1, method="im2col")
-    assert cache.saved.shape == (2, 10, 10, 4)  # the padded input, not (128, 36) columns
+    assert cache.saved is x  # the input itself, not (128, 36) columns
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # columns rebuilt
     _compare_methods((2, 9, 7, 4), w_shape, 2, (0, 1, 0, 1), np.float32)
 
 
-def test_rows_keeps_the_padded_input_not_the_width_columns():
-    """The width-columns are kw times the input: the backward rebuilds them from x_pad."""
+def test_rows_keeps_the_input_not_the_width_columns():
+    """The width-columns are kw times the input: the backward pads x again and rebuilds them."""
     x_shape, w_shape = (2, 9, 8, 4), (3, 3, 4, 5)
-    _, cache = conv2d_forward(np.ones(x_shape), np.ones(w_shape), None, 1, 1, method="rows")
-    assert cache.saved.shape == (2, 11, 10, 4)  # x_pad, not (2, 11, 8, 12) columns
+    x = np.ones(x_shape)
+    _, cache = conv2d_forward(x, np.ones(w_shape), None, 1, 1, method="rows")
+    assert cache.saved is x  # not x_pad (2, 11, 10, 4), nor (2, 11, 8, 12) columns
     _compare_methods(x_shape, w_shape, 1, 1, np.float64)
     _compare_methods(x_shape, (3, 2, 4, 3), 1, (0, 2, 1, 0), np.float32)
 
@@ -226,12 +227,11 @@ def test_kernel_row_slices_are_an_overlapping_view():
         np.testing.assert_array_equal(view[1, p], xw[1, p : p + 3].reshape(9, 4))
 
 
-def test_dispatcher_picks_rows_stacked_above_the_size_limit(monkeypatch):
+def test_rows_stacked_runs_when_asked_for():
     x_shape, w_shape = (3, 9, 8, 16), (3, 3, 16, 5)
     assert choose_method(x_shape, w_shape, 1, 1) == "rows"
-    monkeypatch.setattr(fast_conv, "_STACKED_MIN_COLUMNS", 0)
-    assert choose_method(x_shape, w_shape, 1, 1) == "rows_stacked"
-    _compare_methods(x_shape, w_shape, 1, 1, np.float64)  # None (the dispatcher) now runs rows_stacked
+    _, cache = conv2d_forward(np.ones(x_shape), np.ones(w_shape), None, 1, 1, method="rows_stacked")
+    assert cache.method == "rows_stacked"
 
 
 def test_width_columns_are_a_contiguous_copy():

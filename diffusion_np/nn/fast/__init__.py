@@ -11,6 +11,9 @@ to its reference in float64:
   "rows_stacked" and "matmul" convolutions and :func:`~diffusion_np.nn.fast.conv.choose_method`.
 * :mod:`diffusion_np.nn.fast.norm`: GroupNorm + SiLU in one pass.
 * :mod:`diffusion_np.nn.fast.resample`: nearest 2x upsampling + 3x3 conv as four 2x2 convolutions.
+* :mod:`diffusion_np.nn.fast.activation`: exact GELU's normal CDF in float32 without SciPy's scalar erf.
+* :mod:`diffusion_np.nn.fast.parallel`: blocks of the batch and the threads that run them;
+  ``with threads(n):`` (or ``DIFFUSION_NP_THREADS=n``) sets how many threads.
 
 Selection is local and explicit: ``Conv2d(..., method="auto" | "reference" | "rows" | ...)``,
 ``GroupNorm(..., silu=True)`` (fused unless reference mode is on), ``Upsample2D`` (fused
@@ -41,6 +44,9 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from diffusion_np.nn.fast import parallel
+from diffusion_np.nn.fast.parallel import get_threads, threads
+
 _reference = os.environ.get("DIFFUSION_NP_REFERENCE", "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -52,6 +58,13 @@ def reference_on() -> bool:
 def runs_fused(method: str) -> bool:
     """Whether a layer built with ``method`` ("auto", "fused" or "reference") runs its fused path now."""
     return method == "fused" or (method == "auto" and not _reference)
+
+
+def splits_batch(*arrays) -> bool:
+    """Whether a layer runs its op pair in blocks of the batch on the threads now
+    (:mod:`diffusion_np.nn.fast.parallel`): not in reference mode, two threads or more,
+    NumPy arrays with a batch of two or more."""
+    return not _reference and parallel.splits(arrays)
 
 
 @contextmanager
@@ -66,4 +79,4 @@ def reference_mode(on: bool = True):
         _reference = before
 
 
-__all__ = ["reference_mode", "reference_on", "runs_fused"]
+__all__ = ["get_threads", "reference_mode", "reference_on", "runs_fused", "splits_batch", "threads"]

@@ -36,6 +36,8 @@ Timings: docs/performance.md.
 
 from __future__ import annotations
 
+import numpy as np
+
 from diffusion_np.backend import get_xp
 from diffusion_np.nn.conv import (
     Conv2dCache,
@@ -47,6 +49,7 @@ from diffusion_np.nn.conv import (
     _sum_rows,
     conv2d_forward,
 )
+from diffusion_np.nn.fast import parallel
 
 
 def _width_columns(x_pad, kw: int, Wo: int):
@@ -77,10 +80,11 @@ def choose_method(x_shape: tuple, w_shape: tuple, stride: int = 1, padding=0) ->
     * 1x1, stride 1, no padding: "matmul", nothing to gather.
     * stride 1 and at least 8x8 outputs (64 positions): "rows" (a copy ``kw``
       times the input instead of ``kh*kw`` times, each image's product
-      accumulated while it is in the cache).
-    * "rows_stacked" instead of "rows" when the batch's width-columns are large
-      (at least :data:`_STACKED_MIN_COLUMNS` numbers, 12 MiB in float32) and
-      C_in >= 16: "rows" would read them from memory once per kernel row.
+      accumulated while it is in the cache), run in cache-sized blocks of images.
+    * "rows_stacked" is no longer chosen: it won only while "rows" streamed the
+      whole batch's width-columns from memory once per kernel row, which the blocks
+      of :func:`_rows_blocked` no longer do (docs/performance.md, fourth round). It
+      stays one more round as an explicit method, for that comparison.
     * everything else (4x4, stride 2, 1x1 with stride or padding): "im2col"
       (rows' matmuls per image are too small at 4x4; with a stride the image
       rows a kernel row reads are not one contiguous slice).
@@ -95,14 +99,8 @@ def choose_method(x_shape: tuple, w_shape: tuple, stride: int = 1, padding=0) ->
         return "matmul"
     Ho, Wo = _out_size(tuple(x_shape), tuple(w_shape), stride, padding)
     if stride == 1 and Ho * Wo >= 64:
-        columns = x_shape[0] * (Ho + kh - 1) * Wo * kw * C_in  # numbers in the width-columns
-        return "rows_stacked" if columns >= _STACKED_MIN_COLUMNS and C_in >= 16 else "rows"
+        return "rows"
     return "im2col"
-
-
-#: Width-columns of at least this many numbers (12 MiB in float32) no longer stay
-#: in the cache between the kernel-row passes of "rows": "rows_stacked" is chosen.
-_STACKED_MIN_COLUMNS = 3 * 2**20
 
 
 def _dx_method(dout_shape: tuple, w_shape: tuple, H: int, W: int) -> str:
@@ -113,11 +111,12 @@ def _dx_method(dout_shape: tuple, w_shape: tuple, H: int, W: int) -> str:
     return "im2col" if method == "matmul" else method
 
 
-#: Above this many bytes the "im2col" forward keeps the padded input instead of the
-#: columns (``kh*kw`` times larger) and the backward rebuilds them: one more copy
-#: (about 25% of the weight-gradient matmul) for a ninth of the memory. Below it
-#: (the 4x4 and stride-2 layers of a small U-Net) the columns are kept.
-_MAX_SAVED_COLUMNS_BYTES = 32 * 2**20
+#: Above this many bytes the "im2col" forward keeps its input instead of the columns
+#: (``kh*kw`` times larger) and the backward rebuilds them: one more copy (about 25%
+#: of the weight-gradient matmul) for a ninth of the memory. The 4x4 layers of the
+#: shapes U-Net at batch 64 (4.7 MB of columns each) are above it: keeping their
+#: columns was 40 MB of the step's peak, which is held to 1.2x PyTorch's.
+_MAX_SAVED_COLUMNS_BYTES = 2 * 2**20
 
 
 # ----------------------------------------------------------------------------- the op pair
@@ -135,18 +134,17 @@ def conv2d_fast_forward(x, w, b, stride: int, padding: tuple, method: str):
     elif method in ("rows", "rows_stacked"):
         if stride != 1:
             raise ValueError(f"method '{method}' needs stride 1")
-        x_pad = _pad_hw(x, *padding)  # (B, Hp, Wp, C_in), contiguous
-        conv = _conv_rows if method == "rows" else _conv_rows_stacked
-        y = conv(_width_columns(x_pad, kw, Wo), w)  # (B, Ho, Wo, C_out), a fresh array
-        # keep x_pad, not the kw times larger width-columns: rebuilding them in the backward
-        # costs one copy, while keeping them made the VAE's training step page-fault
-        saved = x_pad
+        y = _rows_blocked(x, w, padding, method, Wo)  # (B, Ho, Wo, C_out), a fresh array
+        # keep x itself, not x_pad nor the kw times larger width-columns: the backward pads
+        # and rebuilds them (two copies, a few % of that convolution), while keeping the
+        # columns made the VAE's step page-fault and x_pad is 1.56x x at 8x8, 2.25x at 4x4
+        saved = x
     else:  # "im2col": the reference forward; what it keeps and its backward differ
         x_pad = _pad_hw(x, *padding)
         cols = _im2col(x_pad, kh, kw, stride, Ho, Wo)  # (B*Ho*Wo, kh*kw*C_in)
         y = cols @ w.reshape(kh * kw * C_in, C_out)  # (B*Ho*Wo, K) @ (K, C_out)
-        # keep the columns for dw, or (when they are large) the 9x smaller padded input
-        saved = cols if cols.nbytes <= _MAX_SAVED_COLUMNS_BYTES else x_pad
+        # keep the columns for dw while they are small, else x itself (kh*kw times smaller)
+        saved = cols if cols.nbytes <= _MAX_SAVED_COLUMNS_BYTES else x
     y = y.reshape(B, Ho, Wo, C_out)
     if b is not None:
         y += b  # y is a fresh matmul result: add in place, no second full-size array
@@ -177,10 +175,9 @@ def conv2d_fast_backward(dout, cache: Conv2dCache):
         dx = _dx_phases(dout, w, stride, padding, H, W)
     _, Ho, Wo, _ = dout.shape
     if method in ("rows", "rows_stacked"):
-        dw_rows = _dw_rows if method == "rows" else _dw_rows_stacked
-        dw = dw_rows(_width_columns(saved, kw, Wo), dout, w.shape)  # the forward's columns, rebuilt
+        dw = _dw_rows_blocked(saved, dout, w.shape, padding, method)  # the forward's columns, rebuilt
     else:
-        cols = saved if saved.ndim == 2 else _im2col(saved, kh, kw, stride, Ho, Wo)  # rebuilt if not kept
+        cols = saved if saved.ndim == 2 else _im2col(_pad_hw(saved, *padding), kh, kw, stride, Ho, Wo)  # rebuilt
         dw = (cols.T @ dout2).reshape(w.shape)  # (K, B*Ho*Wo) @ (B*Ho*Wo, C_out) -> (K, C_out)
     return dx, dw, db
 
@@ -200,18 +197,11 @@ def _dx_gather(dout, w, stride: int, padding: tuple, H: int, W: int, method: str
     B, Ho, Wo, C_out = dout.shape
     kh, kw, C_in, _ = w.shape
     top, bottom, left, right = padding
-    dout_pad = _pad_hw(
-        dout,
-        kh - 1 - top,
-        H + top - (stride * (Ho - 1) + 1),
-        kw - 1 - left,
-        W + left - (stride * (Wo - 1) + 1),
-        stride=stride,
-    )  # (B, H + kh - 1, W + kw - 1, C_out)
+    pads = (kh - 1 - top, H + top - (stride * (Ho - 1) + 1), kw - 1 - left, W + left - (stride * (Wo - 1) + 1))
     w_flip = _flipped(w)  # (kh, kw, C_out, C_in)
     if method in ("rows", "rows_stacked"):
-        conv = _conv_rows if method == "rows" else _conv_rows_stacked
-        return conv(_width_columns(dout_pad, kw, W), w_flip)  # (B, H, W, C_in)
+        return _rows_blocked(dout, w_flip, pads, method, W, stride)  # (B, H, W, C_in)
+    dout_pad = _pad_hw(dout, *pads, stride=stride)  # (B, H + kh - 1, W + kw - 1, C_out)
     cols = _im2col(dout_pad, kh, kw, 1, H, W)  # (B*H*W, kh*kw*C_out)
     dx = cols @ w_flip.reshape(kh * kw * C_out, C_in)  # (B*H*W, K') @ (K', C_in)
     return dx.reshape(B, H, W, C_in)
@@ -254,7 +244,59 @@ def _dx_phases(dout, w, stride: int, padding: tuple, H: int, W: int):
     return xp.ascontiguousarray(dx_pad[:, top : top + H, left : left + W])  # drop the padding
 
 
-def _conv_rows(xw, w):
+def _rows_blocked(x, w, pads: tuple, method: str, Wo: int, dilation: int = 1):
+    """conv_rows / conv_rows_stacked of x padded by ``pads`` (top, bottom, left, right; with
+    ``dilation - 1`` zeros between pixels first, see ``_pad_hw``), in blocks of images.
+
+    Padding, width-columns and products run per block of the batch
+    (:func:`diffusion_np.nn.fast.parallel.run_blocks`): a block's width-columns
+    (about 2 MB) stay in the cache for all ``kh`` kernel rows, and the blocks run on
+    the threads of :func:`diffusion_np.nn.fast.parallel.get_threads`. Each image is
+    computed exactly as in one pass over the whole batch.
+
+    x (B, H, W, C_in), w (kh, kw, C_in, C_out) -> y (B, Ho, Wo, C_out).
+    """
+    conv = _conv_rows if method == "rows" else _conv_rows_stacked
+    xp = get_xp(x)
+    if xp is not np:  # one pass over the batch on a GPU
+        return conv(_width_columns(_pad_hw(x, *pads, stride=dilation), kw=w.shape[1], Wo=Wo), w)
+    kh, kw, C_in, C_out = w.shape
+    w = np.ascontiguousarray(w)  # a flipped kernel is a view: reshape it once, not in every block
+    B, H = x.shape[0], x.shape[1]
+    Hp = dilation * (H - 1) + 1 + pads[0] + pads[1]
+    y = np.empty((B, Hp - kh + 1, Wo, C_out), dtype=np.result_type(x, w))
+
+    def block(lo: int, hi: int) -> None:
+        xw = _width_columns(_pad_hw(x[lo:hi], *pads, stride=dilation), kw, Wo)  # (hi - lo, Hp, Wo, kw*C_in)
+        conv(xw, w, out=y[lo:hi])
+
+    parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * y.itemsize))
+    return y
+
+
+def _dw_rows_blocked(x, dout, w_shape: tuple, padding: tuple, method: str):
+    """The weight gradient of "rows" / "rows_stacked" from the forward's input x, per block
+    of images as :func:`_rows_blocked`: each block's (kh, kw, C_in, C_out) partial sum,
+    added in block order."""
+    dw_rows = _dw_rows if method == "rows" else _dw_rows_stacked
+    kh, kw, C_in, _ = w_shape
+    B, H, _, _ = x.shape
+    Wo = dout.shape[2]
+    if get_xp(x) is not np:
+        return dw_rows(_width_columns(_pad_hw(x, *padding), kw, Wo), dout, w_shape)
+    Hp = H + padding[0] + padding[1]
+
+    def block(lo: int, hi: int):
+        return dw_rows(_width_columns(_pad_hw(x[lo:hi], *padding), kw, Wo), dout[lo:hi], w_shape)
+
+    parts = parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * x.itemsize))
+    dw = parts[0]
+    for part in parts[1:]:  # a sum over the batch: the blocks' partial sums
+        dw += part
+    return dw
+
+
+def _conv_rows(xw, w, out=None):
     """Stride-1 valid correlation from width-columns, one batched matmul per kernel row.
 
     With ``xw[b, u, j] = x_pad[b, u, j : j + kw]`` flattened (:func:`_width_columns`),
@@ -265,14 +307,15 @@ def _conv_rows(xw, w):
     ``[p*Wo, (p + Ho)*Wo)`` of its (Hp*Wo, kw*C_in) rows, so tap row p is one
     matmul batched over the images, added into the output.
 
-    xw (B, Hp, Wo, kw*C_in), w (kh, kw, C_in, C_out) -> y (B, Ho, Wo, C_out), Ho = Hp - kh + 1.
+    xw (B, Hp, Wo, kw*C_in), w (kh, kw, C_in, C_out) -> y (B, Ho, Wo, C_out), Ho = Hp - kh + 1,
+    written into ``out`` (contiguous) when given.
     """
     xp = get_xp(xw)
     B, Hp, Wo, K = xw.shape
     kh, C_out = w.shape[0], w.shape[3]
     Ho = Hp - kh + 1
     x_rows = xw.reshape(B, Hp * Wo, K)  # a view: xw is contiguous
-    y = xp.empty((B, Ho * Wo, C_out), dtype=xw.dtype)
+    y = xp.empty((B, Ho * Wo, C_out), dtype=xw.dtype) if out is None else out.reshape(B, Ho * Wo, C_out)
     tmp = xp.empty_like(y) if kh > 1 else None
     for p in range(kh):  # a loop over the kh kernel rows
         x_p = x_rows[:, p * Wo : (p + Ho) * Wo]  # (B, Ho*Wo, K): image rows p .. p+Ho-1, a view
@@ -298,7 +341,7 @@ def _kernel_row_slices(xw, kh: int):
     return get_xp(xw).lib.stride_tricks.as_strided(xw, (B, kh, Ho * Wo, K), (s_b, s_u, s_j, s_k))
 
 
-def _conv_rows_stacked(xw, w):
+def _conv_rows_stacked(xw, w, out=None):
     """The same correlation as :func:`_conv_rows`, all kernel rows of an image in one batched matmul.
 
         prod[b, p] = xw[b, p : p + Ho] @ w[p]       (B, kh, Ho*Wo, C_out), one matmul
@@ -313,6 +356,8 @@ def _conv_rows_stacked(xw, w):
     kh, C_out = w.shape[0], w.shape[3]
     Ho = Hp - kh + 1
     prod = _kernel_row_slices(xw, kh) @ w.reshape(kh, K, C_out)  # (B, kh, Ho*Wo, K) @ (kh, K, C_out)
+    if out is not None:
+        return get_xp(xw).sum(prod, axis=1, out=out.reshape(B, Ho * Wo, C_out)).reshape(B, Ho, Wo, C_out)
     return prod.sum(axis=1).reshape(B, Ho, Wo, C_out)  # sum over the kernel rows
 
 
