@@ -170,10 +170,19 @@ class UNet2DConditionModel(Module):
         self._set_cache((silu_cache, n_skips, tuple(context.shape), controlled))
         return out
 
-    def backward(self, dout):
+    def backward(self, dout, residuals_only: bool = False):
         """Gradients of :meth:`forward`; returns ``BlockGrads(dx=dsample, dcontext=dencoder_hidden_states)``,
-        and with ControlNet residuals ``dskips`` and ``dmid``, their gradients."""
+        and with ControlNet residuals ``dskips`` and ``dmid``, their gradients.
+
+        ``residuals_only=True`` (a frozen U-Net under a ControlNet being trained) stops once the
+        residuals' gradients are known: they entered after the down path and the bottleneck, so
+        the up path alone decides them, and the rest of the backward would only feed the frozen
+        encoder and the inputs. ``dx`` and ``dcontext`` are then None.
+        """
         silu_cache, n_skips, context_shape, controlled = self._pop_cache()
+        if residuals_only and not controlled:
+            raise ValueError("UNet2DConditionModel.backward(residuals_only=True) needs a forward with ControlNet "
+                             "residuals")
         xp = get_xp(dout)
         dtemb = None  # every resnet read temb: the sum of their gradients
         dcontext = xp.zeros(context_shape, dtype=dout.dtype)  # every transformer read the text: the sum
@@ -199,6 +208,8 @@ class UNet2DConditionModel(Module):
 
         # 3. bottleneck, reversed. h + mid_block_additional_residual: the residual's gradient is dh itself
         dmid = dh if controlled else None
+        if residuals_only:  # the frozen encoder's caches are simply replaced by the next forward
+            return BlockGrads(None, dskips=tuple(dskips), dmid=dmid)
         if self.has_mid_block:
             g = self.mid_block.backward(dh)
             dh = g.dx
