@@ -93,7 +93,7 @@ PRESETS: dict[str, dict[str, dict]] = {
         "demo": dict(conditioning_embedding_out_channels=(16, 32, 64), latent_pool=4096,
                      train=_train(600, 32, 3e-4, 0.99, 100, 300), preview=dict(n=8, steps=25)),
         "full": dict(conditioning_embedding_out_channels=(16, 32, 64), latent_pool=8192,
-                     train=_train(2000, 32, 3e-4, 0.995, 250, 500), preview=dict(n=16, steps=25)),
+                     train=_train(1500, 32, 3e-4, 0.995, 250, 500), preview=dict(n=16, steps=25)),
     },
 }
 

@@ -9,7 +9,7 @@ Gradient checks in float64 at K random coordinates of every input and parameter
 import numpy as np
 import pytest
 from fixtures.cases_controlnet import SCALE, TINY_CONTROLNET, bgr_dmid, controlnet_weights
-from fixtures.cases_unet import TINY_UNET, assert_grads_match, our_layout, reference_shapes, weights_for
+from fixtures.cases_unet import GRADCHECK_UNET, TINY_UNET, assert_grads_match, our_layout, reference_shapes, weights_for
 from helpers import SOURCES, assert_close, check_subset, randomize, reference
 
 from diffusion_np.gradcheck import check_module
@@ -18,13 +18,7 @@ from diffusion_np.models.controlnet import ControlNetConditioningEmbedding, Cont
 from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.nn.module import Module
 
-D = 6  # text width of the gradient-check models
-#: a two-level U-Net small enough for float64 finite differences, cross-attention on the first level
-GRADCHECK_UNET = dict(
-    in_channels=3, out_channels=2, block_out_channels=(4, 8), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=D, attention_head_dim=2, norm_num_groups=2,
-)
+D = GRADCHECK_UNET["cross_attention_dim"]  # text width of the gradient-check models
 
 
 @pytest.fixture

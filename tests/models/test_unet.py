@@ -8,6 +8,7 @@ numerically (the full check of every entry would take minutes here).
 import numpy as np
 import pytest
 from fixtures.cases_unet import (
+    GRADCHECK_UNET,
     SMALL_SD_LIKE_UNET,
     TINY_UNET,
     assert_grads_match,
@@ -84,13 +85,6 @@ def test_up_blocks_gradcheck(rng, cross, add_upsample):
 
 
 # ---------------------------------------------------------------------------- whole U-Net gradient check
-GRADCHECK_UNET = dict(
-    in_channels=3, out_channels=2, block_out_channels=(4, 8), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=D, attention_head_dim=2, norm_num_groups=2,
-)
-
-
 def test_unet_gradcheck(rng):
     model = UNet2DConditionModel(**GRADCHECK_UNET, rng=rng, dtype=np.float64)
     randomize(model, rng, scale=0.2)

@@ -1,4 +1,4 @@
-"""The shapes-controlnet task: training from pretrained:shapes, sampling under a control image, evaluation, bad input."""
+"""The shapes-controlnet task: training on pretrained:shapes, sampling under a control image, evaluation, bad input."""
 
 import json
 
