@@ -6,7 +6,7 @@ joined to it by two zero-initialised 1x1 convolutions ``Z``::
 
     y_c = F(x; Theta) + Z(F(x + Z(c; Theta_z1); Theta_c); Theta_z2)                  (Eq. 2)
 
-For Stable Diffusion (their Sec. 3.3, Fig. 3) the copied block is the U-Net's whole
+For Stable Diffusion (their Sec. 3.2, Fig. 3) the copied block is the U-Net's whole
 encoder, its down path and middle block, and each of the copy's outputs is added
 to a skip connection or to the middle block's output of the frozen U-Net. In code::
 

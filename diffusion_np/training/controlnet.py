@@ -10,11 +10,11 @@ one-channel control image, the mask or the edge map of the shape
 control image shows positions and sizes the captions cannot name; the caption names the
 colour, the shape, and the nearest of the named sizes and positions.
 
-One training step (Zhang et al. 2023, Eq. 3: the diffusion loss with the control as an
+One training step (Zhang et al. 2023, Sec. 3.3: the diffusion loss with the control as an
 extra condition, only the ControlNet's parameters trained), as diffusers'
 ``examples/controlnet/train_controlnet.py``::
 
-    1. (x_0, caption, control) ~ data;  caption <- "" with probability p         (p = 0.5, the paper's Sec. 3.4)
+    1. (x_0, caption, control) ~ data;  caption <- "" with probability p         (p = 0.5, the paper's Sec. 3.3)
        x_0 = scaling_factor * z,  z ~ q(z | image)                                 (frozen VAE)
     2. c = text_encoder(tokenizer(caption))                                          (frozen, no backward)
     3. t ~ Uniform({0, ..., T-1}),  eps ~ N(0, I),  x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
