@@ -977,8 +977,11 @@ def sample_from_model(args) -> int:
         return 2
     sampler = getattr(args, "sampler", None)
     controlnet, control = None, None
-    if (args.controlnet is None) != (getattr(args, "control", None) is None):
-        print("diffusion-np: error: --controlnet DIR and --control IMAGE go together with --model", file=sys.stderr)
+    control_scale = getattr(args, "control_scale", None)
+    if (args.controlnet is None) != (getattr(args, "control", None) is None) or (
+            control_scale is not None and args.controlnet is None):
+        print("diffusion-np: error: --controlnet DIR and --control IMAGE (and --control-scale) go together with "
+              "--model", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:
@@ -1000,7 +1003,7 @@ def sample_from_model(args) -> int:
             result = pipe(prompts, height=args.height, width=args.width, **common)
         else:  # the control image sets the size
             pipe = ControlNetPipeline(pipe.unet, controlnet, pipe.text_encoder, pipe.tokenizer, pipe.sampler, pipe.vae)
-            scale = 1.0 if args.control_scale is None else args.control_scale
+            scale = 1.0 if control_scale is None else control_scale
             result = pipe(prompts, control, conditioning_scale=scale, **common)
     except ValueError as err:
         print(f"diffusion-np: error: {err}", file=sys.stderr)

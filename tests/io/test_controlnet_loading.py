@@ -121,4 +121,6 @@ def test_cli_sample_with_a_controlnet_folder(tmp_path, capsys, ref):
     assert main([*args[:6], str(grey), *args[7:]]) == 2
     one_error_line(capsys, "3 channel(s)", "(1, 32, 32, 1)")
     assert main(args[:5] + args[7:]) == 2  # --controlnet without --control
-    one_error_line(capsys, "--controlnet DIR and --control IMAGE go together")
+    one_error_line(capsys, "--controlnet DIR and --control IMAGE")
+    assert main(args[:3] + args[7:]) == 2  # --control-scale without --controlnet
+    one_error_line(capsys, "go together with --model")
