@@ -417,7 +417,7 @@ def _sample_prompts(task, args, output: Path, title: str) -> int:
 
 def _sample_control(task, args, output: Path, title: str) -> int:
     """``--control IMAGE``: each --prompt ``-n`` times under the control image, saved beside it."""
-    if not hasattr(task, "generate") or task.name != "shapes-controlnet":
+    if task.name != "shapes-controlnet":
         raise _UsageError(f"--control and --control-scale need a shapes-controlnet checkpoint (or --model with "
                           f"--controlnet), not {task.name}")
     if args.control is None or not args.prompt:
