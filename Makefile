@@ -89,8 +89,11 @@ demo-train: install
 	$(PY) -m diffusion_np train shapes --preset $(PRESET) --vae runs/shapes-vae --min-snr-gamma 5 --out runs/shapes
 	$(PY) -m diffusion_np export --checkpoint runs/digits --out runs/pretrained/digits
 	$(PY) -m diffusion_np export --checkpoint runs/shapes --out runs/pretrained/shapes
+	$(PY) -m diffusion_np train shapes-controlnet --preset $(PRESET) --base runs/pretrained/shapes --out runs/shapes-controlnet
+	$(PY) -m diffusion_np export --checkpoint runs/shapes-controlnet --out runs/pretrained/shapes-controlnet
 	$(PY) -m diffusion_np evaluate --checkpoint runs/pretrained/digits --guidance-scale 3 --json runs/digits.json
 	$(PY) -m diffusion_np evaluate --checkpoint runs/pretrained/shapes --guidance-scale 4 --json runs/shapes.json
+	$(PY) -m diffusion_np evaluate --checkpoint runs/pretrained/shapes-controlnet --json runs/shapes-controlnet.json
 	$(PY) -m diffusion_np sample --checkpoint runs/pretrained/shapes --steps 50 -n 4 -o runs/shapes/prompts.png \
 		--prompt "a large red circle in the center" --prompt "a small blue square in the top left" \
 		--prompt "a large green triangle in the center"

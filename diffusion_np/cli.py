@@ -32,6 +32,7 @@ from diffusion_np.gradcheck import gradcheck_report
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint, writable_path
 from diffusion_np.io.diffusers import add_sample_arguments, sample_from_model
 from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, write_json
+from diffusion_np.pipelines.image_io import load_control_image
 from diffusion_np.pretrained import resolve_checkpoint
 from diffusion_np.samplers import SAMPLERS
 from diffusion_np.training.model import TextToImageModel
@@ -117,6 +118,7 @@ checkpoint and exits; --resume then continues the exact same run."""
 _SAMPLE_EPILOG = """example:
   diffusion-np sample --checkpoint runs/swiss --sampler dpm++ --steps 20 -n 2000 -o swiss.png
   diffusion-np sample --checkpoint runs/shapes --prompt "a large blue square in the center" -n 4 -o blue.png
+  diffusion-np sample --checkpoint pretrained:shapes-controlnet --control mask.png --prompt "a red circle" -o red.png
   diffusion-np sample --model sd15 --prompt "a red bicycle" --sampler dpm++ --steps 25 -o bike.png"""
 
 _EVALUATE_EPILOG = """examples:
@@ -230,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="PNG file to write; its directory must exist (default samples.png)")
     smp.add_argument("--raw-weights", action="store_true",
                      help="use the trained weights instead of their EMA")
+    smp.add_argument("--control", metavar="IMAGE", default=None,
+                     help="a ControlNet's control image (PNG; a shapes-controlnet checkpoint: a 32x32 grey-scale mask "
+                          "or edge map; --model: with --controlnet)")
+    smp.add_argument("--control-scale", type=float, default=None, metavar="S",
+                     help="multiplies the ControlNet's residuals: 0 is the base model alone (default: the "
+                          "checkpoint's, 1)")
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sample_arguments(smp)  # --model and the options that go with it
 
@@ -375,7 +383,10 @@ def _sample(args) -> int:
     weights = "EMA weights" if ema else "weights"
     title = f"{task.name}, step {step}, {args.sampler} {args.steps} steps, seed {args.seed}"
     try:
-        if args.prompt or args.negative_prompt is not None or args.guidance_scale is not None:
+        controlled = task.name == "shapes-controlnet" and args.prompt
+        if args.control is not None or args.control_scale is not None or controlled:
+            n = _sample_control(task, args, output, title)
+        elif args.prompt or args.negative_prompt is not None or args.guidance_scale is not None:
             n = _sample_prompts(task, args, output, title)
         else:
             n = args.n if args.n is not None else (1000 if task.name == "toy2d" else 16)
@@ -401,6 +412,28 @@ def _sample_prompts(task, args, output: Path, title: str) -> int:
     images = task.model.generate(prompts, args.sampler, args.steps, w, args.seed, progress=not args.quiet,
                                  negative_prompt=args.negative_prompt)
     save_image_grid(images, output, prompts, ncols=min(per_prompt, 8), title=f"{title}, guidance {w}")
+    return len(prompts)
+
+
+def _sample_control(task, args, output: Path, title: str) -> int:
+    """``--control IMAGE``: each --prompt ``-n`` times under the control image, saved beside it."""
+    if task.name != "shapes-controlnet":
+        raise _UsageError(f"--control and --control-scale need a shapes-controlnet checkpoint (or --model with "
+                          f"--controlnet), not {task.name}")
+    if args.control is None or not args.prompt:
+        raise _UsageError("--control IMAGE and at least one --prompt go together")
+    try:
+        control = load_control_image(args.control)  # (H, W, C) in [0, 1]
+    except OSError as err:  # missing, or not an image
+        raise _UsageError(f"--control {args.control}: {err}") from None
+    per_prompt = args.n if args.n is not None else 4
+    prompts = [p for p in args.prompt for _ in range(per_prompt)]
+    images = task.generate(prompts, control, args.sampler, args.steps, args.guidance_scale, args.seed,
+                           args.control_scale, progress=not args.quiet)  # a ValueError names a bad control image
+    shown = np.repeat(control[None] * 2.0 - 1.0, 3 // control.shape[-1], axis=-1)  # grey [0, 1] -> RGB [-1, 1]
+    scale = args.control_scale if args.control_scale is not None else task.config.conditioning_scale
+    save_image_grid(np.concatenate([shown, images]), output, ["control"] + prompts, ncols=min(per_prompt + 1, 8),
+                    title=f"{title}, control scale {scale:g}")
     return len(prompts)
 
 

@@ -5,7 +5,8 @@
    for the latent shapes model (four of them combinations it never saw in training)
    and the ten digits, DDIM with classifier-free guidance; each image is read back by
    the project's metrics (the shapes analyser, the digit classifier) and the count of
-   images that match their prompt is printed.
+   images that match their prompt is printed. Then ``pretrained:shapes-controlnet`` draws four
+   shapes where four control masks say (``<out>/controlnet.png``, with each shape's IoU).
 3. A diffusion model trained on the 2-D swiss roll (DDPM Algorithm 1, Adam, EMA),
    sampled with DDPM (1000 steps), DDIM (50) and DPM-Solver++ (20), and judged by
    :func:`~diffusion_np.metrics.distances.toy2d_verdict`: a squared MMD with a kernel
@@ -14,7 +15,7 @@
    sliced Wasserstein distance is printed beside it, but not judged by: projections
    smear the arms together, and a visibly off spiral scored 0.75x one floor draw.
 
-Writes ``<out>/demo.png`` (the prompts and their images), ``<out>/toy2d_samplers.png``
+Writes ``<out>/demo.png`` (the prompts and their images), ``<out>/controlnet.png``, ``<out>/toy2d_samplers.png``
 (data and the three samplers side by side) and ``<out>/toy2d_loss.png``, and prints
 where they are. ``make demo-train`` retrains the shipped models from scratch (an hour
 or more on 2 cores).
@@ -35,6 +36,7 @@ from diffusion_np.metrics.digits import classifier_logits
 from diffusion_np.metrics.distances import toy2d_verdict
 from diffusion_np.metrics.shapes import analyse_shapes
 from diffusion_np.samplers import DDIMSampler, DDPMSampler, DPMSolverMultistepSampler
+from diffusion_np.training.controlnet import controlnet_panel
 from diffusion_np.training.model import TextToImageModel
 from diffusion_np.training.plots import draw_image_grid, save_loss_plot
 from diffusion_np.training.toy2d import evaluate_toy2d, train_toy2d
@@ -69,6 +71,7 @@ def run_demo(out_dir="demo", steps: int = 6000, n: int = 10_000, progress: bool 
 
     # 2. text-to-image with the shipped weights
     result = text_to_image_demo(out_dir / "demo.png", progress=progress, out=out)
+    control = controlnet_panel(out_dir / "controlnet.png", progress=progress, out=out)  # a mask -> its image
 
     # 3. a 2-D diffusion model, trained and sampled three ways
     print(f"\nTraining a diffusion model on the 2-D swiss roll ({steps} steps)...", file=out)
@@ -93,11 +96,12 @@ def run_demo(out_dir="demo", steps: int = 6000, n: int = 10_000, progress: bool 
         verdict = "within the floor band" if v["within_floor"] else f"ABOVE the floor band ({ratio:.1f}x the floor)"
         print(f"  {label:28s} {v['distance']:.5f}  {verdict:40s} SW {distances[label]:.4f}", file=out)
 
-    files = [result["file"], _save_panels(samples, verdicts, out_dir / "toy2d_samplers.png"),
+    files = [result["file"], control["file"], _save_panels(samples, verdicts, out_dir / "toy2d_samplers.png"),
              save_loss_plot(run.losses, out_dir / "toy2d_loss.png")]
     print("\nwrote " + ", ".join(str(f) for f in files), file=out)
     return {"worst_gradcheck_error": worst, "sliced_wasserstein": distances, "toy2d_verdict": verdicts, "files": files,
-            "text_to_image": {k: v for k, v in result.items() if k != "file"}}
+            "text_to_image": {k: v for k, v in result.items() if k != "file"},
+            "controlnet": {k: v for k, v in control.items() if k != "file"}}
 
 
 def text_to_image_demo(path, steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,

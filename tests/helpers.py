@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffusion_np.gradcheck import sampled_grad_error
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
@@ -89,3 +91,54 @@ def sigma_gaussian_oracle(sampler, s: float):
         return x_t * (math.sqrt(1.0 - ab) / (ab * s**2 + 1.0 - ab))
 
     return model
+
+
+# ----------------------------------------------------------------------------- a K-coordinate gradient check
+def _leaves(tree) -> list:
+    """The arrays of a (nested) tuple/list of arrays, in order."""
+    if isinstance(tree, (tuple, list)):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def _random_like(tree, rng):
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_random_like(item, rng) for item in tree)
+    return rng.standard_normal(tree.shape)
+
+
+def check_subset(forward, backward, inputs, module, k: int = 3, seed: int = 0, h: float = 1e-6) -> dict:
+    """Centred finite differences at ``k`` random coordinates of every input and parameter.
+
+    The scalar is the one of :func:`diffusion_np.gradcheck.check_module`: ``L = sum(out * dout)``
+    with a random ``dout`` (shaped like ``forward``'s output, which may be a nested tuple), and
+    each sampled coordinate i gets ``(L(x + h e_i) - L(x - h e_i)) / (2 h)`` as in
+    ``gradcheck.numerical_gradient``. ``backward(dout)`` must return the input gradients aligned
+    with ``inputs``. Everything must be float64.
+
+    Returns ``{"input<i>" or parameter name: norm-wise relative error over the sampled coordinates}``.
+    """
+    rng = np.random.default_rng(seed)
+    module.zero_grad()
+    out = forward(*inputs)
+    dout = _random_like(out, rng)
+    dinputs = backward(dout)
+    flat_dout = _leaves(dout)
+
+    def loss() -> float:
+        return float(sum(float((o * d).sum()) for o, d in zip(_leaves(forward(*inputs)), flat_dout)))
+
+    def error(x, analytic):
+        return sampled_grad_error(loss, x, analytic, k, rng, h)
+
+    report = {f"input{i}": error(x, dx) for i, (x, dx) in enumerate(zip(inputs, dinputs)) if dx is not None}
+    for name, param, grad in list(module.parameters_and_grads()):
+        report[name] = error(param, grad.copy())
+    return report
+
+
+def randomize(module, rng, scale=0.3):
+    """Move every parameter away from its init (norms' ones and zeros hide bugs)."""
+    for _, p in module.named_parameters():
+        p += scale * rng.standard_normal(p.shape)
+    return module

@@ -104,7 +104,7 @@ def test_an_edited_run_config_gives_one_line_naming_the_field(run_dir, tmp_path,
     if command == "resume" and edit == "unknown task":
         one_error_line(capsys, "holds a 'banana' run, not 'toy2d'")
     elif command == "evaluate" and edit == "unknown task":  # evaluate names the tasks it scores first
-        one_error_line(capsys, "evaluate scores digits, shapes, toy2d checkpoints", "is a banana run")
+        one_error_line(capsys, "evaluate scores digits, shapes, toy2d", "checkpoints", "is a banana run")
     else:
         one_error_line(capsys, "config.json", *fragments)
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "exported").exists()

@@ -19,13 +19,15 @@ from pipelines.test_text_to_image import tiny_models as pipeline_models
 
 from diffusion_np.backend import asnumpy, get_xp, to_device
 from diffusion_np.metrics.evaluate import evaluate_checkpoint
+from diffusion_np.models.controlnet import ControlNetModel
 from diffusion_np.optim import EMA, AdamW, clip_grad_norm
-from diffusion_np.pipelines import ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
+from diffusion_np.pipelines import ControlNetPipeline, ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
 from diffusion_np.samplers import SAMPLERS
 from diffusion_np.samplers.loop import sample
 from diffusion_np.testing import strict_backend as strict
 from diffusion_np.testing.strict_backend import DeviceRuleError, count_transfers
 from diffusion_np.training.configs import DigitsConfig, ShapesConfig, ShapesVAEConfig
+from diffusion_np.training.controlnet import ShapesControlNetConfig, ShapesControlNetTask
 from diffusion_np.training.tasks import DigitsTask, ShapesTask, ShapesVAETask
 from diffusion_np.training.toy2d import Toy2DConfig, Toy2DTask
 from diffusion_np.training.trainer import TrainConfig, Trainer
@@ -56,7 +58,7 @@ class AuditedUNet:
     def __getattr__(self, name):  # config, in_channels, named_parameters, ...: the U-Net's
         return getattr(self.unet, name)
 
-    def __call__(self, sample, t, encoder_hidden_states):
+    def __call__(self, sample, t, encoder_hidden_states, **residuals):  # residuals: a ControlNet's, passed on
         assert strict.is_strict(sample) and strict.is_strict(encoder_hidden_states)
         c = self.counter
         if self.calls > 0:  # what the previous step did: the prologue (text, first noise) is not a step
@@ -66,7 +68,7 @@ class AuditedUNet:
             assert c.h2d_bytes <= self.noise_bytes + SMALL_BYTES, f"a step uploaded {c.h2d_bytes} B in {c.h2d} copies"
         c.reset()
         self.calls += 1
-        out = self.unet(sample, t, encoder_hidden_states)
+        out = self.unet(sample, t, encoder_hidden_states, **residuals)
         assert strict.is_strict(out)
         return out
 
@@ -150,6 +152,18 @@ def test_vae_training_step():
     assert counter.d2h <= 1, counter
 
 
+def test_controlnet_training_step():
+    task = ShapesControlNetTask(ShapesControlNetConfig(preset="tiny"), np.random.default_rng(0)).to("strict")
+    task._control_pool()  # encoded once, before the steps (its deliberate copies are not a step's)
+    optimizer = AdamW(task.model, lr=1e-3)
+    with count_transfers() as counter:
+        task.model.zero_grad()
+        loss = task.loss_and_backward(2, np.random.default_rng(1))
+        optimizer.step()
+    assert isinstance(loss, float) and np.isfinite(loss)
+    assert counter.d2h <= 3, counter  # the loss, the id range check of the text encoder's two embedding tables
+
+
 # ----------------------------------------------------------------------------- every sampler
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_sampler_loop_makes_no_host_copies(name):
@@ -214,6 +228,15 @@ def test_inpainting(latent_models):
     assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3)
 
 
+def test_controlnet_pipeline(latent_models):
+    unet, text_encoder, tokenizer, vae = latent_models  # a 2x VAE: the control image is 2x the latent
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=1, conditioning_embedding_out_channels=(4, 8))
+    control = np.random.default_rng(0).random((2 * SIZE, 2 * SIZE, 1)).astype(np.float32)
+    pipe = ControlNetPipeline(unet, controlnet, text_encoder, tokenizer, SAMPLERS["dpm++"](), vae=vae)
+    out = run_pipeline(pipe, PROMPTS, control, conditioning_scale=0.7)
+    assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3)
+
+
 # ----------------------------------------------------------------------------- evaluate
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -225,11 +248,15 @@ def runs(tmp_path_factory):
         "vae": lambda: ShapesVAETask(ShapesVAEConfig(preset="tiny"), np.random.default_rng(0)),
         "shapes": lambda: ShapesTask(ShapesConfig(preset="tiny", vae=str(root / "vae")), np.random.default_rng(0)),
         "toy2d": lambda: Toy2DTask(Toy2DConfig(hidden=8, depth=1), np.random.default_rng(0)),
+        "shapes-controlnet": lambda: ShapesControlNetTask(ShapesControlNetConfig(preset="tiny"),
+                                                          np.random.default_rng(0)),
     }
     for name, make in tasks.items():  # in order: shapes needs the VAE run
         task = make()
         for module in task.modules().values():
             module.to("strict")
+        if name == "shapes-controlnet":
+            task.to("strict")  # and its frozen base, which its checkpoint names but does not hold
         defaults = task.train_defaults_for(task.config) if hasattr(task, "train_defaults_for") else {}
         config = TrainConfig(**{**defaults, "steps": 2, "batch_size": 4, "checkpoint_every": 0, "sample_every": 0})
         losses = Trainer(task, config, out_dir=root / name, rng=np.random.default_rng(1), progress=False).train()
@@ -237,7 +264,7 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["digits", "shapes", "toy2d"])
+@pytest.mark.parametrize("name", ["digits", "shapes", "toy2d", "shapes-controlnet"])
 def test_evaluate(runs, name):
     kwargs = {"heldout_samples": 2} if name == "shapes" else {}
     on_strict = evaluate_checkpoint(runs / name, steps=2, num_samples=4, device="strict", **kwargs)

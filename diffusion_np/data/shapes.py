@@ -56,6 +56,20 @@ only these, ``split="all"`` draws all 180.
 
 Sampling draws a combination uniformly from those of the split, then the jitter.
 
+Free geometry and control images (for ControlNet, :mod:`diffusion_np.models.controlnet`):
+:func:`sample_free_geometry` places the bounding box anywhere, at any half-width in
+:data:`FREE_RADIUS` (2.5 to 8 pixels at 32 x 32, well beyond the two named sizes and five
+named positions), :func:`render_at` draws a shape there with the same signed distance
+functions, and :func:`control_images` turns the same geometry into a control image, one
+channel in [0, 1]:
+
+* ``"mask"``: the coverage itself, white inside the shape (anti-aliased, as the image);
+* ``"edges"``: the outline, ``clip(1 - |d|, 0, 1)``: 1 on the boundary, 0 from one pixel away.
+
+The caption of such an image names the nearest size and position (:func:`nearest_labels`);
+only the control image says where exactly the shape is and how large.
+:class:`ControlShapesDataset` draws (image, caption, control image) triples this way.
+
 Left out on purpose: several objects per image, rotation, textures, and any
 background other than black (black keeps the "is this pixel the object?" question
 of the analyser trivial).
@@ -89,6 +103,13 @@ SIZE_JITTER = 0.1
 POSITION_JITTER = 1.5
 #: bounding-box centre (x, y) of each position of :data:`POSITIONS`, in pixels of a 32 x 32 image
 POSITION_XY = np.array([[8.0, 8.0], [24.0, 8.0], [8.0, 24.0], [24.0, 24.0], [16.0, 16.0]])
+#: half-width range (pixels at 32 x 32) of the free geometry of control images: from below the small
+#: size (3.25 +- 10%) to about 1.5 times the large one (5.5 +- 10%)
+FREE_RADIUS = (2.5, 8.0)
+#: the bounding box of a free shape stays this many pixels (at 32 x 32) inside the image
+FREE_MARGIN = 1.0
+#: the kinds of control image :func:`control_images` draws
+CONTROL_KINDS = ("mask", "edges")
 
 SPLITS = ("train", "heldout", "all")
 
@@ -291,24 +312,136 @@ def render(labels, rng: np.random.Generator | int | None = None, image_size: int
     jitter = rng.uniform(-POSITION_JITTER, POSITION_JITTER, size=(B, 2))
     centre = (POSITION_XY[position] + jitter) * scale  # (B, 2) as (x, y)
     radius = np.array(SIZE_RADIUS)[size] * rng.uniform(1 - SIZE_JITTER, 1 + SIZE_JITTER, size=B) * scale
+    return _paint(_signed_distance(shape, centre, radius, S), colour)
 
+
+def _signed_distance(shape, centre, radius, S: int) -> np.ndarray:
+    """Steps 2-3 of drawing: the signed distance (B, S, S) of every pixel centre to its image's shape."""
     # 2. pixel centres, broadcast against the batch: (1, 1, S) and (1, S, 1)
     xs = (np.arange(S) + 0.5)[None, None, :]
     ys = (np.arange(S) + 0.5)[None, :, None]
     cx, cy, r = centre[:, 0, None, None], centre[:, 1, None, None], radius[:, None, None]  # (B, 1, 1)
 
     # 3. signed distance of every pixel centre to its image's shape (B, S, S), one kind of shape at a time
-    sdf = np.empty((B, S, S))
+    sdf = np.empty((len(shape), S, S))
     for k, sdf_fn in enumerate(_SDF):
         pick = shape == k
         sdf[pick] = sdf_fn(xs, ys, cx[pick], cy[pick], r[pick])
+    return sdf
 
-    # 4. anti-aliased coverage in [0, 1]: half covered on the boundary, linear over one pixel
-    coverage = np.clip(0.5 - sdf, 0.0, 1.0).astype(np.float32)  # (B, S, S)
 
-    # 5. colour over black, then [0, 1] -> [-1, 1]
+def _coverage(sdf) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] (float32): half covered on the boundary, linear over one pixel."""
+    return np.clip(0.5 - sdf, 0.0, 1.0).astype(np.float32)
+
+
+def _paint(sdf, colour) -> np.ndarray:
+    """Steps 4-5 of drawing: coverage times the colour over black, then [0, 1] -> [-1, 1]."""
+    coverage = _coverage(sdf)  # (B, S, S)
     rgb = coverage[..., None] * COLOUR_RGB[colour][:, None, None, :]  # (B, S, S, 1) * (B, 1, 1, 3)
     return rgb * 2.0 - 1.0
+
+
+# ----------------------------------------------------------------------------- free geometry and control images
+
+
+def sample_free_geometry(n: int, rng: np.random.Generator | int | None = None, image_size: int = 32):
+    """``n`` bounding boxes anywhere in the image: (centre (n, 2) as (x, y), half-width (n,)), in pixels.
+
+    The half-width is uniform in :data:`FREE_RADIUS`; the centre uniform over the places where
+    the whole box stays :data:`FREE_MARGIN` pixels inside the image (all scaled by ``image_size / 32``).
+    """
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(rng)
+    scale = image_size / 32.0
+    radius = rng.uniform(*FREE_RADIUS, size=n) * scale  # (n,)
+    low = radius + FREE_MARGIN * scale  # (n,): the nearest the centre may come to the border
+    centre = low[:, None] + rng.random((n, 2)) * (image_size - 2 * low)[:, None]  # (n, 2)
+    return centre, radius
+
+
+def _check_geometry(colour_shape, centre, radius) -> tuple:
+    colour_shape = np.asarray(colour_shape)
+    if colour_shape.ndim != 2 or colour_shape.shape[1] != 2 or not np.issubdtype(colour_shape.dtype, np.integer):
+        raise ValueError(f"colour_shape must be integer (B, 2) rows (colour, shape), got {colour_shape.shape}")
+    if colour_shape.min() < 0 or (colour_shape >= np.array([len(COLOURS), len(SHAPES)])).any():
+        raise ValueError(f"colour_shape out of range: colours 0..{len(COLOURS) - 1}, shapes 0..{len(SHAPES) - 1}")
+    centre, radius = np.asarray(centre, dtype=np.float64), np.asarray(radius, dtype=np.float64)
+    B = len(colour_shape)
+    if centre.shape != (B, 2) or radius.shape != (B,):
+        raise ValueError(f"centre must be ({B}, 2) and radius ({B},) for {B} shapes, got {centre.shape} and "
+                         f"{radius.shape}")
+    if not (radius > 0).all():
+        raise ValueError("radius must be > 0")
+    return colour_shape, centre, radius
+
+
+def render_at(colour_shape, centre, radius, image_size: int = 32) -> np.ndarray:
+    """Draw shapes of (colour, shape) rows (B, 2) with their bounding box at ``centre`` (B, 2) (x, y) and
+    half-width ``radius`` (B,), in pixels: float32 (B, image_size, image_size, 3) in [-1, 1], as :func:`render`."""
+    colour_shape, centre, radius = _check_geometry(colour_shape, centre, radius)
+    return _paint(_signed_distance(colour_shape[:, 1], centre, radius, int(image_size)), colour_shape[:, 0])
+
+
+def control_images(shape, centre, radius, kind: str = "mask", image_size: int = 32) -> np.ndarray:
+    """The control image of shapes (B,) (indices into :data:`SHAPES`) at ``centre``, ``radius``:
+    float32 (B, image_size, image_size, 1) in [0, 1], a ``"mask"`` (the coverage) or ``"edges"``
+    (the outline), see the module docstring."""
+    if kind not in CONTROL_KINDS:
+        raise ValueError(f"kind must be one of {CONTROL_KINDS}, got {kind!r}")
+    shape = np.asarray(shape)
+    _, centre, radius = _check_geometry(np.stack([np.zeros_like(shape), shape], axis=1), centre, radius)
+    sdf = _signed_distance(shape, centre, radius, int(image_size))  # (B, S, S)
+    image = _coverage(sdf) if kind == "mask" else np.clip(1.0 - np.abs(sdf), 0.0, 1.0).astype(np.float32)
+    return image[..., None]  # (B, S, S, 1): one channel
+
+
+def nearest_labels(colour_shape, centre, radius, image_size: int = 32) -> np.ndarray:
+    """(B, 4) label rows for free geometry: the colour and shape given, the named size and position
+    nearest to ``radius`` and ``centre`` (sizes split half-way between the two radii)."""
+    colour_shape, centre, radius = _check_geometry(colour_shape, centre, radius)
+    scale = image_size / 32.0
+    size = (radius / scale > sum(SIZE_RADIUS) / 2).astype(np.int64)  # (B,)
+    distance = np.linalg.norm(centre[:, None, :] / scale - POSITION_XY[None], axis=2)  # (B, 5)
+    return np.concatenate([colour_shape, size[:, None], distance.argmin(axis=1)[:, None]], axis=1).astype(np.int64)
+
+
+class ControlShapesDataset:
+    """(image, caption, control image) triples with free geometry: training data for a ControlNet.
+
+    Each draw: a (colour, shape) pair uniformly from the 18, a bounding box from
+    :func:`sample_free_geometry`, the image from :func:`render_at`, the control image of
+    ``kind`` from :func:`control_images`, and the caption of :func:`nearest_labels`.
+
+    ``sample(n, rng=None) -> (images (n, S, S, 3) in [-1, 1], captions, labels (n, 4),
+    controls (n, S, S, 1) in [0, 1])``; with no ``rng`` the dataset's own generator (``seed``) moves on.
+    :meth:`sample_geometry` draws the same geometry without drawing anything.
+    """
+
+    def __init__(self, kind: str = "mask", seed: int = 0, image_size: int = 32):
+        if kind not in CONTROL_KINDS:
+            raise ValueError(f"kind must be one of {CONTROL_KINDS}, got {kind!r}")
+        if not isinstance(image_size, (int, np.integer)) or image_size < 16:
+            raise ValueError(f"image_size must be an integer >= 16, got {image_size!r}")
+        self.kind, self.image_size = kind, int(image_size)
+        self._rng = np.random.default_rng(seed)
+
+    def sample_geometry(self, n: int, rng: np.random.Generator | int | None = None):
+        """``n`` draws of (colour_shape (n, 2), centre (n, 2), radius (n,)): what :meth:`sample` draws."""
+        rng = self._rng if rng is None else np.random.default_rng(rng)
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        colour_shape = np.stack([rng.integers(0, len(COLOURS), n), rng.integers(0, len(SHAPES), n)], axis=1)
+        centre, radius = sample_free_geometry(n, rng, self.image_size)
+        return colour_shape, centre, radius
+
+    def sample(self, n: int, rng: np.random.Generator | int | None = None):
+        colour_shape, centre, radius = self.sample_geometry(n, rng)
+        images = render_at(colour_shape, centre, radius, self.image_size)
+        controls = control_images(colour_shape[:, 1], centre, radius, self.kind, self.image_size)
+        labels = nearest_labels(colour_shape, centre, radius, self.image_size)
+        return images, caption(labels), labels, controls
 
 
 class ShapesDataset:

@@ -9,7 +9,7 @@ from diffusion_np.io.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from diffusion_np.io.diffusers import WeightsError, load_model, load_pipeline, load_single_file
+from diffusion_np.io.diffusers import WeightsError, load_controlnet, load_model, load_pipeline, load_single_file
 from diffusion_np.io.lora import load_lora, load_lora_weights, save_lora
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "WeightsError",
     "load_checkpoint",
+    "load_controlnet",
     "load_lora",
     "load_lora_weights",
     "load_model",

@@ -382,6 +382,7 @@ PRETRAINED_PREFIX = "pretrained:"
 PRETRAINED = {
     "digits": "text-conditioned U-Net on 8x8 digits, pixel space",
     "shapes": "latent text-to-image on 32x32 shapes (VAE + U-Net + text encoder)",
+    "shapes-controlnet": "a ControlNet for pretrained:shapes: a 32x32 mask places the shape (the base loads with it)",
 }
 _PRETRAINED_ROOT = Path(__file__).resolve().parent.parent / "pretrained"
 

@@ -27,6 +27,12 @@ and handed back as a :class:`~diffusion_np.pipelines.TextToImagePipeline`:
   configs (SD 1.x's are built in, or read from a diffusers folder) and no tokenizer
   files (give a ``tokenizer/`` folder).
 
+* a **diffusers ControlNet folder** (:func:`load_controlnet`): ``config.json`` and
+  ``diffusion_pytorch_model.safetensors``, as ``ControlNetModel.save_pretrained`` writes it
+  (``lllyasviel/sd-controlnet-canny`` and its kin for SD 1.5), read into a
+  :class:`~diffusion_np.models.controlnet.ControlNetModel` that steers the U-Net of either
+  of the above (``sample --model ... --controlnet DIR --control IMAGE``).
+
 What conversion means, tensor by tensor (:func:`convert_tensor`):
 
 * dtype: float16 is widened to float32; bfloat16, which NumPy lacks, is read as its raw
@@ -57,7 +63,8 @@ footprint of inference: SD 1.5 in float32 takes about 4.3 GB (U-Net 3.4, text en
 are freed layer by layer. Attention is computed in query chunks
 (``attention_chunk_size``, see :func:`diffusion_np.nn.attention.sdpa_chunked_forward`).
 
-Left out: sharded weight files (``*.safetensors.index.json``), SD 2.x/SDXL single files
+Left out: sharded weight files (``*.safetensors.index.json``), ControlNets in the original
+single-file layout (``control_v11p_sd15_canny.pth``: a pickle; convert it with diffusers), SD 2.x/SDXL single files
 (v-prediction, OpenCLIP text encoders), textual-inversion files (LoRA files: :mod:`diffusion_np.io.lora`),
 the safety checker and feature extractor, and float16 computation. The folder's scheduler (SD 1.5's
 PNDM) is ours by default; any other sampler can be named and gets the config's noise schedule.
@@ -77,14 +84,16 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_np.io.checkpoint import _PICKLE_REFUSAL, PICKLE_SUFFIXES, writable_path
-from diffusion_np.io.diffusers_config import unet_config
+from diffusion_np.io.diffusers_config import controlnet_config, unet_config
 from diffusion_np.models.clip_tokenizer import CLIPTokenizer
+from diffusion_np.models.controlnet import ControlNetModel
 from diffusion_np.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.models.vae import AutoencoderKL
 from diffusion_np.nn.attention import set_attention_chunk_size
 from diffusion_np.nn.module import Module
-from diffusion_np.pipelines.image_io import save_image
+from diffusion_np.pipelines.controlnet import ControlNetPipeline
+from diffusion_np.pipelines.image_io import load_control_image, save_image
 from diffusion_np.pipelines.text_to_image import TextToImagePipeline
 from diffusion_np.samplers import SAMPLERS
 
@@ -96,6 +105,7 @@ __all__ = [
     "WeightsError",
     "convert_tensor",
     "ldm_to_diffusers",
+    "load_controlnet",
     "load_model",
     "load_pipeline",
     "load_single_file",
@@ -551,6 +561,8 @@ def _build(kind: str, config: dict, dtype):
             return UNet2DConditionModel.from_config(config, rng=rng, dtype=dtype)
         if kind == "vae":
             return AutoencoderKL.from_config(config, rng=rng, dtype=dtype)
+        if kind == "controlnet":
+            return ControlNetModel(controlnet_config(config), rng=rng, dtype=dtype)
         return TextEncoder(text_encoder_config(config), rng=rng, dtype=dtype)
     except WeightsError:
         raise
@@ -575,7 +587,8 @@ def _finish(models: dict, tokenizer, sampler, attention_chunk_size):
 
 # ============================================================================ diffusers folders
 #: component -> weight file name in a diffusers folder
-_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                 "controlnet": "diffusion_pytorch_model"}
 
 
 def _weights_file(folder: Path, stem: str, variant: str | None) -> Path:
@@ -651,6 +664,28 @@ def load_pipeline(
     models = {c: _build(c, configs[c], dtype) for c in configs}
     _load_all(models, states, root, dtype, keep_grads)
     return _finish(models, tokenizer, sampler_obj, attention_chunk_size)
+
+
+def load_controlnet(path, variant: str | None = None, dtype=np.float32, keep_grads: bool = False) -> ControlNetModel:
+    """Load a diffusers ControlNet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+    Hand the result to :class:`~diffusion_np.pipelines.controlnet.ControlNetPipeline` with the
+    networks of the Stable Diffusion it was trained for (SD 1.5's ControlNets: 3-channel control
+    images in [0, 1] at the image's size). ``variant``, ``dtype`` and ``keep_grads`` as for
+    :func:`load_pipeline`; every missing, unexpected and mis-shaped key is listed in one WeightsError.
+    """
+    root = Path(path)
+    _refuse_pickle(root)
+    if not root.is_dir():
+        raise WeightsError(f"{root} is not a folder; a diffusers ControlNet is a folder with config.json and "
+                           "diffusion_pytorch_model.safetensors")
+    config = _read_json(root / "config.json")
+    if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise WeightsError(f"{root / 'config.json'} describes a {config['_class_name']}, not a ControlNetModel")
+    model = _build("controlnet", config, dtype)
+    state = read_safetensors(_weights_file(root, _WEIGHT_FILES["controlnet"], variant))
+    _load_all({"controlnet": model}, {"controlnet": state}, root, dtype, keep_grads)
+    return model.eval()
 
 
 # ============================================================================ original single files
@@ -920,6 +955,8 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
                         help="diffusers folder whose configs describe a single-file checkpoint (default: SD 1.x)")
     parser.add_argument("--attention-chunk", type=int, default=1024, metavar="N",
                         help="queries per attention chunk: less memory, same image (default 1024; 0: off)")
+    parser.add_argument("--controlnet", metavar="DIR", default=None,
+                        help="a diffusers ControlNet folder for --model, steered by --control IMAGE")
 
 
 def sample_from_model(args) -> int:
@@ -939,20 +976,35 @@ def sample_from_model(args) -> int:
         print(f"diffusion-np: error: -o {output} must end in .png", file=sys.stderr)
         return 2
     sampler = getattr(args, "sampler", None)
+    controlnet, control = None, None
+    control_scale = getattr(args, "control_scale", None)
+    if (args.controlnet is None) != (getattr(args, "control", None) is None) or (
+            control_scale is not None and args.controlnet is None):
+        print("diffusion-np: error: --controlnet DIR and --control IMAGE (and --control-scale) go together with "
+              "--model", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         extra = {"config": args.config} if getattr(args, "config", None) else {}
         pipe = load_model(args.model, tokenizer=args.tokenizer, sampler=sampler,
                           attention_chunk_size=args.attention_chunk or None, **extra)
-    except (WeightsError, FileNotFoundError) as err:
+        if args.controlnet is not None:
+            controlnet = load_controlnet(args.controlnet)
+            control = load_control_image(args.control)
+    except (WeightsError, OSError) as err:  # OSError: a missing file, or one that is not an image
         print(f"diffusion-np: error: {err}", file=sys.stderr)
         return 2
     loaded = time.perf_counter()
     try:
         negative = None if args.negative_prompt is None else [args.negative_prompt] * len(prompts)
-        result = pipe(prompts, negative_prompt=negative, guidance_scale=guidance_scale,
-                      num_inference_steps=args.steps, seed=args.seed, num_images_per_prompt=num_images,
-                      height=args.height, width=args.width, progress=not args.quiet)
+        common = dict(negative_prompt=negative, guidance_scale=guidance_scale, num_inference_steps=args.steps,
+                      seed=args.seed, num_images_per_prompt=num_images, progress=not args.quiet)
+        if controlnet is None:
+            result = pipe(prompts, height=args.height, width=args.width, **common)
+        else:  # the control image sets the size
+            pipe = ControlNetPipeline(pipe.unet, controlnet, pipe.text_encoder, pipe.tokenizer, pipe.sampler, pipe.vae)
+            scale = 1.0 if control_scale is None else control_scale
+            result = pipe(prompts, control, conditioning_scale=scale, **common)
     except ValueError as err:
         print(f"diffusion-np: error: {err}", file=sys.stderr)
         return 2

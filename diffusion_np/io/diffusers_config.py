@@ -1,4 +1,4 @@
-"""diffusers ``config.json`` -> :class:`~diffusion_np.models.config.UNetConfig` / ``VAEConfig``.
+"""diffusers ``config.json`` -> :class:`~diffusion_np.models.config.UNetConfig` / ``VAEConfig`` / ``ControlNetConfig``.
 
 A diffusers model config carries every field of its class, most of which Stable
 Diffusion 1.x leaves at their defaults. Each field is one of:
@@ -14,7 +14,7 @@ Keys starting with ``_`` (``_class_name``, ``_diffusers_version``) are bookkeepi
 
 from __future__ import annotations
 
-from diffusion_np.models.config import UNetConfig, VAEConfig, field_names
+from diffusion_np.models.config import ControlNetConfig, UNetConfig, VAEConfig, field_names
 
 #: diffusers U-Net fields we do not implement, with the only value we accept (diffusers' default).
 UNET_UNSUPPORTED = {
@@ -75,3 +75,22 @@ def unet_config(config: dict) -> UNetConfig:
 def vae_config(config: dict) -> VAEConfig:
     """A :class:`VAEConfig` from a diffusers ``vae/config.json`` (parsed) or any dict of its fields."""
     return VAEConfig(**_split(config, field_names(VAEConfig), {}, VAE_IGNORED, "AutoencoderKL"))
+
+
+#: diffusers ControlNetModel fields we do not implement, with the only value we accept (diffusers' default)
+CONTROLNET_UNSUPPORTED = {
+    **{k: UNET_UNSUPPORTED[k] for k in ("encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads",
+                                        "class_embed_type", "addition_embed_type", "addition_time_embed_dim",
+                                        "num_class_embeds", "resnet_time_scale_shift",
+                                        "projection_class_embeddings_input_dim")},
+    "global_pool_conditions": False,
+}
+#: ControlNetModel fields that change nothing in the network we build (see UNET_IGNORED; sample_size
+#: appears in some older ControlNet configs and is read by nothing)
+CONTROLNET_IGNORED = ("upcast_attention", "addition_embed_type_num_heads", "sample_size")
+
+
+def controlnet_config(config: dict) -> ControlNetConfig:
+    """A :class:`ControlNetConfig` from a diffusers ControlNet ``config.json`` (parsed) or any dict of its fields."""
+    return ControlNetConfig(**_split(config, field_names(ControlNetConfig), CONTROLNET_UNSUPPORTED,
+                                     CONTROLNET_IGNORED, "ControlNetModel"))

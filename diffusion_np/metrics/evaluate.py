@@ -20,6 +20,11 @@ draws samples with any sampler and scores them with the metrics beside this file
 
   An image counts for "all" only when colour, shape, size and position are all
   right; chance is 1/6 * 1/3 * 1/2 * 1/5 = 1/180.
+* ``shapes-controlnet``: images generated under held-out control images (free geometry,
+  :func:`~diffusion_np.training.controlnet.heldout_controls`), scored by
+  :func:`~diffusion_np.metrics.control.score_control`: the IoU of each shape's mask with
+  the control's (``control_iou``), beside what the caption's words alone would give, and the
+  prompt accuracy on colour and shape.
 * ``toy2d``: :func:`~diffusion_np.training.toy2d.evaluate_toy2d` gives the sliced
   Wasserstein distance to fresh data and the data-vs-data floor; the squared MMD
   with a Gaussian kernel (:func:`~diffusion_np.metrics.distances.mmd_rbf`) is added
@@ -64,6 +69,7 @@ from diffusion_np.metrics.shapes import score_shapes
 from diffusion_np.optim import EMA
 from diffusion_np.pretrained import resolve_checkpoint
 from diffusion_np.samplers import SAMPLERS
+from diffusion_np.training.controlnet import evaluate_controlnet
 from diffusion_np.training.toy2d import ToyRun, evaluate_toy2d
 from diffusion_np.training.trainer import task_from_checkpoint
 
@@ -80,9 +86,9 @@ __all__ = [
 ]
 
 #: the tasks :func:`evaluate_checkpoint` scores
-EVALUATED_TASKS = ("digits", "shapes", "toy2d")
+EVALUATED_TASKS = ("digits", "shapes", "toy2d", "shapes-controlnet")
 #: samples per task when ``num_samples`` is None (for shapes: images of seen prompts)
-DEFAULT_NUM_SAMPLES = {"digits": 500, "shapes": 320, "toy2d": 10_000}
+DEFAULT_NUM_SAMPLES = {"digits": 500, "shapes": 320, "toy2d": 10_000, "shapes-controlnet": 128}
 #: images of the 18 held-out shapes prompts when ``heldout_samples`` is None: 8 per prompt
 DEFAULT_HELDOUT_SAMPLES = 144
 #: points of each set the MMD uses: its kernel matrix is (2m, 2m) float64, 128 MiB at m = 2000
@@ -238,7 +244,7 @@ def evaluate_checkpoint(
     task = task_from_checkpoint(loaded, use_ema=use_ema)
     for module in task.modules().values():
         module.to(device)
-    make_sampler = task.make_sampler if name == "toy2d" else task.model.make_sampler
+    make_sampler = task.make_sampler if name in ("toy2d", "shapes-controlnet") else task.model.make_sampler
     make_sampler(sampler).set_timesteps(steps)  # more steps than training timesteps: fail now, not later
 
     state, exported = loaded.training_state, loaded.config.get("exported_from") or {}
@@ -257,6 +263,11 @@ def evaluate_checkpoint(
     }
     if name == "toy2d":
         result["metrics"] = _evaluate_toy2d(task, sampler, steps, n, seed, progress)
+    elif name == "shapes-controlnet":
+        result["guidance_scale"] = float(guidance_scale or task.config.guidance_scale)
+        result["conditioning_scale"] = task.config.conditioning_scale
+        result["metrics"] = evaluate_controlnet(task, n, sampler, steps, result["guidance_scale"], seed=seed,
+                                                batch_size=batch_size, progress=progress, device=device)
     else:
         w = float(guidance_scale) if guidance_scale is not None else float(task.config.guidance_scale)
         result["guidance_scale"] = w
@@ -322,6 +333,17 @@ def format_report(result: dict) -> str:
             f"test n={m['reference_images']})",
             "",
             "accuracy per digit: " + "  ".join(f"{d}:{_num(a, 2)}" for d, a in enumerate(m["per_digit_accuracy"])),
+        ]
+    elif r["task"] == "shapes-controlnet":
+        lines += [
+            f"{'metric':44s} {'model':>8s}  reference",
+            f"{'control IoU (generated mask vs control mask)':44s} {m['control_iou']:8.3f}  "
+            f"the caption's named geometry {m['caption_geometry_iou']:.3f}",
+            f"{'  median, share >= 0.5':44s} {m['control_iou_median']:8.3f}  {m['control_iou_at_least_0.5']:.3f}",
+            f"{'prompt accuracy (colour and shape)':44s} {m['prompt_accuracy']:8.3f}  chance {1 / 18:.3f}",
+            f"{'  colour, shape':44s} {m['per_attribute']['colour']:8.3f}  {m['per_attribute']['shape']:.3f}",
+            "",
+            f"unreadable images (no object found): {m['unreadable']:.3f}",
         ]
     elif r["task"] == "shapes":
         head = f"{'prompts':24s} {'all':>6s}" + "".join(f" {c:>8s}" for c in LABEL_COLUMNS)

@@ -1,7 +1,8 @@
 """The networks of Stable Diffusion, shaped like the real ones, with hand-written backward passes.
 
 * :class:`UNet2DConditionModel` (unet.py, built from unet_blocks.py, resnet.py, transformer.py)
-* :class:`UNetConfig`, :class:`VAEConfig` (config.py): their validated sizes
+* :class:`ControlNetModel` (controlnet.py): a trainable copy of the U-Net's encoder that steers it
+* :class:`UNetConfig`, :class:`VAEConfig`, :class:`ControlNetConfig` (config.py): their validated sizes
 * :class:`AutoencoderKL` (vae.py), the VAE of latent diffusion
 * :class:`TextEncoder` (a CLIP-shaped text transformer) and :class:`WordTokenizer`
 * :class:`ToyDenoiser`, the MLP for 2-D toy data
@@ -10,7 +11,8 @@ Parameter names are diffusers' / transformers' state_dict keys.
 """
 
 from diffusion_np.models.clip_tokenizer import CLIPTokenizer
-from diffusion_np.models.config import UNetConfig, VAEConfig
+from diffusion_np.models.config import ControlNetConfig, UNetConfig, VAEConfig
+from diffusion_np.models.controlnet import ControlNetConditioningEmbedding, ControlNetModel
 from diffusion_np.models.resnet import ResnetBlock2D
 from diffusion_np.models.text_encoder import TextEncoder, TextEncoderConfig
 from diffusion_np.models.tokenizer import WordTokenizer
@@ -25,6 +27,9 @@ __all__ = [
     "DiagonalGaussian",
     "BasicTransformerBlock",
     "CLIPTokenizer",
+    "ControlNetConditioningEmbedding",
+    "ControlNetConfig",
+    "ControlNetModel",
     "DownBlock2D",
     "FeedForward",
     "ResnetBlock2D",

@@ -239,6 +239,97 @@ class VAEConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """The fields of :class:`~diffusion_np.models.controlnet.ControlNetModel`; names and defaults as
+    diffusers' ``ControlNetModel`` (Stable Diffusion 1.x's ControlNets).
+
+    The down path and the middle block copy a U-Net's, so their fields are the U-Net's
+    (:meth:`unet_config` is the :class:`UNetConfig` of that encoder, and validates them);
+    the ControlNet adds the control image's ``conditioning_channels``, the widths of its
+    small encoder (``conditioning_embedding_out_channels``: one stride-2 conv between
+    consecutive entries, so the control image is ``2 ** (len - 1)`` times the latent's side)
+    and the order of the control image's channels. ``layers_per_block`` is one int, as in
+    diffusers' ControlNet.
+    """
+
+    in_channels: int = 4
+    conditioning_channels: int = 3
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                               "DownBlock2D")
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    only_cross_attention: bool | tuple = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    transformer_layers_per_block: int | tuple = 1
+    attention_head_dim: int | tuple = 8
+    use_linear_projection: bool = False
+    controlnet_conditioning_channel_order: str = "rgb"
+    conditioning_embedding_out_channels: tuple = (16, 32, 96, 256)
+
+    def __post_init__(self) -> None:
+        name = "ControlNetConfig"
+        set_ = object.__setattr__  # the dataclass is frozen
+        set_(self, "conditioning_embedding_out_channels",
+             _embedding_channels(name, self.conditioning_embedding_out_channels))
+        set_(self, "down_block_types", _tuple_of_str(name, "down_block_types", self.down_block_types))
+        set_(self, "block_out_channels", _channels(name, self.block_out_channels))
+        for field in ("only_cross_attention", "transformer_layers_per_block", "attention_head_dim"):
+            if isinstance(getattr(self, field), list):
+                set_(self, field, tuple(getattr(self, field)))
+        _positive_int(name, "conditioning_channels", self.conditioning_channels)
+        _positive_int(name, "layers_per_block", self.layers_per_block)
+        if len(self.down_block_types) != len(self.block_out_channels):
+            raise ValueError(f"{name}: down_block_types ({len(self.down_block_types)}) and block_out_channels "
+                             f"({len(self.block_out_channels)}) must have the same length")
+        if self.mid_block_type != "UNetMidBlock2DCrossAttn":
+            raise ValueError(f"{name}: mid_block_type 'UNetMidBlock2DCrossAttn' only is supported, "
+                             f"got {self.mid_block_type!r}")
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"{name}: controlnet_conditioning_channel_order must be 'rgb' or 'bgr', "
+                             f"got {self.controlnet_conditioning_channel_order!r}")
+        try:
+            self.unet_config()  # the encoder's fields, checked as a U-Net's
+        except (TypeError, ValueError) as err:
+            raise type(err)(str(err).replace("UNetConfig", name)) from None
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def conditioning_downscale(self) -> int:
+        """Control image side / latent side: one stride-2 conv per step of ``conditioning_embedding_out_channels``."""
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+    def unet_config(self) -> UNetConfig:
+        """The :class:`UNetConfig` of a U-Net with this down path and middle block (its up path mirrors
+        the down path): what the ControlNet copies, and what ``from_unet`` compares with."""
+        mirror = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+        shared = {f.name: getattr(self, f.name) for f in fields(UNetConfig) if hasattr(self, f.name)}
+        up = tuple(mirror.get(t, t) for t in reversed(self.down_block_types))
+        return UNetConfig(**shared, out_channels=self.in_channels, up_block_types=up)
+
+    def to_dict(self) -> dict:
+        """A dict of every field (diffusers' names); ``ControlNetConfig(**d)`` reads it back."""
+        return asdict(self)
+
+
+def _embedding_channels(owner: str, value) -> tuple:
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_int(c) and c >= 1 for c in value):
+        raise ValueError(f"{owner}: conditioning_embedding_out_channels must be a non-empty tuple of positive ints, "
+                         f"got {value!r}")
+    return tuple(int(c) for c in value)
+
+
 #: the text encoder's activations (transformers' ACT2FN names; text_encoder.ACTIVATIONS maps them to modules)
 HIDDEN_ACTS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 

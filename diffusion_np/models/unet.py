@@ -18,6 +18,17 @@ by an up block, so its gradient is the sum of the two; we keep the up blocks'
 skip gradients in a list indexed like ``skips`` and add them, visibly, where the
 down path produced each tensor.
 
+A ControlNet (Zhang et al. 2023, :mod:`diffusion_np.models.controlnet`) steers this
+network through two optional inputs, diffusers' ``down_block_additional_residuals``
+(one tensor per skip) and ``mid_block_additional_residual``::
+
+    skips[j] <- skips[j] + down_block_additional_residuals[j]     after the whole down path
+    h        <- mid_block(h, temb, c) + mid_block_additional_residual
+
+so only the up path sees them. Their gradients are what the up path sends to each skip
+and to the bottleneck's output: ``backward`` returns them as ``BlockGrads.dskips`` and
+``BlockGrads.dmid``, and the ControlNet's own backward takes it from there.
+
 Configuration: a :class:`~diffusion_np.models.config.UNetConfig` (diffusers' field
 names, validated when it is made), or its fields as keyword arguments; parameter names
 are diffusers' ``state_dict`` keys (conv weights in our (kh, kw, C_in, C_out) layout).
@@ -28,7 +39,7 @@ it refuses or ignores are listed in :mod:`diffusion_np.io.diffusers_config`.
 Left out on purpose (a ValueError names the field): class and additional
 embeddings (SDXL), encoder_hid_proj, time-conditioning projections,
 the scale-shift time-embedding norm, dual / only cross-attention, GLIGEN,
-Fourier time embeddings, attention masks, ControlNet/T2I-adapter residuals,
+Fourier time embeddings, attention masks, T2I-adapter residuals,
 and image sides that are not divisible by 2 per level (diffusers' upsample_size).
 """
 
@@ -54,6 +65,9 @@ class UNet2DConditionModel(Module):
     encoder_hidden_states (B, L, cross_attention_dim)) -> (B, H, W, out_channels)``;
     ``backward(dout) -> BlockGrads(dx=dsample, dcontext=dencoder_hidden_states)`` and adds
     every parameter gradient into ``grads``. H and W must be divisible by ``2 ** (levels - 1)``.
+    With a ControlNet's residuals (``forward(..., down_block_additional_residuals,
+    mid_block_additional_residual)``, see the module docstring) ``backward`` also returns
+    their gradients, as ``dskips`` and ``dmid``.
 
     ``UNet2DConditionModel(UNetConfig(...))``, or the config's fields as keyword arguments
     (diffusers' names and defaults: the Stable Diffusion 1.x network). ``config`` is then
@@ -86,26 +100,11 @@ class UNet2DConditionModel(Module):
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, rng=rng, dtype=dtype)
         attention = dict(cross_attention_dim=c.cross_attention_dim, use_linear_projection=c.use_linear_projection)
 
-        # down path: "CrossAttnDownBlock2D" is a DownBlock2D with cross-attention
-        self.down_blocks = ModuleList()
-        out_ch = channels[0]
-        for i, kind in enumerate(c.down_block_types):
-            in_ch, out_ch = out_ch, channels[i]
-            self.down_blocks.append(DownBlock2D(
-                in_ch, out_ch, time_embed_dim, num_layers=layers[i], resnet_eps=eps, resnet_groups=groups,
-                dropout=c.dropout, add_downsample=i < n - 1, downsample_padding=c.downsample_padding,
-                cross_attention=DOWN_BLOCK_TYPES[kind], transformer_layers_per_block=t_layers[i],
-                num_attention_heads=heads[i], **attention, rng=rng, dtype=dtype,
-            ))
-
-        # bottleneck
-        self.has_mid_block = c.mid_block_type is not None
+        # down path and bottleneck (a ControlNet builds its copy of them with the same function)
+        self.down_blocks, mid_block = build_encoder(c, time_embed_dim, rng, dtype)
+        self.has_mid_block = mid_block is not None
         if self.has_mid_block:
-            self.mid_block = UNetMidBlock2DCrossAttn(
-                channels[-1], time_embed_dim, transformer_layers_per_block=t_layers[-1], resnet_eps=eps,
-                resnet_groups=groups, num_attention_heads=heads[-1], dropout=c.dropout,
-                output_scale_factor=c.mid_block_scale_factor, **attention, rng=rng, dtype=dtype,
-            )
+            self.mid_block = mid_block
 
         # up path: levels in reverse; each block has one resnet more than its down block
         self.up_blocks = ModuleList()
@@ -127,8 +126,10 @@ class UNet2DConditionModel(Module):
         self.conv_out = Conv2d(channels[0], c.out_channels, k_out, padding=(k_out - 1) // 2, rng=rng, dtype=dtype)
 
     # ------------------------------------------------------------------ forward / backward
-    def forward(self, sample, timestep, encoder_hidden_states):
-        self._check_inputs(sample, encoder_hidden_states)
+    def forward(self, sample, timestep, encoder_hidden_states, down_block_additional_residuals=None,
+                mid_block_additional_residual=None):
+        check_sample_and_context(self, sample, encoder_hidden_states)
+        controlled = self._check_residuals(sample, down_block_additional_residuals, mid_block_additional_residual)
         xp = get_xp(sample)
         B = sample.shape[0]
         context = encoder_hidden_states  # (B, L, D): the text tokens every transformer attends to
@@ -136,7 +137,7 @@ class UNet2DConditionModel(Module):
             sample = 2.0 * sample - 1.0
 
         # 1. time embedding: sinusoidal features (float32, as diffusers) -> MLP
-        t_emb = self.time_proj(self._timesteps(timestep, B, xp)).astype(sample.dtype)  # (B, C0)
+        t_emb = self.time_proj(batch_timesteps(self, timestep, B, xp)).astype(sample.dtype)  # (B, C0)
         temb = self.time_embedding(t_emb)  # (B, 4 * C0)
 
         # 2. down path; every tensor in `skips` waits for an up block
@@ -145,10 +146,14 @@ class UNet2DConditionModel(Module):
         for block in self.down_blocks:
             h, block_skips = block(h, temb, context if block.has_cross_attention else None)
             skips.extend(block_skips)  # one (B, H_l, W_l, C_l) per resnet, plus the downsampled h
+        if controlled:  # ControlNet: its residuals join the skips, which only the up path reads
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
 
         # 3. bottleneck
         if self.has_mid_block:
             h = self.mid_block(h, temb, context)  # (B, H / 2^(n-1), W / 2^(n-1), C_last)
+        if controlled:
+            h = h + mid_block_additional_residual  # ControlNet: and the bottleneck's output
 
         # 4. up path: each block takes the last len(block.resnets) skips (the newest first)
         n_skips = len(skips)
@@ -162,12 +167,22 @@ class UNet2DConditionModel(Module):
         h = self.conv_norm_out(h)  # (B, H, W, C0)
         h, silu_cache = silu_forward(h)
         out = self.conv_out(h)  # (B, H, W, C0) -> (B, H, W, out)
-        self._set_cache((silu_cache, n_skips, tuple(context.shape)))
+        self._set_cache((silu_cache, n_skips, tuple(context.shape), controlled))
         return out
 
-    def backward(self, dout):
-        """Gradients of :meth:`forward`; returns ``BlockGrads(dx=dsample, dcontext=dencoder_hidden_states)``."""
-        silu_cache, n_skips, context_shape = self._pop_cache()
+    def backward(self, dout, residuals_only: bool = False):
+        """Gradients of :meth:`forward`; returns ``BlockGrads(dx=dsample, dcontext=dencoder_hidden_states)``,
+        and with ControlNet residuals ``dskips`` and ``dmid``, their gradients.
+
+        ``residuals_only=True`` (a frozen U-Net under a ControlNet being trained) stops once the
+        residuals' gradients are known: they entered after the down path and the bottleneck, so
+        the up path alone decides them, and the rest of the backward would only feed the frozen
+        encoder and the inputs. ``dx`` and ``dcontext`` are then None.
+        """
+        silu_cache, n_skips, context_shape, controlled = self._pop_cache()
+        if residuals_only and not controlled:
+            raise ValueError("UNet2DConditionModel.backward(residuals_only=True) needs a forward with ControlNet "
+                             "residuals")
         xp = get_xp(dout)
         dtemb = None  # every resnet read temb: the sum of their gradients
         dcontext = xp.zeros(context_shape, dtype=dout.dtype)  # every transformer read the text: the sum
@@ -191,7 +206,10 @@ class UNet2DConditionModel(Module):
             dskips[start:start + len(g.dskips)] = g.dskips  # in the order the block got them
             start += len(g.dskips)
 
-        # 3. bottleneck, reversed
+        # 3. bottleneck, reversed. h + mid_block_additional_residual: the residual's gradient is dh itself
+        dmid = dh if controlled else None
+        if residuals_only:  # the frozen encoder's caches are simply replaced by the next forward
+            return BlockGrads(None, dskips=tuple(dskips), dmid=dmid)
         if self.has_mid_block:
             g = self.mid_block.backward(dh)
             dh = g.dx
@@ -218,7 +236,9 @@ class UNet2DConditionModel(Module):
         self.time_embedding.backward(dtemb)
         if self.center_input_sample:
             dsample *= 2.0  # sample' = 2 * sample - 1
-        return BlockGrads(dsample, dcontext=dcontext)
+        # the residuals added to skips[j] have the gradient the up path sent to skips[j]
+        dresiduals = tuple(dskips) if controlled else None
+        return BlockGrads(dsample, dcontext=dcontext, dskips=dresiduals, dmid=dmid)
 
     # ------------------------------------------------------------------ configuration and input checks
     @classmethod
@@ -230,44 +250,118 @@ class UNet2DConditionModel(Module):
         """
         return cls(_config(None, config), rng=rng, dtype=dtype)
 
-    def _timesteps(self, timestep, batch: int, xp):
-        """A scalar, (), (1,) or (B,) timestep -> a (B,) array on the sample's device."""
-        t = xp.asarray(timestep)
-        if not (np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.floating)):
-            raise TypeError(f"UNet2DConditionModel expects integer or float timesteps, got {t.dtype}")
-        if t.ndim == 0 or t.shape == (1,):
-            return xp.broadcast_to(t.reshape(1), (batch,))
-        if t.shape != (batch,):
+    def _check_residuals(self, sample, down_residuals, mid_residual) -> bool:
+        """Are ControlNet residuals given? Both or neither, one per skip, each shaped like what it is added to."""
+        if down_residuals is None and mid_residual is None:
+            return False
+        if down_residuals is None or mid_residual is None:
             raise ValueError(
-                f"UNet2DConditionModel expects timestep as a scalar or of shape (B,) with B={batch}, "
-                f"got {tuple(t.shape)}"
+                "UNet2DConditionModel: give both down_block_additional_residuals and mid_block_additional_residual "
+                "(a ControlNet's two outputs), or neither"
             )
-        return t
-
-    def _check_inputs(self, sample, encoder_hidden_states) -> None:
-        check_image(self, sample, self.in_channels, what="sample")
-        check_finite(self, sample, "sample")
         B, H, W, _ = sample.shape
-        factor = 2 ** self.num_upsamplers
-        if H % factor or W % factor:
+        expected = [(B, H // f, W // f, c) for f, c in skip_shapes(self.conv_in, self.down_blocks)]
+        if len(down_residuals) != len(expected):
             raise ValueError(
-                f"UNet2DConditionModel with {self.num_upsamplers + 1} levels needs H and W divisible by {factor}, "
-                f"got sample of shape {tuple(sample.shape)}"
+                f"UNet2DConditionModel has {len(expected)} skip connections, so down_block_additional_residuals "
+                f"needs {len(expected)} tensors; got {len(down_residuals)}"
             )
-        check_features(self, encoder_hidden_states, self.cross_attention_dim, min_ndim=3,
-                       what="encoder_hidden_states")
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != B:
-            raise ValueError(
-                f"UNet2DConditionModel expects encoder_hidden_states of shape (B={B}, L, "
-                f"{self.cross_attention_dim}), got {tuple(encoder_hidden_states.shape)}"
-            )
-        check_finite(self, encoder_hidden_states, "encoder_hidden_states")
+        for j, (r, shape) in enumerate(zip(down_residuals, expected)):
+            if tuple(r.shape) != shape:
+                raise ValueError(f"UNet2DConditionModel: down_block_additional_residuals[{j}] must have the shape "
+                                 f"of skip {j}, {shape}; got {tuple(r.shape)}")
+        f = 2**self.num_upsamplers
+        mid_shape = (B, H // f, W // f, self.config["block_out_channels"][-1])
+        if tuple(mid_residual.shape) != mid_shape:
+            raise ValueError(f"UNet2DConditionModel: mid_block_additional_residual must have the shape of the "
+                             f"mid block's output, {mid_shape}; got {tuple(mid_residual.shape)}")
+        return True
 
     def __repr__(self) -> str:
         return (
             f"UNet2DConditionModel(block_out_channels={self.config['block_out_channels']}, "
             f"{self.num_parameters():,} parameters)"
         )
+
+
+def batch_timesteps(model: Module, timestep, batch: int, xp):
+    """A scalar, (), (1,) or (B,) timestep -> a (B,) array on the sample's device (``model`` names errors)."""
+    name = type(model).__name__
+    t = xp.asarray(timestep)
+    if not (np.issubdtype(t.dtype, np.integer) or np.issubdtype(t.dtype, np.floating)):
+        raise TypeError(f"{name} expects integer or float timesteps, got {t.dtype}")
+    if t.ndim == 0 or t.shape == (1,):
+        return xp.broadcast_to(t.reshape(1), (batch,))
+    if t.shape != (batch,):
+        raise ValueError(f"{name} expects timestep as a scalar or of shape (B,) with B={batch}, got {tuple(t.shape)}")
+    return t
+
+
+def check_sample_and_context(model: Module, sample, encoder_hidden_states) -> None:
+    """The checks of a U-Net's (or a ControlNet's) ``sample`` and ``encoder_hidden_states``: channels,
+    sides divisible by ``2 ** model.num_upsamplers``, text width ``model.cross_attention_dim``, finite."""
+    name = type(model).__name__
+    check_image(model, sample, model.in_channels, what="sample")
+    check_finite(model, sample, "sample")
+    B, H, W, _ = sample.shape
+    factor = 2**model.num_upsamplers
+    if H % factor or W % factor:
+        raise ValueError(
+            f"{name} with {model.num_upsamplers + 1} levels needs H and W divisible by {factor}, "
+            f"got sample of shape {tuple(sample.shape)}"
+        )
+    check_features(model, encoder_hidden_states, model.cross_attention_dim, min_ndim=3, what="encoder_hidden_states")
+    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != B:
+        raise ValueError(
+            f"{name} expects encoder_hidden_states of shape (B={B}, L, {model.cross_attention_dim}), "
+            f"got {tuple(encoder_hidden_states.shape)}"
+        )
+    check_finite(model, encoder_hidden_states, "encoder_hidden_states")
+
+
+def skip_shapes(conv_in: Conv2d, down_blocks) -> list[tuple[int, int]]:
+    """(downsampling factor, channels) of every skip tensor of a down path, in the order it makes them:
+    conv_in's output, then one per resnet of each level and its downsampled output."""
+    shapes = [(1, conv_in.out_channels)]
+    for level, block in enumerate(down_blocks):
+        shapes += [(2**level, block.out_channels)] * len(block.resnets)
+        if block.add_downsample:
+            shapes.append((2 ** (level + 1), block.out_channels))
+    return shapes
+
+
+def build_encoder(c: UNetConfig, time_embed_dim: int, rng, dtype) -> tuple[ModuleList, UNetMidBlock2DCrossAttn | None]:
+    """The down path and the bottleneck of a U-Net of config ``c``: ``(down_blocks, mid_block or None)``.
+
+    The U-Net builds its own with this function, and a ControlNet builds its trainable copy
+    with it too (:mod:`diffusion_np.models.controlnet`): the same blocks, the same names.
+    "CrossAttnDownBlock2D" is a DownBlock2D with cross-attention; every level but the last
+    ends with a stride-2 downsampler.
+    """
+    channels, n = c.block_out_channels, c.num_levels
+    heads = c.per_level("attention_head_dim")  # diffusers' name: it is the number of heads
+    layers = c.per_level("layers_per_block")
+    t_layers = c.per_level("transformer_layers_per_block")
+    groups, eps = c.norm_num_groups, c.norm_eps
+    attention = dict(cross_attention_dim=c.cross_attention_dim, use_linear_projection=c.use_linear_projection)
+    down_blocks = ModuleList()
+    out_ch = channels[0]
+    for i, kind in enumerate(c.down_block_types):
+        in_ch, out_ch = out_ch, channels[i]
+        down_blocks.append(DownBlock2D(
+            in_ch, out_ch, time_embed_dim, num_layers=layers[i], resnet_eps=eps, resnet_groups=groups,
+            dropout=c.dropout, add_downsample=i < n - 1, downsample_padding=c.downsample_padding,
+            cross_attention=DOWN_BLOCK_TYPES[kind], transformer_layers_per_block=t_layers[i],
+            num_attention_heads=heads[i], **attention, rng=rng, dtype=dtype,
+        ))
+    mid_block = None
+    if c.mid_block_type is not None:
+        mid_block = UNetMidBlock2DCrossAttn(
+            channels[-1], time_embed_dim, transformer_layers_per_block=t_layers[-1], resnet_eps=eps,
+            resnet_groups=groups, num_attention_heads=heads[-1], dropout=c.dropout,
+            output_scale_factor=c.mid_block_scale_factor, **attention, rng=rng, dtype=dtype,
+        )
+    return down_blocks, mid_block
 
 
 def _config(config: UNetConfig | None, fields: dict) -> UNetConfig:

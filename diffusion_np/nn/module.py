@@ -39,13 +39,17 @@ class BlockGrads(NamedTuple):
     ``dx`` is the gradient w.r.t. the block's main input (an image ``(B, H, W, C)``
     or tokens ``(B, L, C)``); the other fields are ``None`` where the block has no
     such input (a block without attention has no ``dcontext``; only U-Net down/up
-    blocks have skip connections). Unpack by name, ``g.dx``, ``g.dcontext``.
+    blocks have skip connections; only a ControlNet and the U-Net it steers use
+    ``dmid`` and ``dcond``). Unpack by name, ``g.dx``, ``g.dcontext``.
     """
 
     dx: Any
     dtemb: Any = None  # (B, temb_dim): the timestep embedding, for blocks that take one
     dcontext: Any = None  # (B, L, D_ctx): the encoder states of cross-attention
     dskips: Any = None  # tuple of skip gradients: outputs of a down block, inputs of an up block
+    # (a U-Net given ControlNet residuals: the gradient of each down_block_additional_residual)
+    dmid: Any = None  # a U-Net given ControlNet residuals: the gradient of its mid_block_additional_residual
+    dcond: Any = None  # (B, H, W, C_cond): a ControlNet's control image
 
 
 class Module:

@@ -1,4 +1,4 @@
-"""Pipelines: text-to-image, image-to-image (SDEdit), inpainting and DDIM inversion, in pixel or latent space.
+"""Pipelines: text-to-image, image-to-image (SDEdit), inpainting, DDIM inversion, ControlNet; pixels or latents.
 
 Each pipeline is built from a U-Net, a text encoder, a tokenizer, a sampler and an
 optional VAE (``vae=None``: the U-Net works on pixels), and is called with prompts::
@@ -11,13 +11,23 @@ Images go in and come out as channels-last float32 in [-1, 1]; :mod:`.image_io` 
 and writes PNG files.
 """
 
-from diffusion_np.pipelines.image_io import from_uint8, load_image, load_mask, make_grid, save_image, to_uint8
+from diffusion_np.pipelines.controlnet import ControlNetPipeline
+from diffusion_np.pipelines.image_io import (
+    from_uint8,
+    load_control_image,
+    load_image,
+    load_mask,
+    make_grid,
+    save_image,
+    to_uint8,
+)
 from diffusion_np.pipelines.image_to_image import ImageToImagePipeline, img2img_timesteps
 from diffusion_np.pipelines.inpaint import InpaintPipeline, downsample_mask
 from diffusion_np.pipelines.inversion import DDIMInversionPipeline, InversionOutput, reconstruction_error
 from diffusion_np.pipelines.text_to_image import GuidedDenoiser, PipelineOutput, TextToImagePipeline
 
 __all__ = [
+    "ControlNetPipeline",
     "DDIMInversionPipeline",
     "GuidedDenoiser",
     "ImageToImagePipeline",
@@ -28,6 +38,7 @@ __all__ = [
     "downsample_mask",
     "from_uint8",
     "img2img_timesteps",
+    "load_control_image",
     "load_image",
     "load_mask",
     "make_grid",

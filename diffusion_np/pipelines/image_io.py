@@ -88,6 +88,19 @@ def load_mask(path: str | Path, size: tuple[int, int] | None = None, threshold: 
     return (grey >= threshold).astype(np.float32)
 
 
+def load_control_image(path: str | Path) -> np.ndarray:
+    """Read a ControlNet control image as (H, W, C) float32 in [0, 1] (not [-1, 1]: diffusers' control
+    images are not normalised), at the file's own size and channels: a grey-scale file (modes L, 1, I, F)
+    gives C = 1, any other C = 3 (RGB, alpha dropped). The ControlNet checks that C and the size fit it."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("L" if img.mode in ("L", "1", "I", "F", "I;16") else "RGB")
+        pixels = np.asarray(img, dtype=np.uint8)  # (H, W) or (H, W, 3)
+    pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+    return pixels.astype(np.float32) / 255.0
+
+
 def save_image(path: str | Path, images, ncols: int | None = None) -> Path:
     """Write float images in [-1, 1] to a file (PNG recommended: lossless); returns the path.
 

@@ -1,14 +1,16 @@
 """Weights trained by this project and shipped inside the package.
 
-Two models, each trained with the project's own ``diffusion-np train`` commands and
+Three models, each trained with the project's own ``diffusion-np train`` commands and
 exported with ``diffusion-np export`` (EMA weights, float16, no training state):
 
-    pretrained:digits   text-conditioned pixel-space U-Net on 8x8 digits ("the digit seven")
-    pretrained:shapes   latent text-to-image on 32x32 shapes: VAE + U-Net + text encoder
+    pretrained:digits              text-conditioned pixel-space U-Net on 8x8 digits ("the digit seven")
+    pretrained:shapes              latent text-to-image on 32x32 shapes: VAE + U-Net + text encoder
+    pretrained:shapes-controlnet   a ControlNet for pretrained:shapes: a 32x32 mask places the shape
+                                   (the ControlNet only; pretrained:shapes loads with it)
 
 Wherever a checkpoint directory is accepted (``diffusion-np sample --checkpoint``,
 ``diffusion-np evaluate --checkpoint``, :func:`~diffusion_np.io.load_checkpoint`,
-:meth:`~diffusion_np.training.model.TextToImageModel.load`), the name
+:meth:`~diffusion_np.training.model.TextToImageModel.load` for the first two), the name
 ``pretrained:NAME`` stands for the shipped directory. Each directory has a model card,
 ``MODEL_CARD.md``, with the training command, the number of steps, the time it took and
 the measured metrics.

@@ -85,6 +85,16 @@ PRESETS: dict[str, dict[str, dict]] = {
         "full": dict(unet=_unet((64, 128), 16, 4), text_encoder=_text(64, 2, 4), latent_pool=16384,
                      train=_train(4500, 64, 1e-3, 0.999, 250, 1000), preview=dict(n=32, steps=50)),
     },
+    # the ControlNet's copy of the encoder comes from the base U-Net; a preset sets its conditioning
+    # embedding (32x32 control image -> 8x8 latent: three widths, two stride-2 convs) and the schedule
+    "shapes-controlnet": {
+        "tiny": dict(conditioning_embedding_out_channels=(4, 8, 16), latent_pool=16,
+                     train=_train(30, 4, 1e-3, 0.9, 0, 0), preview=dict(n=4, steps=4)),
+        "demo": dict(conditioning_embedding_out_channels=(16, 32, 64), latent_pool=4096,
+                     train=_train(600, 32, 3e-4, 0.99, 100, 300), preview=dict(n=8, steps=25)),
+        "full": dict(conditioning_embedding_out_channels=(16, 32, 64), latent_pool=8192,
+                     train=_train(1500, 32, 3e-4, 0.995, 250, 500), preview=dict(n=16, steps=25)),
+    },
 }
 
 

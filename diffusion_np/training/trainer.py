@@ -109,6 +109,7 @@ TASKS: dict[str, str | None] = {
     "digits": "diffusion_np.training.tasks:DigitsTask",
     "shapes-vae": "diffusion_np.training.tasks:ShapesVAETask",
     "shapes": "diffusion_np.training.tasks:ShapesTask",
+    "shapes-controlnet": "diffusion_np.training.controlnet:ShapesControlNetTask",
 }
 
 

@@ -50,7 +50,7 @@ def test_unknown_pretrained_name_lists_the_shipped_ones():
 
 @pytest.mark.parametrize("name", sorted(PRETRAINED))
 def test_shipped_weights_are_there_and_small(name):
-    """Each shipped model is a float16 export with a model card; all of them together stay under 20 MB."""
+    """Each shipped model is a float16 export with a model card; all of them together stay under 24 MB."""
     path = pretrained_path(name)
     checkpoint = load_checkpoint(f"pretrained:{name}")
     assert checkpoint.training_state is None
@@ -61,11 +61,11 @@ def test_shipped_weights_are_there_and_small(name):
     card = (path / "MODEL_CARD.md").read_text()
     assert "diffusion-np train" in card and "diffusion-np evaluate" in card  # how it was made and measured
     total = sum(f.stat().st_size for n in PRETRAINED for f in pretrained_path(n).iterdir())
-    assert total < 20 * 2**20
+    assert total < 24 * 2**20  # digits 8.2, shapes 9.6, shapes-controlnet 3.9 MiB
 
 
 def test_pretrained_models_load_as_float32_and_run():
-    for name in PRETRAINED:
+    for name in ("digits", "shapes"):  # the text-to-image ones; shapes-controlnet: tests/training
         model = TextToImageModel.load(f"pretrained:{name}")
         assert model.unet.conv_in.weight.dtype == np.float32
         out = _denoise(model)

@@ -147,7 +147,7 @@ def test_prompt_sets():
     held = heldout_shapes_prompts(DEFAULT_HELDOUT_SAMPLES)
     assert set(Counter(held).values()) == {8} and set(held) == set(all_prompts("heldout"))
     assert not set(held) & set(train)
-    assert DEFAULT_NUM_SAMPLES == {"digits": 500, "shapes": 320, "toy2d": 10_000}
+    assert DEFAULT_NUM_SAMPLES == {"digits": 500, "shapes": 320, "toy2d": 10_000, "shapes-controlnet": 128}
 
 
 # ----------------------------------------------------------------------------- scoring tells good from bad

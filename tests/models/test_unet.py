@@ -8,6 +8,7 @@ numerically (the full check of every entry would take minutes here).
 import numpy as np
 import pytest
 from fixtures.cases_unet import (
+    GRADCHECK_UNET,
     SMALL_SD_LIKE_UNET,
     TINY_UNET,
     assert_grads_match,
@@ -16,65 +17,11 @@ from fixtures.cases_unet import (
     torch_layout,
     weights_for,
 )
-from helpers import SOURCES, assert_close, reference
+from helpers import SOURCES, assert_close, check_subset, randomize, reference
 
-from diffusion_np.gradcheck import sampled_grad_error
 from diffusion_np.models.config import UNetConfig
 from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.models.unet_blocks import DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D
-
-# ---------------------------------------------------------------------------- a K-coordinate gradient check
-
-
-def _leaves(tree) -> list:
-    """The arrays of a (nested) tuple/list of arrays, in order."""
-    if isinstance(tree, (tuple, list)):
-        return [leaf for item in tree for leaf in _leaves(item)]
-    return [tree]
-
-
-def _random_like(tree, rng):
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(_random_like(item, rng) for item in tree)
-    return rng.standard_normal(tree.shape)
-
-
-def check_subset(forward, backward, inputs, module, k: int = 3, seed: int = 0, h: float = 1e-6) -> dict:
-    """Centred finite differences at ``k`` random coordinates of every input and parameter.
-
-    The scalar is the one of :func:`diffusion_np.gradcheck.check_module`: ``L = sum(out * dout)``
-    with a random ``dout`` (shaped like ``forward``'s output, which may be a nested tuple), and
-    each sampled coordinate i gets ``(L(x + h e_i) - L(x - h e_i)) / (2 h)`` as in
-    ``gradcheck.numerical_gradient``. ``backward(dout)`` must return the input gradients aligned
-    with ``inputs``. Everything must be float64.
-
-    Returns ``{"input<i>" or parameter name: norm-wise relative error over the sampled coordinates}``.
-    """
-    rng = np.random.default_rng(seed)
-    module.zero_grad()
-    out = forward(*inputs)
-    dout = _random_like(out, rng)
-    dinputs = backward(dout)
-    flat_dout = _leaves(dout)
-
-    def loss() -> float:
-        return float(sum(float((o * d).sum()) for o, d in zip(_leaves(forward(*inputs)), flat_dout)))
-
-    def error(x, analytic):
-        return sampled_grad_error(loss, x, analytic, k, rng, h)
-
-    report = {f"input{i}": error(x, dx) for i, (x, dx) in enumerate(zip(inputs, dinputs)) if dx is not None}
-    for name, param, grad in list(module.parameters_and_grads()):
-        report[name] = error(param, grad.copy())
-    return report
-
-
-def _randomize(module, rng, scale=0.3):
-    """Move every parameter away from its init (norms' ones and zeros hide bugs)."""
-    for _, p in module.named_parameters():
-        p += scale * rng.standard_normal(p.shape)
-    return module
-
 
 B, T, L, D = 2, 5, 3, 6  # batch, time-embedding width, text tokens, text width
 
@@ -90,7 +37,7 @@ def rng():
 def test_down_blocks_gradcheck(rng, cross, add_downsample):
     block = DownBlock2D(4, 6, T, num_layers=2, resnet_groups=2, add_downsample=add_downsample,
                         cross_attention=cross, num_attention_heads=2, cross_attention_dim=D, rng=rng)
-    _randomize(block.to(dtype=np.float64), rng)
+    randomize(block.to(dtype=np.float64), rng)
     inputs = [rng.standard_normal((B, 4, 4, 4)), rng.standard_normal((B, T))]
     if cross:
         inputs.append(rng.standard_normal((B, L, D)))
@@ -106,7 +53,7 @@ def test_down_blocks_gradcheck(rng, cross, add_downsample):
 def test_mid_block_gradcheck(rng):
     block = UNetMidBlock2DCrossAttn(6, T, num_layers=1, resnet_groups=3, num_attention_heads=2,
                                     cross_attention_dim=D, output_scale_factor=1.5, rng=rng)
-    _randomize(block.to(dtype=np.float64), rng)
+    randomize(block.to(dtype=np.float64), rng)
     inputs = [rng.standard_normal((B, 2, 3, 6)), rng.standard_normal((B, T)), rng.standard_normal((B, L, D))]
     errors = check_subset(block, lambda d: block.backward(d)[:3], inputs, block, k=4)  # dx, dtemb, dcontext
     assert {"input0", "input1", "input2", "resnets.1.conv2.weight", "attentions.0.proj_out.weight"} <= set(errors)
@@ -119,7 +66,7 @@ def test_up_blocks_gradcheck(rng, cross, add_upsample):
     # 3 resnets: skips of 6, 6 and (from the level below) 4 channels, used last-first
     block = UpBlock2D(4, 8, 6, T, num_layers=3, resnet_groups=2, add_upsample=add_upsample, cross_attention=cross,
                       num_attention_heads=2, cross_attention_dim=D, rng=rng)
-    _randomize(block.to(dtype=np.float64), rng)
+    randomize(block.to(dtype=np.float64), rng)
     skips = [rng.standard_normal((B, 2, 2, c)) for c in (4, 6, 6)]
     inputs = [rng.standard_normal((B, 2, 2, 8)), *skips, rng.standard_normal((B, T))]
     if cross:
@@ -138,16 +85,9 @@ def test_up_blocks_gradcheck(rng, cross, add_upsample):
 
 
 # ---------------------------------------------------------------------------- whole U-Net gradient check
-GRADCHECK_UNET = dict(
-    in_channels=3, out_channels=2, block_out_channels=(4, 8), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=D, attention_head_dim=2, norm_num_groups=2,
-)
-
-
 def test_unet_gradcheck(rng):
     model = UNet2DConditionModel(**GRADCHECK_UNET, rng=rng, dtype=np.float64)
-    _randomize(model, rng, scale=0.2)
+    randomize(model, rng, scale=0.2)
     sample, context = rng.standard_normal((2, 4, 4, 3)), rng.standard_normal((2, L, D))
     timesteps = np.array([3, 700])
     def backward(dout):
