@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,40 +295,6 @@ def evaluate_controlnet(task: ShapesControlNetTask, n: int, sampler: str = "ddim
         images.append(task.generate(prompts[start:end], controls[start:end], sampler, steps, guidance_scale,
                                     int(seq.generate_state(1)[0])))
     return score_control(np.concatenate(images), masks, labels)
-
-
-def controlnet_panel(path, steps: int = 25, seed: int = 0, progress: bool = True, out=None) -> dict:
-    """``make demo``'s ControlNet panel: four held-out control masks and what ``pretrained:shapes-controlnet``
-    draws from them (DDIM, the checkpoint's guidance), each titled with its IoU; writes a PNG to ``path``.
-
-    Returns ``{"control_iou", "caption_geometry_iou", "prompt_accuracy", "file"}`` (means over the four).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib on first use, as in demo.py
-    from matplotlib.figure import Figure
-
-    from diffusion_np.io.checkpoint import load_checkpoint
-    from diffusion_np.metrics.control import mask_iou, shape_mask
-    from diffusion_np.training.plots import draw_image_grid
-    from diffusion_np.training.trainer import task_from_checkpoint
-
-    out = out if out is not None else sys.stdout
-    task = task_from_checkpoint(load_checkpoint(PRETRAINED_PREFIX + "shapes-controlnet"))
-    prompts, controls, masks, labels = heldout_controls(4, seed=seed)
-    images = task.generate(prompts, controls, "ddim", steps, seed=seed, progress=progress)
-    scores = score_control(images, masks, labels)
-    iou = mask_iou(shape_mask(images), masks)
-    print(f"\nControlNet (pretrained:shapes-controlnet, DDIM {steps} steps): 4 control masks at places and sizes "
-          f"no caption names;\n  IoU of each shape with its mask {', '.join(f'{v:.2f}' for v in iou)} (mean "
-          f"{scores['control_iou']:.2f}; the caption's words alone would give {scores['caption_geometry_iou']:.2f}), "
-          f"colour and shape as prompted: {round(4 * scores['prompt_accuracy'])}/4", file=out)
-    fig = Figure(figsize=(6.5, 3.9), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    top, bottom = fig.subfigures(2, 1)
-    draw_image_grid(top, controls * 2.0 - 1.0, ["control mask"] * 4, ncols=4)
-    draw_image_grid(bottom, images, [f"{p.removeprefix('a ')} (IoU {v:.2f})" for p, v in zip(prompts, iou)], ncols=4)
-    fig.suptitle("pretrained:shapes-controlnet: the mask says where and how large, the prompt what", fontsize=9)
-    fig.savefig(path, format="png")
-    return {**{k: scores[k] for k in ("control_iou", "caption_geometry_iou", "prompt_accuracy")}, "file": Path(path)}
 
 
 def heldout_controls(n: int, seed: int = 0, kind: str = "mask", image_size: int = 32):
