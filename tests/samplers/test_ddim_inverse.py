@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixtures.cases_samplers_random import trailing_is_clean
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from diffusion_np.samplers import DDIMInverseSampler, DDIMSampler
 from diffusion_np.samplers.loop import denoise
-from fixtures.cases_samplers_random import trailing_is_clean
 
 
 def stand_in(x, t):
