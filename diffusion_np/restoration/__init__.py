@@ -13,6 +13,7 @@ from diffusion_np.restoration.baselines import (
     bicubic_upsample,
     harmonic_inpaint,
     signal_power,
+    training_power,
     wiener_deconvolution,
     wiener_filter,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "make_degradation",
     "measurement_gradient",
     "signal_power",
+    "training_power",
     "wiener_deconvolution",
     "wiener_filter",
 ]

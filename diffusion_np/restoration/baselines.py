@@ -29,6 +29,8 @@ import numpy as np
 import scipy.signal
 
 from diffusion_np.backend import asnumpy
+from diffusion_np.data.digits import load_digits
+from diffusion_np.data.shapes import combos, render
 from diffusion_np.restoration.operators import Blur, Degradation, Denoise, Downsample, Inpaint
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "harmonic_inpaint",
     "kernel_transfer",
     "signal_power",
+    "training_power",
     "wiener_deconvolution",
     "wiener_filter",
 ]
@@ -68,6 +71,18 @@ def signal_power(images) -> np.ndarray:
     x = _host(images, "images")
     spectra = np.fft.fft2(x, axes=(1, 2))  # (B, S, S, C)
     return np.mean(np.abs(spectra) ** 2, axis=(0, 3))  # (S, S)
+
+
+def training_power(dataset: str, image_size: int) -> np.ndarray:
+    """P(w) of the training images of ``dataset`` ("digits": scikit-learn's train split, resized to
+    ``image_size``; "shapes": 512 renders of the training captions, seed 99): what the Wiener
+    baseline knows about images (the DPS prior knows the same images through the model)."""
+    if dataset == "digits":
+        return signal_power(load_digits("train", image_size=image_size)[0])
+    if dataset == "shapes":
+        rng = np.random.default_rng(0)
+        return signal_power(render(combos("train")[rng.choice(162, 512)], 99, image_size=image_size))
+    raise ValueError(f"dataset must be 'digits' or 'shapes', got {dataset!r}")
 
 
 def wiener_deconvolution(y, kernel, noise_std: float, power=None, nsr: float = 1e-2) -> np.ndarray:

@@ -39,6 +39,18 @@ The step size zeta_i = zeta / ||r|| of the paper's code (Appendix C.2) normalise
 zeta is a distance in the units of ||x_t|| and does not depend on sigma_y (it is tuned per task,
 the way the paper tunes it; ``benchmarks/restore.py`` reports the values used).
 
+**Time travel** (``repeats`` = k > 1; the "self-recurrence" of Bansal et al. 2023, "Universal
+Guidance for Diffusion Models", Alg. 1, and the resampling of RePaint, Lugmayr et al. 2022): after
+steps 1-4, x_prev is noised back up to t with the forward process,
+x_t = sqrt(abar_t / abar_prev) x_prev + sqrt(1 - abar_t / abar_prev) z, and the step is repeated,
+k times in all. It gives the guidance k tries at every noise level for 1 U-Net call each. Why the
+latent model needs it: at high noise the U-Net absorbs most of a push on x_t into its noise
+estimate (d x0_hat / d x_t is small there), so one small step per level is not enough to move
+the object to where the measurement has it, and a large step leaves the noise shell (the residual
+explodes); by the time x0_hat is sharp, the sample has settled on an object in the wrong place.
+Measured on the shapes model (``benchmarks/restore.py``): deblurring with 50 steps, zeta 0.1 reaches
+PSNR 21 dB without time travel and 33 dB with k = 4.
+
 The condition c is a caption, by default "" (the unconditional model that classifier-free
 guidance training left us); guidance is left out (the gradient would have to go through two
 U-Net calls). Left out as well: the Poisson noise model, non-linear operators (they work the
@@ -120,7 +132,7 @@ class DPSOutput(NamedTuple):
 
 
 def dps_restore(model, degradation: Degradation, y, steps: int = 100, zeta: float = 1.0, eta: float = 1.0,
-                prompt: str = "", seed: int = 0, progress: bool = False) -> DPSOutput:
+                prompt: str = "", seed: int = 0, progress: bool = False, repeats: int = 1) -> DPSOutput:
     """Repair the measurements ``y`` with diffusion posterior sampling (Algorithm 1 above).
 
     Parameters
@@ -135,12 +147,16 @@ def dps_restore(model, degradation: Degradation, y, steps: int = 100, zeta: floa
     eta : DDIM's noise (1: ancestral, as the paper's DDPM)
     prompt : the caption c, "" for the unconditional model
     seed : seeds x_T and the per-step noise (drawn on the host)
+    progress : show a progress bar
+    repeats : k of time travel (module docstring), 1 = plain DPS; k U-Net forwards and backwards per step
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     for name, value in (("zeta", zeta), ("eta", eta)):
         if not (isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     unet, vae = model.unet, model.vae
@@ -166,15 +182,20 @@ def dps_restore(model, degradation: Degradation, y, steps: int = 100, zeta: floa
     norms = []
     timesteps = sampler.timesteps
     for t in (tqdm(timesteps, desc="DPS", leave=False) if progress else timesteps):
-        # 1 and 3: x0_hat, the residual and grad_{x_t} ||r||^2 (one U-Net forward and backward)
-        m = measurement_gradient(unet, context, x, int(t), float(sampler.alpha_bar[int(t)]), y, degradation, vae,
-                                 model.prediction_type)
-        # 2. the prior's move: an ordinary DDIM step with the same model output
-        z = xp.asarray(rng.standard_normal(x.shape), dtype=dtype)
-        x_prev = sampler.step(m.model_output, int(t), x, eta=float(eta), noise=z).prev_sample
-        # 4. the likelihood's move, normalised by ||r|| per image (the paper's zeta_i = zeta / ||r||)
-        norm = xp.sqrt(m.loss)  # (B,)
-        x = x_prev - (float(zeta) / (norm + 1e-8))[:, None, None, None] * m.grad  # 1e-8: r = 0 exactly
+        ab_t, ab_prev = float(sampler.alpha_bar[int(t)]), sampler.alpha_bar_prev(int(t))
+        for r in range(int(repeats)):
+            # 1 and 3: x0_hat, the residual and grad_{x_t} ||r||^2 (one U-Net forward and backward)
+            m = measurement_gradient(unet, context, x, int(t), ab_t, y, degradation, vae, model.prediction_type)
+            # 2. the prior's move: an ordinary DDIM step with the same model output
+            z = xp.asarray(rng.standard_normal(x.shape), dtype=dtype)
+            x_prev = sampler.step(m.model_output, int(t), x, eta=float(eta), noise=z).prev_sample
+            # 4. the likelihood's move, normalised by ||r|| per image (the paper's zeta_i = zeta / ||r||)
+            norm = xp.sqrt(m.loss)  # (B,)
+            x_prev = x_prev - (float(zeta) / (norm + 1e-8))[:, None, None, None] * m.grad  # 1e-8: r = 0 exactly
+            if r < repeats - 1:  # time travel: noise x_prev back up to t, q(x_t | x_prev), and try again
+                z = xp.asarray(rng.standard_normal(x.shape), dtype=dtype)
+                x = math.sqrt(ab_t / ab_prev) * x_prev + math.sqrt(1.0 - ab_t / ab_prev) * z
+        x = x_prev
         norms.append(float(asnumpy(norm).mean()))
     unet.zero_grad()  # the weights' gradients were a by-product
     with inference_mode(unet, vae):

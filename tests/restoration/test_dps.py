@@ -100,3 +100,13 @@ def test_dps_restore_refuses_a_degradation_for_other_images():
         dps_restore(model, op, np.zeros((1, 4, 4, 3), np.float32), steps=2)
     with pytest.raises(ValueError, match="zeta"):
         dps_restore(model, op, np.zeros((1, 2, 2, 3), np.float32), steps=2, zeta=-1.0)
+
+
+def test_time_travel_repeats_each_step_and_checks_its_argument():
+    model = tiny_model(False, dtype=np.float32)
+    op = make_degradation("denoise", 4, 3)
+    y = np.zeros((1, 4, 4, 3), np.float32)
+    out = dps_restore(model, op, y, steps=3, zeta=0.2, repeats=3, seed=2)
+    assert len(out.residual_norms) == 3 and np.all(np.isfinite(out.images))
+    with pytest.raises(ValueError, match="repeats"):
+        dps_restore(model, op, y, steps=3, repeats=0)
