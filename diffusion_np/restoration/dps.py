@@ -215,11 +215,11 @@ def dps_restore(model, degradation: Degradation, y, steps: int = 100, zeta: floa
                 z = xp.asarray(rng.standard_normal(x.shape), dtype=dtype)
                 x = math.sqrt(ab_t / ab_prev) * x_prev + math.sqrt(1.0 - ab_t / ab_prev) * z
         x = x_prev
-        norms.append(float(asnumpy(norm).mean()))
+        norms.append(norm.mean())  # stays on the device: one copy to the host at the end, not one per step
     unet.zero_grad()  # the weights' gradients were a by-product
     with inference_mode(unet, vae):
         images = x if vae is None else vae.decode_latents(x)
     images = np.clip(asnumpy(images).astype(np.float32), -1.0, 1.0)
     if vae is not None:
         vae.zero_grad()
-    return DPSOutput(images, norms)
+    return DPSOutput(images, [float(v) for v in asnumpy(xp.stack(norms))])
