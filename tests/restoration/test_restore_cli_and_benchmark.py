@@ -11,6 +11,7 @@ import pytest
 from benchmarks import restore as bench
 from diffusion_np.cli import main
 from diffusion_np.data.digits import load_digits
+from diffusion_np.data.shapes import combos, render
 from diffusion_np.demo import repair_panel
 from diffusion_np.pipelines.image_io import load_image, save_image
 from diffusion_np.restoration import make_degradation
@@ -69,3 +70,12 @@ def test_the_demo_repair_panel_scores_and_writes_a_png(tmp_path):
     assert (tmp_path / "repair.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(result["psnr"]) == {"blurred", "wiener", "dps"} and "Image repair" in report.getvalue()
     assert result["psnr"]["wiener"] > result["psnr"]["blurred"]
+
+
+def test_restore_on_the_latent_model_starts_from_the_classical_repair(tmp_path, capsys):
+    clean = tmp_path / "shape.png"
+    save_image(clean, render(combos("all")[:1], 0)[0])
+    rc = main(["restore", "--task", "deblur", "--checkpoint", "pretrained:shapes", "--input", str(clean),
+               "--degrade", "--steps", "10", "-o", str(tmp_path / "out.png"), "--quiet"])
+    assert rc == 0 and "from the classical repair at strength 0.3" in capsys.readouterr().out
+    assert load_image(tmp_path / "out.png").shape == (32, 32, 3)
