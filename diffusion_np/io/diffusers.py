@@ -399,6 +399,7 @@ SCHEDULER_CLASSES = {
     "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpm++", "PNDMScheduler": "pndm", "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
 }
 #: Every field of diffusers' schedulers with its default: the ``__init__`` signatures of diffusers 0.42
 #: (read with ``inspect.signature``). A scheduler_config.json holds these fields; newer diffusers add
