@@ -4,6 +4,8 @@
     diffusion-np gradcheck   the same report, with options
     diffusion-np train TASK  train a model (toy2d, digits, shapes-vae, shapes) with
                              checkpoints, --resume, Ctrl-C saving and preview PNGs
+    diffusion-np distill M   distil a trained model to a few steps (lcm: latent consistency distillation),
+                             with the same checkpoints and --resume as train
     diffusion-np sample      draw samples from a checkpoint with any sampler, write a PNG
     diffusion-np export      a training checkpoint's EMA weights, float16, without optimizer state
     diffusion-np evaluate    sample-quality metrics of a checkpoint (digit accuracy and Frechet distance,
@@ -31,13 +33,14 @@ from diffusion_np.demo import run_demo
 from diffusion_np.gradcheck import gradcheck_report
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint, writable_path
 from diffusion_np.io.diffusers import add_sample_arguments, sample_from_model
-from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, write_json
+from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, format_sweep, write_json
 from diffusion_np.pipelines.image_io import load_control_image
 from diffusion_np.pretrained import resolve_checkpoint
 from diffusion_np.samplers import SAMPLERS
 from diffusion_np.training.model import TextToImageModel
 from diffusion_np.training.plots import save_image_grid
 from diffusion_np.training.trainer import (
+    DISTILL_TASKS,
     TASKS,
     NonFiniteLossError,
     TaskNotAvailable,
@@ -115,6 +118,14 @@ The run directory gets checkpoint/ (the latest checkpoint, replaced atomically),
 loss.png and samples/step-NNNNNN.png. Ctrl-C finishes the current step, saves a
 checkpoint and exits; --resume then continues the exact same run."""
 
+_DISTILL_EPILOG = """examples:
+  diffusion-np distill lcm --teacher pretrained:shapes --out runs/shapes-lcm
+  diffusion-np distill lcm --teacher pretrained:shapes --out runs/shapes-lcm --resume
+  diffusion-np evaluate --checkpoint runs/shapes-lcm --sampler lcm --steps 1,2,4,8
+
+The student samples with --sampler lcm in 1-8 steps and no guidance (the teacher's is distilled
+into it). The run directory is laid out as train's; Ctrl-C saves, --resume continues exactly."""
+
 _SAMPLE_EPILOG = """example:
   diffusion-np sample --checkpoint runs/swiss --sampler dpm++ --steps 20 -n 2000 -o swiss.png
   diffusion-np sample --checkpoint runs/shapes --prompt "a large blue square in the center" -n 4 -o blue.png
@@ -125,6 +136,8 @@ _EVALUATE_EPILOG = """examples:
   diffusion-np evaluate --checkpoint pretrained:digits --json digits.json
   diffusion-np evaluate --checkpoint runs/shapes --sampler dpm++ --steps 20 --guidance-scale 4
   diffusion-np evaluate --checkpoint runs/swiss --num-samples 20000
+  diffusion-np evaluate --checkpoint pretrained:shapes-lcm --sampler lcm --steps 1,2,4,8 \\
+      --baseline pretrained:shapes ddim 50 4 --baseline pretrained:shapes dpm++ 20 4
 
 What is scored (sizes are the defaults):
   digits  500 images, the ten digits in turn: the classifier's accuracy on the digit asked
@@ -168,10 +181,20 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _add_sampler_options(parser: argparse.ArgumentParser, model_default: bool = False) -> None:
-    """--sampler and --steps, shared by sample and evaluate (``model_default``: None means the model's own)."""
+def _steps_list(text: str) -> list[int]:
+    """``4`` or ``1,2,4,8``: a steps sweep for evaluate."""
+    return [_positive_int(part) for part in text.split(",")]
+
+
+def _add_sampler_options(parser: argparse.ArgumentParser, model_default: bool = False, sweep: bool = False) -> None:
+    """--sampler and --steps, shared by sample and evaluate (``model_default``: None means the model's own;
+    ``sweep``: --steps takes a comma-separated list)."""
     help_text = "sampling method (default ddim" + ("; --model: the model's own scheduler)" if model_default else ")")
     parser.add_argument("--sampler", choices=list(SAMPLERS), default=None if model_default else "ddim", help=help_text)
+    if sweep:
+        parser.add_argument("--steps", type=_steps_list, default=[50], metavar="N[,N...]",
+                            help="number of sampling steps; a list (1,2,4,8) evaluates each in turn (default 50)")
+        return
     parser.add_argument("--steps", type=_positive_int, default=50, metavar="N",
                         help="number of sampling steps (default 50)")
 
@@ -195,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = train.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=_Parser)
     generic = dataclasses.asdict(TrainConfig())
-    for name in TASKS:
+    for name in (name for name in TASKS if name not in DISTILL_TASKS):
         try:
             cls = get_task(name)
         except TaskNotAvailable:
@@ -206,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
         summary = getattr(cls, "description", name)
         p = tasks.add_parser(name, help=summary, description=summary, epilog=_TRAIN_EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_train_options(p, {**generic, **cls.train_defaults})
+        cls.add_arguments(p.add_argument_group(f"{name} options"))
+
+    distill = sub.add_parser("distill", help="distil a trained model to a few sampling steps, with checkpoints "
+                                             "and --resume", epilog=_DISTILL_EPILOG,
+                             description="Distil a trained text-to-image model (the teacher) into a student that "
+                                         "samples in a few steps. Choose a method; each has its own --help.",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    methods = distill.add_subparsers(dest="task", required=True, metavar="METHOD", parser_class=_Parser)
+    for name in DISTILL_TASKS:
+        cls = get_task(name)
+        p = methods.add_parser(name, help=cls.description, description=cls.description, epilog=_DISTILL_EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_train_options(p, {**generic, **cls.train_defaults})
         cls.add_arguments(p.add_argument_group(f"{name} options"))
 
@@ -259,7 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", metavar="DIR", required=True,
                     help="a run directory of `diffusion-np train`, the checkpoint/ inside it, an export, or "
                          "pretrained:digits / pretrained:shapes (the shipped weights)")
-    _add_sampler_options(ev)
+    _add_sampler_options(ev, sweep=True)
+    ev.add_argument("--baseline", nargs=4, action="append", metavar=("CHECKPOINT", "SAMPLER", "STEPS", "W"),
+                    help="also evaluate CHECKPOINT with SAMPLER, STEPS steps and guidance W in the same run, and "
+                         "print a table of every evaluation with its time per image (repeatable)")
     ev.add_argument("--guidance-scale", type=_float_in(1.0, float("inf")), default=None, metavar="W",
                     help="classifier-free guidance weight w >= 1 (default: the checkpoint's; ignored for toy2d)")
     ev.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
@@ -328,7 +367,10 @@ def _train(args) -> int:
         except ValueError as err:
             raise _UsageError(str(err)) from None
         rng = np.random.default_rng(train_config.seed)
-        task = cls(task_config, rng)  # the model's initialisation draws from rng first, as in the library calls
+        try:
+            task = cls(task_config, rng)  # the model's initialisation draws from rng first, as in the library calls
+        except ValueError as err:  # a CheckpointError too: a base or teacher that cannot serve
+            raise _UsageError(str(err)) from None
     trainer = Trainer(task, train_config, out_dir=out, rng=rng, progress=not args.quiet)
     if checkpoint is not None:
         try:
@@ -343,7 +385,7 @@ def _train(args) -> int:
     try:
         trainer.train()
     except TrainingInterrupted as err:
-        print(f"diffusion-np: {err}; continue with: diffusion-np train {cls.name} --out {out} --resume",
+        print(f"diffusion-np: {err}; continue with: diffusion-np {args.command} {cls.name} --out {out} --resume",
               file=sys.stderr)
         return 130
     except NonFiniteLossError as err:
@@ -457,21 +499,34 @@ def _evaluate(args) -> int:
         raise _UsageError(f"--checkpoint {directory} does not exist")
     if args.json is not None:  # checked now, not after minutes of sampling
         _output("--json", args.json)
-    try:
-        result = evaluate_checkpoint(args.checkpoint, sampler=args.sampler, steps=args.steps,
-                                     guidance_scale=args.guidance_scale, num_samples=args.num_samples,
-                                     heldout_samples=args.heldout_samples, seed=args.seed,
-                                     use_ema=not args.raw_weights, progress=not args.quiet)
-    except (CheckpointError, LookupError, ValueError) as err:  # e.g. more steps than training timesteps
-        raise _UsageError(str(err)) from None
-    ignored = [flag for flag, value, task in (("--guidance-scale", args.guidance_scale, "toy2d"),
-                                              ("--heldout-samples", args.heldout_samples, "digits/toy2d"))
-               if value is not None and result["task"] in task.split("/")]
-    if ignored:
-        print(f"diffusion-np: note: {' and '.join(ignored)} ignored for {result['task']}", file=sys.stderr)
-    print(format_report(result))
+    runs = [(args.checkpoint, args.sampler, steps, args.guidance_scale) for steps in args.steps]
+    for checkpoint, sampler, steps, w in args.baseline or []:
+        if sampler not in SAMPLERS:
+            raise _UsageError(f"--baseline {checkpoint} {sampler}: unknown sampler; choose one of "
+                              f"{', '.join(SAMPLERS)}")
+        try:
+            runs.append((checkpoint, sampler, _positive_int(steps), _float_in(1.0, float("inf"))(w)))
+        except argparse.ArgumentTypeError as err:
+            raise _UsageError(f"--baseline {checkpoint} {sampler} {steps} {w}: {err}") from None
+    results = []
+    for checkpoint, sampler, steps, w in runs:
+        try:
+            result = evaluate_checkpoint(checkpoint, sampler=sampler, steps=steps, guidance_scale=w,
+                                         num_samples=args.num_samples, heldout_samples=args.heldout_samples,
+                                         seed=args.seed, use_ema=not args.raw_weights, progress=not args.quiet)
+        except (CheckpointError, LookupError, ValueError) as err:  # e.g. more steps than training timesteps
+            raise _UsageError(str(err)) from None
+        ignored = [flag for flag, value, task in (("--guidance-scale", w, "toy2d"),
+                                                  ("--heldout-samples", args.heldout_samples, "digits/toy2d"))
+                   if value is not None and result.get("scored_as", result["task"]) in task.split("/")]
+        if ignored:
+            print(f"diffusion-np: note: {' and '.join(ignored)} ignored for {result['task']}", file=sys.stderr)
+        print(format_report(result) + ("\n" if len(runs) > 1 else ""))
+        results.append(result)
+    if len(results) > 1:
+        print(format_sweep(results))
     if args.json is not None:
-        print(f"wrote {write_json(result, args.json)}")
+        print(f"wrote {write_json(results[0] if len(results) == 1 else {'runs': results}, args.json)}")
     return 0
 
 
@@ -483,7 +538,7 @@ def main(argv=None) -> int:
         if args.command == "demo":
             result = run_demo(args.out, steps=args.steps, n=args.points, progress=not args.quiet)
             return 0 if result["worst_gradcheck_error"] < 1e-6 else 1
-        if args.command == "train":
+        if args.command in ("train", "distill"):
             return _train(args)
         if args.command == "sample":
             return _sample(args)
