@@ -18,7 +18,8 @@ def test_demo_trains_samples_and_writes_pngs(tmp_path, capsys):
     assert "DDPM, 1000 steps" in out and "DPM-Solver++, 20 steps" in out and "the floor" in out
     assert "shapes, every attribute as prompted:" in out and "held-out ones" in out and "digits, the digit" in out
     assert "ControlNet" in out and "IoU of each shape with its mask" in out
-    for name in ("demo.png", "controlnet.png", "toy2d_samplers.png", "toy2d_loss.png"):
+    assert "Image repair" in out and "wiener" in out and "dps" in out
+    for name in ("demo.png", "controlnet.png", "repair.png", "toy2d_samplers.png", "toy2d_loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
