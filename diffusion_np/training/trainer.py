@@ -110,6 +110,10 @@ TASKS: dict[str, str | None] = {
     "shapes-vae": "diffusion_np.training.tasks:ShapesVAETask",
     "shapes": "diffusion_np.training.tasks:ShapesTask",
     "shapes-controlnet": "diffusion_np.training.controlnet:ShapesControlNetTask",
+    # `diffusion-np finetune lora|textual-inversion|dreambooth` (not listed under `train`)
+    "finetune-lora": "diffusion_np.training.personalise:LoRAFinetuneTask",
+    "finetune-textual-inversion": "diffusion_np.training.personalise:TextualInversionTask",
+    "finetune-dreambooth": "diffusion_np.training.personalise:DreamBoothTask",
 }
 
 
