@@ -7,6 +7,8 @@
     diffusion-np distill M   distil a trained model to a few steps (lcm: latent consistency distillation),
                              with the same checkpoints and --resume as train
     diffusion-np sample      draw samples from a checkpoint with any sampler, write a PNG
+    diffusion-np finetune M  teach a shapes model a new concept from 8 images: lora, textual-inversion
+                             or dreambooth (checkpoints, --resume and Ctrl-C as for train)
     diffusion-np export      a training checkpoint's EMA weights, float16, without optimizer state
     diffusion-np evaluate    sample-quality metrics of a checkpoint (digit accuracy and Frechet distance,
                              shapes prompt accuracy, 2-D distances), as a table and JSON
@@ -42,6 +44,15 @@ from diffusion_np.restoration import TASKS as RESTORE_TASKS
 from diffusion_np.restoration import Inpaint, baseline, dps_restore, make_degradation, training_power
 from diffusion_np.samplers import SAMPLERS
 from diffusion_np.training.model import TextToImageModel
+from diffusion_np.training.personalise import (
+    FINETUNE_PREFIX,
+    METHODS,
+    apply_personalisation,
+    evaluate_personalised_checkpoint,
+    format_personalised_report,
+    is_finetune_checkpoint,
+    parse_lora_spec,
+)
 from diffusion_np.training.plots import save_image_grid
 from diffusion_np.training.trainer import (
     DISTILL_TASKS,
@@ -136,12 +147,24 @@ _SAMPLE_EPILOG = """example:
   diffusion-np sample --checkpoint pretrained:shapes-controlnet --control mask.png --prompt "a red circle" -o red.png
   diffusion-np sample --model sd15 --prompt "a red bicycle" --sampler dpm++ --steps 25 -o bike.png"""
 
+_FINETUNE_EPILOG = """examples:
+  diffusion-np finetune lora --checkpoint pretrained:shapes --concept star --out runs/star
+  diffusion-np finetune lora --concept star --out runs/star --resume       # after Ctrl-C
+  diffusion-np finetune textual-inversion --concept orange --out runs/orange
+  diffusion-np finetune dreambooth --concept star --out runs/star-db
+  diffusion-np sample --checkpoint pretrained:shapes --lora runs/star --prompt "a large green star in the center"
+  diffusion-np evaluate --checkpoint runs/star --json star.json
+
+The run directory gets checkpoint/ (the learned weights only: adapters, the new token's row;
+for DreamBooth the U-Net) and loss.png; the base model is loaded again from --checkpoint."""
+
 _EVALUATE_EPILOG = """examples:
   diffusion-np evaluate --checkpoint pretrained:digits --json digits.json
   diffusion-np evaluate --checkpoint runs/shapes --sampler dpm++ --steps 20 --guidance-scale 4
   diffusion-np evaluate --checkpoint runs/swiss --num-samples 20000
   diffusion-np evaluate --checkpoint pretrained:shapes-lcm --sampler lcm --steps 1,2,4,8 \\
       --baseline pretrained:shapes ddim 50 4 --baseline pretrained:shapes dpm++ 20 4
+  diffusion-np evaluate --checkpoint pretrained:shapes --lora pretrained:shapes-lora-star --sampler dpm++ --steps 20
 
 What is scored (sizes are the defaults):
   digits  500 images, the ten digits in turn: the classifier's accuracy on the digit asked
@@ -150,7 +173,10 @@ What is scored (sizes are the defaults):
   shapes  320 images of the 162 training prompts and 144 of the 18 held-out ones:
           the share with colour, shape, size and position all right, and each alone
   toy2d   10000 points: sliced Wasserstein distance and MMD to fresh data, beside
-          the same distances between two draws of the data (the floor)"""
+          the same distances between two draws of the data (the floor)
+  personalised (a finetune run, or --lora / --embedding): the concept on its 8 trained
+          prompts (4 images each) and in 64 combinations never shown with it, and the
+          180 base prompts with the personalised and with the base model (retention)"""
 
 
 _RESTORE_EPILOG = """examples:
@@ -232,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = train.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=_Parser)
     generic = dataclasses.asdict(TrainConfig())
-    for name in (name for name in TASKS if name not in DISTILL_TASKS):
+    for name in TASKS:
+        if name in DISTILL_TASKS or name.startswith(FINETUNE_PREFIX):
+            continue  # under `distill` or `finetune`
         try:
             cls = get_task(name)
         except TaskNotAvailable:
@@ -258,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_train_options(p, {**generic, **cls.train_defaults})
         cls.add_arguments(p.add_argument_group(f"{name} options"))
+
+    fin = sub.add_parser("finetune", help="teach pretrained:shapes a new concept (star, orange) from a few images",
+                         description="Fine-tune a frozen shapes model on a new concept: LoRA adapters, a textual "
+                                     "inversion (one new token's embedding) or DreamBooth (the whole U-Net), with "
+                                     "checkpoints, --resume and Ctrl-C as for train.",
+                         epilog=_FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    methods = fin.add_subparsers(dest="method", required=True, metavar="METHOD", parser_class=_Parser)
+    for method in METHODS:
+        cls = get_task(FINETUNE_PREFIX + method)
+        p = methods.add_parser(method, help=cls.description, description=cls.description, epilog=_FINETUNE_EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_train_options(p, {**generic, **cls.train_defaults})
+        cls.add_arguments(p.add_argument_group(f"{method} options"))
 
     smp = sub.add_parser("sample", help="draw samples from a trained checkpoint and write a PNG",
                          description="Draw samples from a checkpoint written by `diffusion-np train` (EMA weights) "
@@ -288,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--control-scale", type=float, default=None, metavar="S",
                      help="multiplies the ControlNet's residuals: 0 is the base model alone (default: the "
                           "checkpoint's, 1)")
+    _add_personal_options(smp)
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sample_arguments(smp)  # --model and the options that go with it
 
@@ -324,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", default=None,
                     help="also write the result as JSON here (its directory must exist)")
     ev.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of their EMA")
+    _add_personal_options(ev)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     rs = sub.add_parser("restore", help="repair an image by diffusion posterior sampling",
@@ -358,14 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_personal_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", action="append", metavar="PATH[:SCALE]", default=[],
+                        help="add LoRA adapters: a `finetune lora` run or pretrained:shapes-lora-star, or a "
+                             "diffusers/kohya LoRA file; SCALE multiplies the update (default 1); repeatable")
+    parser.add_argument("--embedding", metavar="PATH", default=None,
+                        help="add a learned token: a `finetune textual-inversion` run, "
+                             "pretrained:shapes-embedding-orange, or a {word: (1, D)} safetensors file")
+
+
 # ----------------------------------------------------------------------------- commands
 def _train(args) -> int:
+    if args.command == "finetune":
+        args.task = FINETUNE_PREFIX + args.method
+    command = f"finetune {args.method}" if args.command == "finetune" else f"{args.command} {args.task}"
     try:
         cls = get_task(args.task)
     except TaskNotAvailable as err:
         raise _UsageError(str(err)) from None
     if args.out is None:
-        raise _UsageError(f"train {args.task}: --out DIR is required (where checkpoints and plots go)")
+        raise _UsageError(f"{command}: --out DIR is required (where checkpoints and plots go)")
     out = _output("--out", args.out, directory=True)
 
     given = vars(args)
@@ -429,7 +484,7 @@ def _train(args) -> int:
     try:
         trainer.train()
     except TrainingInterrupted as err:
-        print(f"diffusion-np: {err}; continue with: diffusion-np {args.command} {cls.name} --out {out} --resume",
+        print(f"diffusion-np: {err}; continue with: diffusion-np {command} --out {out} --resume",
               file=sys.stderr)
         return 130
     except NonFiniteLossError as err:
@@ -468,6 +523,8 @@ def _sample(args) -> int:
     ema = (state is not None and not args.raw_weights) or exported.get("weights") == "ema"
     weights = "EMA weights" if ema else "weights"
     title = f"{task.name}, step {step}, {args.sampler} {args.steps} steps, seed {args.seed}"
+    if (args.lora or args.embedding is not None) and not args.prompt:
+        raise _UsageError("--lora and --embedding go with at least one --prompt (the prompts may use the new word)")
     try:
         controlled = task.name == "shapes-controlnet" and args.prompt
         if args.control is not None or args.control_scale is not None or controlled:
@@ -487,15 +544,22 @@ def _sample(args) -> int:
 
 def _sample_prompts(task, args, output: Path, title: str) -> int:
     """Text-to-image from the command line: each --prompt ``-n`` times, one grid with the prompts as captions."""
-    if not isinstance(getattr(task, "model", None), TextToImageModel):
-        raise _UsageError(f"--prompt, --negative-prompt and --guidance-scale need a digits or shapes checkpoint, "
-                          f"not {task.name}")
+    model = task.personalised() if hasattr(task, "personalised") else getattr(task, "model", None)
+    if not isinstance(model, TextToImageModel):
+        raise _UsageError(f"--prompt, --negative-prompt, --guidance-scale, --lora and --embedding need a digits, "
+                          f"shapes or finetune checkpoint, not {task.name}")
     if not args.prompt:
         raise _UsageError("--negative-prompt and --guidance-scale go with at least one --prompt")
+    try:
+        for line in apply_personalisation(model, [parse_lora_spec(spec) for spec in args.lora], args.embedding,
+                                          use_ema=not args.raw_weights):
+            print(f"applied {line}")
+    except (CheckpointError, OSError) as err:
+        raise _UsageError(str(err)) from None
     per_prompt = args.n if args.n is not None else 4
     prompts = [p for p in args.prompt for _ in range(per_prompt)]
     w = args.guidance_scale if args.guidance_scale is not None else task.config.guidance_scale
-    images = task.model.generate(prompts, args.sampler, args.steps, w, args.seed, progress=not args.quiet,
+    images = model.generate(prompts, args.sampler, args.steps, w, args.seed, progress=not args.quiet,
                                  negative_prompt=args.negative_prompt)
     save_image_grid(images, output, prompts, ncols=min(per_prompt, 8), title=f"{title}, guidance {w}")
     return len(prompts)
@@ -543,6 +607,23 @@ def _evaluate(args) -> int:
         raise _UsageError(f"--checkpoint {directory} does not exist")
     if args.json is not None:  # checked now, not after minutes of sampling
         _output("--json", args.json)
+    try:
+        personal = args.lora or args.embedding is not None or is_finetune_checkpoint(load_checkpoint(directory))
+    except CheckpointError as err:
+        raise _UsageError(str(err)) from None
+    if personal:
+        if len(args.steps) > 1 or args.baseline:
+            raise _UsageError("a personalised model is scored at one --steps, without --baseline")
+        try:
+            result = evaluate_personalised_checkpoint(
+                args.checkpoint, [parse_lora_spec(spec) for spec in args.lora], args.embedding, args.sampler,
+                args.steps[0], args.guidance_scale, args.seed, use_ema=not args.raw_weights, progress=not args.quiet)
+        except (CheckpointError, LookupError, ValueError, OSError) as err:
+            raise _UsageError(str(err)) from None
+        print(format_personalised_report(result))
+        if args.json is not None:
+            print(f"wrote {write_json(result, args.json)}")
+        return 0
     runs = [(args.checkpoint, args.sampler, steps, args.guidance_scale) for steps in args.steps]
     for checkpoint, sampler, steps, w in args.baseline or []:
         if sampler not in SAMPLERS:
@@ -627,7 +708,7 @@ def main(argv=None) -> int:
         if args.command == "demo":
             result = run_demo(args.out, steps=args.steps, n=args.points, progress=not args.quiet)
             return 0 if result["worst_gradcheck_error"] < 1e-6 else 1
-        if args.command in ("train", "distill"):
+        if args.command in ("train", "distill", "finetune"):
             return _train(args)
         if args.command == "sample":
             return _sample(args)

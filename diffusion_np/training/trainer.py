@@ -116,6 +116,10 @@ TASKS: dict[str, str | None] = {
     "shapes": "diffusion_np.training.tasks:ShapesTask",
     "shapes-controlnet": "diffusion_np.training.controlnet:ShapesControlNetTask",
     "lcm": "diffusion_np.training.distill:LCMDistillTask",
+    # `diffusion-np finetune lora|textual-inversion|dreambooth` (not listed under `train`)
+    "finetune-lora": "diffusion_np.training.personalise:LoRAFinetuneTask",
+    "finetune-textual-inversion": "diffusion_np.training.personalise:TextualInversionTask",
+    "finetune-dreambooth": "diffusion_np.training.personalise:DreamBoothTask",
 }
 #: the tasks that distil a trained teacher: ``diffusion-np distill NAME`` rather than ``train NAME``
 DISTILL_TASKS = ("lcm",)
