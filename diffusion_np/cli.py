@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--steps", type=_positive_int, default=None, metavar="N",
                     help="DDIM steps (default 100 in pixel space, 50 with a VAE)")
     rs.add_argument("--zeta", type=_float_in(0.0, 100.0), default=None, metavar="Z",
-                    help="DPS step size (default 0.5 in pixel space, 0.1 with a VAE)")
+                    help="DPS step size (default 1 in pixel space, 0.5 with a VAE)")
     rs.add_argument("--repeats", type=_positive_int, default=None, metavar="K",
                     help="time-travel repeats per step (default 1 in pixel space, 4 with a VAE)")
     rs.add_argument("--prompt", default="", metavar="TEXT", help="condition the prior on a caption (default: none)")
@@ -685,7 +685,7 @@ def _restore(args) -> int:
         else:
             op.check_measurement(image, "--input (the measurement)")
             y = image
-        settings = {"steps": 50, "zeta": 0.1, "repeats": 4} if latent else {"steps": 100, "zeta": 0.5, "repeats": 1}
+        settings = {"steps": 50, "zeta": 0.5, "repeats": 4} if latent else {"steps": 100, "zeta": 1.0, "repeats": 1}
         for key in settings:
             if getattr(args, key) is not None:
                 settings[key] = getattr(args, key)

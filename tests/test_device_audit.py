@@ -22,6 +22,8 @@ from diffusion_np.metrics.evaluate import evaluate_checkpoint
 from diffusion_np.models.controlnet import ControlNetModel
 from diffusion_np.optim import EMA, AdamW, clip_grad_norm
 from diffusion_np.pipelines import ControlNetPipeline, ImageToImagePipeline, InpaintPipeline, TextToImagePipeline
+from diffusion_np.pipelines.prompt_to_prompt import prompt_to_prompt
+from diffusion_np.restoration import dps_restore, make_degradation
 from diffusion_np.samplers import SAMPLERS
 from diffusion_np.samplers.loop import sample
 from diffusion_np.testing import strict_backend as strict
@@ -29,6 +31,7 @@ from diffusion_np.testing.strict_backend import DeviceRuleError, count_transfers
 from diffusion_np.training.configs import DigitsConfig, ShapesConfig, ShapesVAEConfig
 from diffusion_np.training.controlnet import ShapesControlNetConfig, ShapesControlNetTask
 from diffusion_np.training.distill import LCMDistillConfig, LCMDistillTask
+from diffusion_np.training.model import TextToImageModel
 from diffusion_np.training.tasks import DigitsTask, ShapesTask, ShapesVAETask
 from diffusion_np.training.toy2d import Toy2DConfig, Toy2DTask
 from diffusion_np.training.trainer import TrainConfig, Trainer
@@ -301,3 +304,28 @@ def flat(metrics: dict) -> dict:
         elif value is not None and not isinstance(value, str):
             out[key] = value
     return {k: v for k, v in out.items() if v is not None}  # a None on one side only: the keys differ
+
+
+# ----------------------------------------------------------------------------- repair and editing
+def _latent_bundle(latent_models):
+    unet, text_encoder, tokenizer, vae = latent_models
+    schedule = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+    return TextToImageModel(unet, text_encoder, tokenizer, schedule, vae)
+
+
+def test_diffusion_posterior_sampling(latent_models):
+    # every step runs the U-Net's and the decoder's backward on the device and copies nothing back
+    model = _latent_bundle(latent_models)
+    op = make_degradation("superres", 2 * SIZE, 3, factor=2)
+    y = op.degrade(np.random.default_rng(0).uniform(-1, 1, (2, 2 * SIZE, 2 * SIZE, 3)).astype(np.float32), 0)
+    with count_transfers() as total:
+        out = dps_restore(model, op, y, steps=3, zeta=0.5, repeats=2)
+    assert out.images.shape == (2, 2 * SIZE, 2 * SIZE, 3) and len(out.residual_norms) == 3
+    assert total.d2h <= 4, total  # the text encoder's id check, the images and the residual norms, once each
+
+
+def test_prompt_to_prompt(latent_models):
+    model = _latent_bundle(latent_models)
+    src, edited = prompt_to_prompt(model, PROMPTS, PROMPTS[::-1], steps=3, guidance_scale=3.0)
+    assert src.shape == edited.shape == (2, 2 * SIZE, 2 * SIZE, 3)

@@ -278,6 +278,13 @@ class Attention(Module):
         a chunked forward keeps no cache, and ``backward`` after it raises. Change it any
         time (``layer.chunk_size = 1024``) or model-wide with :func:`set_attention_chunk_size`.
 
+    ``attention_edit`` (an attribute, None by default) is a hook for attention editing such as
+    prompt-to-prompt (:mod:`diffusion_np.pipelines.prompt_to_prompt`): a callable
+    ``edit(probs (B, heads, N, L), self_attention: bool) -> probs`` that may change the attention
+    probabilities before they weight the values. With a hook the layer runs the plain
+    :func:`sdpa_forward` and keeps no cache (inference only; ``backward`` then raises); without
+    one (the default) nothing changes, and the cost is one ``is None`` test.
+
     Notes
     -----
     Shapes: x (B, N, query_dim), context (B, L, cross_attention_dim) -> (B, N, query_dim).
@@ -303,6 +310,7 @@ class Attention(Module):
         super().__init__()
         rng = rng if rng is not None else np.random.default_rng(0)
         self.chunk_size = chunk_size
+        self.attention_edit = None  # prompt-to-prompt's hook (see the class docstring)
         self.query_dim = query_dim = check_size(self, "query_dim", query_dim)
         if cross_attention_dim is not None:
             cross_attention_dim = check_size(self, "cross_attention_dim", cross_attention_dim)
@@ -335,7 +343,11 @@ class Attention(Module):
         k = _split_heads(self.to_k(context), self.heads)  # (B, L, heads*d) -> (B, heads, L, d)
         v = _split_heads(self.to_v(context), self.heads)  # (B, L, heads*d) -> (B, heads, L, d)
         mask = causal_mask(x.shape[1], get_xp(x)) if self.causal else None
-        if self.chunk_size is not None and x.shape[1] > self.chunk_size:
+        if self.attention_edit is not None:  # attention editing: the plain path, the probabilities changed
+            _, probs_cache = sdpa_forward(q, k, v, mask=mask)  # probs_cache.p: (B, heads, N, L)
+            out = self.attention_edit(probs_cache.p, self_attention) @ v  # (B, heads, N, L) @ (B, heads, L, d)
+            sdpa_cache = None  # inference only, as a chunked forward
+        elif self.chunk_size is not None and x.shape[1] > self.chunk_size:
             out = sdpa_chunked_forward(q, k, v, mask=mask, chunk_size=self.chunk_size)  # (B, heads, N, d)
             sdpa_cache = None  # forward only: the probabilities were never kept
         elif fast.splits_batch(q, k, v):  # blocks of the batch on the threads (nn/fast/parallel.py)
@@ -350,8 +362,9 @@ class Attention(Module):
         sdpa_cache, self_attention = self._pop_cache()
         if sdpa_cache is None:
             raise RuntimeError(
-                f"Attention.backward after a chunked forward (chunk_size={self.chunk_size}): chunking is for "
-                "inference and keeps no cache; set chunk_size=None for training"
+                f"Attention.backward after a chunked or edited forward (chunk_size={self.chunk_size}, "
+                f"attention_edit={self.attention_edit!r}): both are for inference and keep no cache; set "
+                "chunk_size=None and attention_edit=None for training"
             )
         d_merged = self.to_out[0].backward(dout)  # (B, N, heads*d)
         if isinstance(sdpa_cache, fast.parallel.BlockCaches):

@@ -110,3 +110,16 @@ def test_time_travel_repeats_each_step_and_checks_its_argument():
     assert len(out.residual_norms) == 3 and np.all(np.isfinite(out.images))
     with pytest.raises(ValueError, match="repeats"):
         dps_restore(model, op, y, steps=3, repeats=0)
+
+
+def test_a_warm_start_runs_the_tail_of_the_schedule_from_the_given_images():
+    model = tiny_model(True, dtype=np.float32)
+    op = make_degradation("deblur", 8, 3)
+    clean = np.random.default_rng(7).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    y = op.degrade(clean, 0)
+    out = dps_restore(model, op, y, steps=10, zeta=0.1, init=clean, strength=0.3)
+    assert len(out.residual_norms) == 3 and out.images.shape == clean.shape  # int(10 * 0.3) steps
+    with pytest.raises(ValueError, match="init"):
+        dps_restore(model, op, y, steps=10, init=clean[:, :4], strength=0.3)
+    with pytest.raises(ValueError, match="strength"):
+        dps_restore(model, op, y, steps=10, init=clean, strength=0.0)

@@ -53,11 +53,12 @@ def test_a_measurement_of_the_wrong_size_is_one_line_and_status_2(tmp_path, digi
 def test_the_benchmark_writes_rows_for_every_method(tmp_path):
     path = tmp_path / "restore.json"
     rows = bench.main(["--json", str(path), "--models", "digits", "--tasks", "deblur", "superres_x4",
-                       "--n", "2", "--steps", "2", "--quiet"])
+                       "--n", "2", "--steps", "4", "--quiet"])  # the warm start runs int(4 * 0.3) = 1
     saved = json.loads(path.read_text())["results"]
-    assert saved == rows and len(rows) == 6
+    assert saved == rows and len(rows) == 8
     assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in ("deblur", "superres_x4")
-                                                         for m in ("degraded", "baseline", "dps")}
+                                                         for m in ("degraded", "baseline", "dps", "dps_warm")}
+    assert all(r["strength"] == 0.3 for r in rows if r["method"] == "dps_warm")
     for r in rows:
         assert np.isfinite(r["psnr"]) and 0.0 <= r["task_metric"] <= 1.0 and r["n"] == 2
 
