@@ -68,7 +68,7 @@ from diffusion_np.data.shapes import CONCEPTS, all_prompts, caption, concept_ima
 from diffusion_np.diffusion import min_snr_weights, q_sample, training_target
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
 from diffusion_np.io.diffusers import read_safetensors
-from diffusion_np.io.lora import load_lora
+from diffusion_np.io.lora import load_lora, parse_lora_spec
 from diffusion_np.metrics.evaluate import generate_images
 from diffusion_np.metrics.shapes import prompt_accuracy
 from diffusion_np.models.tokenizer import SPECIAL_TOKENS, WordTokenizer
@@ -501,19 +501,6 @@ def class_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 # ============================================================================ applying a result
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``"PATH[:SCALE]"`` -> (path, scale); ``pretrained:NAME[:SCALE]`` keeps its prefix."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"--lora must be PATH or PATH:SCALE, got {spec!r}")
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and head != PRETRAINED_PREFIX.rstrip(":"):
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass  # a colon that is part of the path
-    return spec, 1.0
-
-
 def is_finetune_checkpoint(checkpoint) -> bool:
     """Is a loaded :class:`~diffusion_np.io.checkpoint.Checkpoint` a fine-tuning run's?"""
     return str(checkpoint.config.get("task", "")).startswith(FINETUNE_PREFIX)
