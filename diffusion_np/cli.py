@@ -36,7 +36,7 @@ from diffusion_np.io.diffusers import add_sample_arguments, sample_from_model
 from diffusion_np.io.lora import load_lora_weights, parse_lora_spec
 from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, write_json
 from diffusion_np.pipelines.image_io import load_control_image
-from diffusion_np.pretrained import resolve_checkpoint
+from diffusion_np.pretrained import PREFIX, PRETRAINED, resolve_checkpoint
 from diffusion_np.samplers import SAMPLERS
 from diffusion_np.training.model import TextToImageModel
 from diffusion_np.training.personalise import (
@@ -294,10 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="storage type of the weights (default float16; they load as float32)")
     exp.add_argument("--raw-weights", action="store_true", help="export the trained weights instead of their EMA")
 
+    shipped = "\n".join(f"  {PREFIX}{name:25s} {what}" for name, what in PRETRAINED.items())
     ev = sub.add_parser("evaluate", help="score a checkpoint's samples: a table, and JSON with --json",
                         description="Generate samples from a checkpoint (digits, shapes or toy2d) and score them "
                                     "with the task's metrics; prints a table, writes the numbers as JSON with --json.",
-                        epilog=_EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=f"{_EVALUATE_EPILOG}\n\nshipped weights (--checkpoint, --lora, --embedding):\n{shipped}",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--checkpoint", metavar="DIR", required=True,
                     help="a run directory of `diffusion-np train`, the checkpoint/ inside it, an export, or "
                          "pretrained:digits / pretrained:shapes (the shipped weights)")

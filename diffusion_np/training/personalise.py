@@ -111,6 +111,10 @@ METHODS = ("lora", "textual-inversion", "dreambooth")
 FINETUNE_PREFIX = "finetune-"
 #: the weights file of a fine-tuning checkpoint
 WEIGHTS = "personal"
+#: LoRA's default targets: the attention projections and the ResNet blocks' two 3x3 convolutions. On the
+#: attention alone (rank 4, 43k numbers) the star was not learned: the U-Net must draw a new *shape*,
+#: which its convolutions do, not only read a new word
+LORA_TARGETS = (*ATTENTION_TARGETS, "conv1", "conv2")
 #: the word a textual inversion's row starts from, per concept (diffusers' ``--initializer_token``)
 INIT_WORDS = {"star": "triangle", "orange": "red"}
 
@@ -170,14 +174,14 @@ class PersonalWeights(Module):
     step on them is a step on the model. :meth:`sync` writes the row into the text encoder's table.
     """
 
-    def __init__(self, model: TextToImageModel, word: str, row, method: str) -> None:
+    def __init__(self, model: TextToImageModel, word: str, row, method: str, train_token: bool = False) -> None:
         super().__init__()
         self.word, self.method = word, method
         self.token_id = add_concept_token(model, word, row)
         object.__setattr__(self, "_model", model)  # not a child: its weights are not ours to save
         table = _token_table(model)
         self.add_param("token_row", table.weight[self.token_id:self.token_id + 1].copy(),
-                       trainable=method == "textual-inversion")
+                       trainable=method == "textual-inversion" or train_token)
         if method == "dreambooth":
             self._modules["unet"] = model.unet
 
@@ -208,18 +212,20 @@ class FinetuneConfig:
     ``num_images``: concept images (4..16). ``rank``, ``alpha`` (None: = rank), ``targets``: the
     LoRA adapters. ``init_word``: textual inversion's starting row (None: :data:`INIT_WORDS`).
     ``invert_steps``: :func:`invert_decoder`'s steps for the concept latents.
-    ``prior_weight`` (lambda of DreamBooth Eq. 2; 0: no class images), ``prior_share`` (share of
+    ``prior_weight`` (lambda of DreamBooth Eq. 2; 0: no class images; None: 0 for textual
+    inversion, 1 otherwise), ``prior_share`` (share of
     each batch from the class images), ``class_images`` (how many the frozen base generates).
     """
 
     concept: str = "star"
     base: str = PRETRAINED_PREFIX + "shapes"
     num_images: int = 8
-    rank: int = 4
+    rank: int = 8
     alpha: float | None = None
-    targets: list = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
     init_word: str | None = None
-    prior_weight: float = 1.0
+    train_token: bool = True
+    prior_weight: float | None = None
     prior_share: float = 0.5
     class_images: int = 128
     caption_dropout: float = 0.1
@@ -235,7 +241,7 @@ class FinetuneConfig:
             raise ValueError(f"num_images must be an integer from 4 to 16, got {self.num_images!r}")
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if not self.prior_weight >= 0:
+        if self.prior_weight is not None and not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
         if not 0.0 <= self.prior_share < 1.0:
             raise ValueError(f"prior_share must be in [0, 1), got {self.prior_share}")
@@ -296,7 +302,11 @@ class _FinetuneTask:
             raise ValueError(f"the base model already knows the word {config.concept!r}")
         base.freeze()
         base.vae.freeze()  # not a child of the bundle; invert_decoder runs its backward
-        if self.method == "textual-inversion":
+        self.train_token = self.method == "textual-inversion" or (self.method == "lora" and config.train_token)
+        # lambda of Eq. 2: none for textual inversion (no base prompt reaches its row), 1 otherwise
+        self.prior_weight = config.prior_weight if config.prior_weight is not None else \
+            (0.0 if self.method == "textual-inversion" else 1.0)
+        if self.train_token:
             init = config.init_word or INIT_WORDS[config.concept]
             if init not in base.tokenizer.token_to_id:
                 raise ValueError(f"init_word {init!r} is not in the base model's vocabulary")
@@ -304,19 +314,19 @@ class _FinetuneTask:
         else:
             row = _identifier_row(base, rng)
         self.base = base
-        self.model = PersonalWeights(base, config.concept, row, self.method)
+        self.model = PersonalWeights(base, config.concept, row, self.method, self.train_token)
         if self.method == "lora":
             add_lora(base.unet, target=config.targets, rank=config.rank, alpha=config.alpha, rng=rng)
             self.model.add_lora_children()
-            base.text_encoder.inference(True)  # forward only
         elif self.method == "dreambooth":
             for _, module in base.unet.named_modules():  # unfreeze the U-Net: every weight trains
                 for name, value in module.params.items():
                     module.grads[name] = value * 0
-            base.text_encoder.inference(True)
-        else:
+        if self.train_token:
             table = _token_table(base)
             table.grads["weight"] = table.weight * 0  # the table's gradient, of which one row is kept
+        else:
+            base.text_encoder.inference(True)  # forward only
         self._data = None
         self._prior = None
 
@@ -370,7 +380,7 @@ class _FinetuneTask:
         device = base.device
         self.model.sync()
         # 1. concept and class latents, captions
-        n_prior = int(round(c.prior_share * batch_size)) if c.prior_weight > 0 else 0
+        n_prior = int(round(c.prior_share * batch_size)) if self.prior_weight > 0 else 0
         n_concept = batch_size - n_prior
         mean, std, captions = self.concept_data()
         idx = rng.integers(0, len(mean), n_concept)
@@ -397,7 +407,7 @@ class _FinetuneTask:
         #    lambda B / B_p under the batch mean (times min-SNR weights, as the base was trained)
         weights = np.full(batch_size, batch_size / n_concept, dtype=np.float32)
         if n_prior:
-            weights[n_concept:] = c.prior_weight * batch_size / n_prior
+            weights[n_concept:] = self.prior_weight * batch_size / n_prior
         weights = to_device(weights, device)
         if c.min_snr_gamma is not None:
             weights = weights * min_snr_weights(t_dev, schedule.snr, c.min_snr_gamma, base.prediction_type)
@@ -405,7 +415,7 @@ class _FinetuneTask:
         loss, cache = mse_loss_forward(pred, target, weights)
         # 5. backward: the U-Net's trainable part; for textual inversion on to the token's row
         g = base.unet.backward(mse_loss_backward(cache))
-        if self.method == "textual-inversion":
+        if self.train_token:
             base.text_encoder.backward(g.dcontext)
             self.model.pull_grad()
         return float(asnumpy(loss))
@@ -470,7 +480,7 @@ class LoRAFinetuneTask(_FinetuneTask):
     name = "finetune-lora"
     method = "lora"
     description = "LoRA adapters on the frozen U-Net's attention learn a new concept from a few images"
-    train_defaults = dict(steps=400, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
+    train_defaults = dict(steps=600, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
                           checkpoint_every=100, sample_every=0)
 
 
@@ -584,11 +594,16 @@ def _check_lora_fits(model: TextToImageModel, path, config: dict, weights: dict)
         if m is None:
             continue
         layer = modules.get(m[1] + ".")
-        if layer is None or not hasattr(layer, "weight") or layer.weight.ndim != 2:
-            problems.append(f"{key}: the U-Net has no Linear layer {m[1]}")
+        weight = getattr(layer, "params", {}).get("weight")
+        if weight is None or weight.ndim not in (2, 4):
+            problems.append(f"{key}: the U-Net has no Linear or Conv2d layer {m[1]}")
             continue
-        out_features, in_features = layer.weight.shape
-        want = (config["rank"], in_features) if m[2] == "A" else (out_features, config["rank"])
+        r = config["rank"]
+        if weight.ndim == 2:  # Linear (out, in): A (r, in), B (out, r)
+            want = (r, weight.shape[1]) if m[2] == "A" else (weight.shape[0], r)
+        else:  # Conv2d (kh, kw, C_in, C_out): A (kh, kw, C_in, r), B (1, 1, r, C_out)
+            kh, kw, c_in, c_out = weight.shape
+            want = (kh, kw, c_in, r) if m[2] == "A" else (1, 1, r, c_out)
         if tuple(value.shape) != want:
             problems.append(f"{key}: shape {tuple(value.shape)}, the layer needs {want}")
     if problems:

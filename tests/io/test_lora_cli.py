@@ -82,3 +82,43 @@ def test_a_bad_lora_file_is_one_error_and_nothing_is_applied(lora_file, tmp_path
     assert err.count("error:") == 1 and "Traceback" not in err and "no Linear or Conv2d layer input_blocks_1_1" in err
     assert main(["sample", "--model", str(TINY_SD), "--embedding", "x", *COMMON, "-o", str(out)]) == 2
     one_error_line(capsys, "--embedding goes with a shapes --checkpoint")
+
+
+@pytest.mark.crosscheck
+def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_path):
+    """A LoRA made with peft on the tiny SD fixture's U-Net attention, saved by diffusers, applied by diffusers'
+    ``pipe.load_lora_weights`` and by ours at scale 0.8: the same images (<= 1e-4). (The text encoder's
+    adapters go through transformers' peft integration, which needs peft >= 0.22; the crosscheck extra has
+    0.21. Text-encoder files are read by tests/io/test_lora_files.py.)"""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    peft = pytest.importorskip("peft")
+    from fixtures.make_tiny_sd import PIPELINE_GUIDANCE, PIPELINE_PROMPT, PIPELINE_STEPS, load_reference_pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    maker = load_reference_pipeline(TINY_SD, "ddim")
+    maker.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in maker.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(maker.unet),
+        unet_lora_adapter_metadata=maker.unet.peft_config["default"].to_dict())
+
+    latents = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    theirs = load_reference_pipeline(TINY_SD, "ddim")
+    theirs.load_lora_weights(str(tmp_path), adapter_name="star")
+    theirs.set_adapters(["star"], adapter_weights=[0.8])
+    ref = theirs(PIPELINE_PROMPT, num_inference_steps=PIPELINE_STEPS, guidance_scale=PIPELINE_GUIDANCE,
+                 latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), output_type="np").images
+    ours = load_pipeline(TINY_SD, sampler="ddim")
+    done = load_lora_weights(ours, tmp_path, scale=0.8)
+    assert len(done["unet"]) == 4 * len([k for k in done["unet"] if k.endswith("to_q")]) and "text_encoder" not in done
+    out = ours(PIPELINE_PROMPT, guidance_scale=PIPELINE_GUIDANCE, num_inference_steps=PIPELINE_STEPS,
+               noise=latents, progress=False)
+    plain = load_pipeline(TINY_SD, sampler="ddim")(PIPELINE_PROMPT, guidance_scale=PIPELINE_GUIDANCE,
+                                                   num_inference_steps=PIPELINE_STEPS, noise=latents, progress=False)
+    assert np.abs(out.images - plain.images).max() > 1e-2  # the LoRA changes the image ...
+    assert np.abs((out.images + 1.0) / 2.0 - np.asarray(ref)).max() <= 1e-4  # ... as diffusers changes it
