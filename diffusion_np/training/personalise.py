@@ -13,25 +13,28 @@ three methods do with that row and with the rest:
 =====================  ================================  =================================  ==============
 method                 the new token's row               trained                            frozen
 =====================  ================================  =================================  ==============
-LoRA (Hu et al. 2021)  random, fixed (an identifier)     rank-r adapters ``B A`` on the      everything else
-                                                         U-Net's attention projections
-textual inversion      starts as ``init_word``'s row     that row only (Gal et al. 2022,     everything else
+LoRA (Hu et al. 2021)  starts as ``init_word``'s row,    rank-r adapters ``B A`` on the     everything else
+                       trained beside the adapters       U-Net's attention projections and
+                       (``train_token``; off: a fixed    its ResNet blocks' 3x3 convolutions
+                       random identifier)
+textual inversion      starts as ``init_word``'s row     that row only (Gal et al. 2022,    everything else
 (Gal et al. 2022)                                        Eq. 2)
-DreamBooth             random, fixed (an identifier)     the whole U-Net                     text encoder, VAE
+DreamBooth             random, fixed (an identifier)     the whole U-Net                    text encoder, VAE
 (Ruiz et al. 2023)
 =====================  ================================  =================================  ==============
 
 One training step, for all three (the ``shapes`` task's step with a frozen base)::
 
     1. B_c images of the concept, B_p class images (B_c + B_p = B, B_p = round(prior_share B));
-       x_0 = scaling_factor * z,  z ~ q(z | image)                    (frozen VAE, encoded once)
+       x_0 = scaling_factor * z: class images z ~ q(z | image) (the frozen VAE), concept images
+       z = their inverted latent + the encoder's std * noise (:func:`invert_decoder`), found once
        captions: the concept's own; "" with probability p (classifier-free guidance)
     2. c = text_encoder(tokenizer(captions))              (TI: with the trainable row in the table)
     3. t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
     4. loss = mean_c ||eps - eps_th(x_t, t, c)||^2 + lambda mean_p ||eps' - eps_th(x'_t, t', c')||^2
                                                                       (DreamBooth Eq. 2)
     5. backward: U-Net -> (LoRA: the adapters' dA, dB | DreamBooth: every U-Net weight)
-                 -> (TI: d context -> the text encoder's hand-written backward -> the row)
+                 -> (TI, LoRA's trained row: d context -> the text encoder's hand-written backward -> the row)
 
 The second term of step 4 is DreamBooth's prior preservation: the class images were generated
 by the frozen base model *before* training (128 images of the base prompts, DPM-Solver++ 20
