@@ -339,6 +339,12 @@ class _FinetuneTask:
     def modules(self) -> dict[str, Module]:
         return {WEIGHTS: self.model}
 
+    def to(self, device: str) -> _FinetuneTask:
+        """Move the base's networks (VAE included) and the learned part to ``device`` ("numpy", "cupy", "strict")."""
+        for module in (*self.base.modules().values(), self.model):
+            module.to(device)
+        return self
+
     def personalised(self) -> TextToImageModel:
         """The base model with what was learned in place (the row synced): sample from this."""
         self.model.sync()
