@@ -16,6 +16,8 @@ from diffusion_np.training.personalise import (
     FinetuneConfig,
     LoRAFinetuneTask,
     TextualInversionTask,
+    _check_lora_fits,
+    _stored,
     add_concept_token,
     apply_personalisation,
     evaluate_personalised,
@@ -233,3 +235,21 @@ def test_bad_input(runs, capsys, tmp_path):
     assert main(["sample", "--checkpoint", "pretrained:shapes", "--lora", str(runs["lora"]), "-o",
                  str(tmp_path / "a.png")]) == 2
     one_error_line(capsys, "--lora and --embedding go with at least one --prompt")
+
+
+def test_a_lora_run_that_does_not_fit_lists_every_problem(runs):
+    config, weights = _stored(load_checkpoint(runs["lora"] / "checkpoint"), use_ema=True)
+    a_key = next(k for k in weights if k.endswith("to_q.lora_A.weight"))
+    conv_key = next(k for k in weights if k.endswith("conv1.lora_B.weight"))
+    weights = {**weights, a_key: np.zeros((3, 5), np.float32), conv_key: np.zeros((1, 1, 2, 2), np.float32),
+               "unet.nowhere.lora_A.weight": np.zeros((8, 4), np.float32), "token_row": np.zeros((1, 7))}
+    model = TextToImageModel.load("pretrained:shapes")
+    add_concept_token(model, "star")
+    with pytest.raises(CheckpointError) as info:
+        _check_lora_fits(model, "x", config, weights)
+    message = str(info.value)
+    expected = ("already has the word 'star'", "token_row is (1, 7)", a_key, conv_key,
+                "no Linear or Conv2d layer nowhere")
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+    assert lora_layers(model.unet) == {}  # nothing applied
