@@ -37,9 +37,10 @@ from diffusion_np.demo import run_demo
 from diffusion_np.gradcheck import gradcheck_report
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint, writable_path
 from diffusion_np.io.diffusers import add_sample_arguments, sample_from_model
+from diffusion_np.io.lora import load_lora_weights, parse_lora_spec
 from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, format_sweep, write_json
 from diffusion_np.pipelines.image_io import load_control_image, load_image, load_mask, save_image
-from diffusion_np.pretrained import resolve_checkpoint
+from diffusion_np.pretrained import PREFIX, PRETRAINED, resolve_checkpoint
 from diffusion_np.restoration import TASKS as RESTORE_TASKS
 from diffusion_np.restoration import Inpaint, baseline, dps_restore, make_degradation, training_power
 from diffusion_np.samplers import SAMPLERS
@@ -51,7 +52,6 @@ from diffusion_np.training.personalise import (
     evaluate_personalised_checkpoint,
     format_personalised_report,
     is_finetune_checkpoint,
-    parse_lora_spec,
 )
 from diffusion_np.training.plots import save_image_grid
 from diffusion_np.training.trainer import (
@@ -344,10 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="storage type of the weights (default float16; they load as float32)")
     exp.add_argument("--raw-weights", action="store_true", help="export the trained weights instead of their EMA")
 
+    shipped = "\n".join(f"  {PREFIX}{name:25s} {what}" for name, what in PRETRAINED.items())
     ev = sub.add_parser("evaluate", help="score a checkpoint's samples: a table, and JSON with --json",
                         description="Generate samples from a checkpoint (digits, shapes or toy2d) and score them "
                                     "with the task's metrics; prints a table, writes the numbers as JSON with --json.",
-                        epilog=_EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=f"{_EVALUATE_EPILOG}\n\nshipped weights (--checkpoint, --lora, --embedding):\n{shipped}",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--checkpoint", metavar="DIR", required=True,
                     help="a run directory of `diffusion-np train`, the checkpoint/ inside it, an export, or "
                          "pretrained:digits / pretrained:shapes (the shipped weights)")
@@ -499,7 +501,20 @@ def _sample(args) -> int:
     if args.model is not None:  # real Stable Diffusion weights (docs/real-weights.md)
         if args.checkpoint is not None:
             raise _UsageError("give either --checkpoint or --model, not both")
-        return sample_from_model(args)
+        if args.embedding is not None:
+            raise _UsageError("--embedding goes with a shapes --checkpoint; --model takes --lora files")
+        try:
+            specs = [parse_lora_spec(spec) for spec in args.lora]
+        except ValueError as err:
+            raise _UsageError(str(err)) from None
+
+        def put_loras(pipe) -> None:  # every file checked whole before it is applied (load_lora)
+            for i, (path, scale) in enumerate(specs):
+                done = load_lora_weights(pipe, path, adapter_name=f"lora{i}", scale=scale)
+                print(f"applied LoRA {path} (scale {scale:g}): "
+                      + ", ".join(f"{len(v)} {k} layers" for k, v in done.items()))
+
+        return sample_from_model(args, prepare=put_loras if specs else None)
     args.sampler = args.sampler or "ddim"
     if args.checkpoint is None:
         raise _UsageError("sample needs --checkpoint DIR (a trained run) or --model PATH (Stable Diffusion weights)")

@@ -32,6 +32,7 @@ from diffusion_np.training.configs import DigitsConfig, ShapesConfig, ShapesVAEC
 from diffusion_np.training.controlnet import ShapesControlNetConfig, ShapesControlNetTask
 from diffusion_np.training.distill import LCMDistillConfig, LCMDistillTask
 from diffusion_np.training.model import TextToImageModel
+from diffusion_np.training.personalise import FinetuneConfig, LoRAFinetuneTask, TextualInversionTask
 from diffusion_np.training.tasks import DigitsTask, ShapesTask, ShapesVAETask
 from diffusion_np.training.toy2d import Toy2DConfig, Toy2DTask
 from diffusion_np.training.trainer import TrainConfig, Trainer
@@ -180,6 +181,21 @@ def test_lcm_distillation_step():
             optimizer.step()
     assert isinstance(loss, float) and np.isfinite(loss)
     assert counter.d2h <= 6, counter  # per step: the loss, the id range check of the two embedding tables
+
+
+@pytest.mark.parametrize("method", ["lora", "textual-inversion"])
+def test_personalisation_training_step(method):
+    cls = LoRAFinetuneTask if method == "lora" else TextualInversionTask
+    task = cls(FinetuneConfig(concept="star", class_images=4, invert_steps=2), np.random.default_rng(0)).to("strict")
+    task.concept_data(), task.prior_data()  # inverted and generated once, before the steps
+    optimizer = AdamW(task.model, lr=1e-3)
+    with count_transfers() as counter:
+        task.model.zero_grad()
+        loss = task.loss_and_backward(4, np.random.default_rng(1))
+        optimizer.step()
+    assert isinstance(loss, float) and np.isfinite(loss)
+    # the loss, the id range check of the text encoder's two embedding tables, min_snr_weights' one (3 without it)
+    assert counter.d2h <= 4, counter
 
 
 # ----------------------------------------------------------------------------- every sampler

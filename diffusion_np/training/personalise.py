@@ -13,25 +13,28 @@ three methods do with that row and with the rest:
 =====================  ================================  =================================  ==============
 method                 the new token's row               trained                            frozen
 =====================  ================================  =================================  ==============
-LoRA (Hu et al. 2021)  random, fixed (an identifier)     rank-r adapters ``B A`` on the      everything else
-                                                         U-Net's attention projections
-textual inversion      starts as ``init_word``'s row     that row only (Gal et al. 2022,     everything else
+LoRA (Hu et al. 2021)  starts as ``init_word``'s row,    rank-r adapters ``B A`` on the     everything else
+                       trained beside the adapters       U-Net's attention projections and
+                       (``train_token``; off: a fixed    its ResNet blocks' 3x3 convolutions
+                       random identifier)
+textual inversion      starts as ``init_word``'s row     that row only (Gal et al. 2022,    everything else
 (Gal et al. 2022)                                        Eq. 2)
-DreamBooth             random, fixed (an identifier)     the whole U-Net                     text encoder, VAE
+DreamBooth             random, fixed (an identifier)     the whole U-Net                    text encoder, VAE
 (Ruiz et al. 2023)
 =====================  ================================  =================================  ==============
 
 One training step, for all three (the ``shapes`` task's step with a frozen base)::
 
     1. B_c images of the concept, B_p class images (B_c + B_p = B, B_p = round(prior_share B));
-       x_0 = scaling_factor * z,  z ~ q(z | image)                    (frozen VAE, encoded once)
+       x_0 = scaling_factor * z: class images z ~ q(z | image) (the frozen VAE), concept images
+       z = their inverted latent + the encoder's std * noise (:func:`invert_decoder`), found once
        captions: the concept's own; "" with probability p (classifier-free guidance)
     2. c = text_encoder(tokenizer(captions))              (TI: with the trainable row in the table)
     3. t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
     4. loss = mean_c ||eps - eps_th(x_t, t, c)||^2 + lambda mean_p ||eps' - eps_th(x'_t, t', c')||^2
                                                                       (DreamBooth Eq. 2)
     5. backward: U-Net -> (LoRA: the adapters' dA, dB | DreamBooth: every U-Net weight)
-                 -> (TI: d context -> the text encoder's hand-written backward -> the row)
+                 -> (TI, LoRA's trained row: d context -> the text encoder's hand-written backward -> the row)
 
 The second term of step 4 is DreamBooth's prior preservation: the class images were generated
 by the frozen base model *before* training (128 images of the base prompts, DPM-Solver++ 20
@@ -68,7 +71,7 @@ from diffusion_np.data.shapes import CONCEPTS, all_prompts, caption, concept_ima
 from diffusion_np.diffusion import min_snr_weights, q_sample, training_target
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
 from diffusion_np.io.diffusers import read_safetensors
-from diffusion_np.io.lora import load_lora
+from diffusion_np.io.lora import load_lora, parse_lora_spec
 from diffusion_np.metrics.evaluate import generate_images
 from diffusion_np.metrics.shapes import prompt_accuracy
 from diffusion_np.models.tokenizer import SPECIAL_TOKENS, WordTokenizer
@@ -111,6 +114,10 @@ METHODS = ("lora", "textual-inversion", "dreambooth")
 FINETUNE_PREFIX = "finetune-"
 #: the weights file of a fine-tuning checkpoint
 WEIGHTS = "personal"
+#: LoRA's default targets: the attention projections and the ResNet blocks' two 3x3 convolutions. On the
+#: attention alone (rank 4, 43k numbers) the star was not learned: the U-Net must draw a new *shape*,
+#: which its convolutions do, not only read a new word
+LORA_TARGETS = (*ATTENTION_TARGETS, "conv1", "conv2")
 #: the word a textual inversion's row starts from, per concept (diffusers' ``--initializer_token``)
 INIT_WORDS = {"star": "triangle", "orange": "red"}
 
@@ -170,14 +177,14 @@ class PersonalWeights(Module):
     step on them is a step on the model. :meth:`sync` writes the row into the text encoder's table.
     """
 
-    def __init__(self, model: TextToImageModel, word: str, row, method: str) -> None:
+    def __init__(self, model: TextToImageModel, word: str, row, method: str, train_token: bool = False) -> None:
         super().__init__()
         self.word, self.method = word, method
         self.token_id = add_concept_token(model, word, row)
         object.__setattr__(self, "_model", model)  # not a child: its weights are not ours to save
         table = _token_table(model)
         self.add_param("token_row", table.weight[self.token_id:self.token_id + 1].copy(),
-                       trainable=method == "textual-inversion")
+                       trainable=method == "textual-inversion" or train_token)
         if method == "dreambooth":
             self._modules["unet"] = model.unet
 
@@ -208,18 +215,20 @@ class FinetuneConfig:
     ``num_images``: concept images (4..16). ``rank``, ``alpha`` (None: = rank), ``targets``: the
     LoRA adapters. ``init_word``: textual inversion's starting row (None: :data:`INIT_WORDS`).
     ``invert_steps``: :func:`invert_decoder`'s steps for the concept latents.
-    ``prior_weight`` (lambda of DreamBooth Eq. 2; 0: no class images), ``prior_share`` (share of
+    ``prior_weight`` (lambda of DreamBooth Eq. 2; 0: no class images; None: 0 for textual
+    inversion, 1 otherwise), ``prior_share`` (share of
     each batch from the class images), ``class_images`` (how many the frozen base generates).
     """
 
     concept: str = "star"
     base: str = PRETRAINED_PREFIX + "shapes"
     num_images: int = 8
-    rank: int = 4
+    rank: int = 8
     alpha: float | None = None
-    targets: list = field(default_factory=lambda: list(ATTENTION_TARGETS))
+    targets: list = field(default_factory=lambda: list(LORA_TARGETS))
     init_word: str | None = None
-    prior_weight: float = 1.0
+    train_token: bool = True
+    prior_weight: float | None = None
     prior_share: float = 0.5
     class_images: int = 128
     caption_dropout: float = 0.1
@@ -235,7 +244,7 @@ class FinetuneConfig:
             raise ValueError(f"num_images must be an integer from 4 to 16, got {self.num_images!r}")
         if not (isinstance(self.rank, int) and self.rank >= 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if not self.prior_weight >= 0:
+        if self.prior_weight is not None and not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
         if not 0.0 <= self.prior_share < 1.0:
             raise ValueError(f"prior_share must be in [0, 1), got {self.prior_share}")
@@ -296,7 +305,11 @@ class _FinetuneTask:
             raise ValueError(f"the base model already knows the word {config.concept!r}")
         base.freeze()
         base.vae.freeze()  # not a child of the bundle; invert_decoder runs its backward
-        if self.method == "textual-inversion":
+        self.train_token = self.method == "textual-inversion" or (self.method == "lora" and config.train_token)
+        # lambda of Eq. 2: none for textual inversion (no base prompt reaches its row), 1 otherwise
+        self.prior_weight = config.prior_weight if config.prior_weight is not None else \
+            (0.0 if self.method == "textual-inversion" else 1.0)
+        if self.train_token:
             init = config.init_word or INIT_WORDS[config.concept]
             if init not in base.tokenizer.token_to_id:
                 raise ValueError(f"init_word {init!r} is not in the base model's vocabulary")
@@ -304,19 +317,19 @@ class _FinetuneTask:
         else:
             row = _identifier_row(base, rng)
         self.base = base
-        self.model = PersonalWeights(base, config.concept, row, self.method)
+        self.model = PersonalWeights(base, config.concept, row, self.method, self.train_token)
         if self.method == "lora":
             add_lora(base.unet, target=config.targets, rank=config.rank, alpha=config.alpha, rng=rng)
             self.model.add_lora_children()
-            base.text_encoder.inference(True)  # forward only
         elif self.method == "dreambooth":
             for _, module in base.unet.named_modules():  # unfreeze the U-Net: every weight trains
                 for name, value in module.params.items():
                     module.grads[name] = value * 0
-            base.text_encoder.inference(True)
-        else:
+        if self.train_token:
             table = _token_table(base)
             table.grads["weight"] = table.weight * 0  # the table's gradient, of which one row is kept
+        else:
+            base.text_encoder.inference(True)  # forward only
         self._data = None
         self._prior = None
 
@@ -325,6 +338,12 @@ class _FinetuneTask:
 
     def modules(self) -> dict[str, Module]:
         return {WEIGHTS: self.model}
+
+    def to(self, device: str) -> _FinetuneTask:
+        """Move the base's networks (VAE included) and the learned part to ``device`` ("numpy", "cupy", "strict")."""
+        for module in (*self.base.modules().values(), self.model):
+            module.to(device)
+        return self
 
     def personalised(self) -> TextToImageModel:
         """The base model with what was learned in place (the row synced): sample from this."""
@@ -370,7 +389,7 @@ class _FinetuneTask:
         device = base.device
         self.model.sync()
         # 1. concept and class latents, captions
-        n_prior = int(round(c.prior_share * batch_size)) if c.prior_weight > 0 else 0
+        n_prior = int(round(c.prior_share * batch_size)) if self.prior_weight > 0 else 0
         n_concept = batch_size - n_prior
         mean, std, captions = self.concept_data()
         idx = rng.integers(0, len(mean), n_concept)
@@ -397,7 +416,7 @@ class _FinetuneTask:
         #    lambda B / B_p under the batch mean (times min-SNR weights, as the base was trained)
         weights = np.full(batch_size, batch_size / n_concept, dtype=np.float32)
         if n_prior:
-            weights[n_concept:] = c.prior_weight * batch_size / n_prior
+            weights[n_concept:] = self.prior_weight * batch_size / n_prior
         weights = to_device(weights, device)
         if c.min_snr_gamma is not None:
             weights = weights * min_snr_weights(t_dev, schedule.snr, c.min_snr_gamma, base.prediction_type)
@@ -405,7 +424,7 @@ class _FinetuneTask:
         loss, cache = mse_loss_forward(pred, target, weights)
         # 5. backward: the U-Net's trainable part; for textual inversion on to the token's row
         g = base.unet.backward(mse_loss_backward(cache))
-        if self.method == "textual-inversion":
+        if self.train_token:
             base.text_encoder.backward(g.dcontext)
             self.model.pull_grad()
         return float(asnumpy(loss))
@@ -470,7 +489,7 @@ class LoRAFinetuneTask(_FinetuneTask):
     name = "finetune-lora"
     method = "lora"
     description = "LoRA adapters on the frozen U-Net's attention learn a new concept from a few images"
-    train_defaults = dict(steps=400, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
+    train_defaults = dict(steps=600, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
                           checkpoint_every=100, sample_every=0)
 
 
@@ -501,19 +520,6 @@ def class_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 # ============================================================================ applying a result
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``"PATH[:SCALE]"`` -> (path, scale); ``pretrained:NAME[:SCALE]`` keeps its prefix."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"--lora must be PATH or PATH:SCALE, got {spec!r}")
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and head != PRETRAINED_PREFIX.rstrip(":"):
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass  # a colon that is part of the path
-    return spec, 1.0
-
-
 def is_finetune_checkpoint(checkpoint) -> bool:
     """Is a loaded :class:`~diffusion_np.io.checkpoint.Checkpoint` a fine-tuning run's?"""
     return str(checkpoint.config.get("task", "")).startswith(FINETUNE_PREFIX)
@@ -597,11 +603,16 @@ def _check_lora_fits(model: TextToImageModel, path, config: dict, weights: dict)
         if m is None:
             continue
         layer = modules.get(m[1] + ".")
-        if layer is None or not hasattr(layer, "weight") or layer.weight.ndim != 2:
-            problems.append(f"{key}: the U-Net has no Linear layer {m[1]}")
+        weight = getattr(layer, "params", {}).get("weight")
+        if weight is None or weight.ndim not in (2, 4):
+            problems.append(f"{key}: the U-Net has no Linear or Conv2d layer {m[1]}")
             continue
-        out_features, in_features = layer.weight.shape
-        want = (config["rank"], in_features) if m[2] == "A" else (out_features, config["rank"])
+        r = config["rank"]
+        if weight.ndim == 2:  # Linear (out, in): A (r, in), B (out, r)
+            want = (r, weight.shape[1]) if m[2] == "A" else (weight.shape[0], r)
+        else:  # Conv2d (kh, kw, C_in, C_out): A (kh, kw, C_in, r), B (1, 1, r, C_out)
+            kh, kw, c_in, c_out = weight.shape
+            want = (kh, kw, c_in, r) if m[2] == "A" else (1, 1, r, c_out)
         if tuple(value.shape) != want:
             problems.append(f"{key}: shape {tuple(value.shape)}, the layer needs {want}")
     if problems:

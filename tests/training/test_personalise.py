@@ -16,6 +16,8 @@ from diffusion_np.training.personalise import (
     FinetuneConfig,
     LoRAFinetuneTask,
     TextualInversionTask,
+    _check_lora_fits,
+    _stored,
     add_concept_token,
     apply_personalisation,
     evaluate_personalised,
@@ -82,7 +84,8 @@ def test_only_the_learned_part_trains_and_is_saved(runs):
     lora = load_checkpoint(runs["lora"] / "checkpoint")
     keys = set(lora.weights["personal"])
     assert "token_row" in keys and all(k == "token_row" or ".lora_" in k for k in keys)
-    assert len(keys) == 1 + 2 * 7 * 8  # 7 transformer blocks x (attn1, attn2) x 4 projections x (A, B)
+    # 7 transformer blocks x (attn1, attn2) x 4 projections + 8 ResNet blocks x (conv1, conv2), each A and B
+    assert len(keys) == 1 + 2 * (7 * 2 * 4 + 8 * 2)
     ti = load_checkpoint(runs["textual-inversion"] / "checkpoint")
     assert set(ti.weights["personal"]) == {"token_row"}
     db = load_checkpoint(runs["dreambooth"] / "checkpoint")
@@ -105,8 +108,8 @@ def test_training_changes_only_what_the_method_trains():
         text_changed = {k for k, v in task.base.text_encoder.state_dict().items()
                         if not np.array_equal(v, text_before[k])}
         row_changed = not np.array_equal(task.model.token_row, row_before)
-        if cls is LoRAFinetuneTask:
-            assert unet_changed and all(".lora_" in k for k in unet_changed) and not row_changed
+        if cls is LoRAFinetuneTask:  # the adapters and (train_token, the default) the new word's row
+            assert unet_changed and all(".lora_" in k for k in unet_changed) and row_changed
         elif cls is TextualInversionTask:
             assert not unet_changed and row_changed
             assert text_changed == {"text_model.embeddings.token_embedding.weight"}
@@ -114,8 +117,10 @@ def test_training_changes_only_what_the_method_trains():
             np.testing.assert_array_equal(table[:-1], text_before["text_model.embeddings.token_embedding.weight"][:-1])
         else:
             assert len(unet_changed) > 100 and not row_changed
-        if cls is not TextualInversionTask:
+        if cls is DreamBoothTask:
             assert not text_changed
+        else:  # only the new row of the token table moves
+            assert text_changed == {"text_model.embeddings.token_embedding.weight"}
 
 
 def test_textual_inversion_gradient_reaches_the_row_finite_differences():
@@ -230,3 +235,21 @@ def test_bad_input(runs, capsys, tmp_path):
     assert main(["sample", "--checkpoint", "pretrained:shapes", "--lora", str(runs["lora"]), "-o",
                  str(tmp_path / "a.png")]) == 2
     one_error_line(capsys, "--lora and --embedding go with at least one --prompt")
+
+
+def test_a_lora_run_that_does_not_fit_lists_every_problem(runs):
+    config, weights = _stored(load_checkpoint(runs["lora"] / "checkpoint"), use_ema=True)
+    a_key = next(k for k in weights if k.endswith("to_q.lora_A.weight"))
+    conv_key = next(k for k in weights if k.endswith("conv1.lora_B.weight"))
+    weights = {**weights, a_key: np.zeros((3, 5), np.float32), conv_key: np.zeros((1, 1, 2, 2), np.float32),
+               "unet.nowhere.lora_A.weight": np.zeros((8, 4), np.float32), "token_row": np.zeros((1, 7))}
+    model = TextToImageModel.load("pretrained:shapes")
+    add_concept_token(model, "star")
+    with pytest.raises(CheckpointError) as info:
+        _check_lora_fits(model, "x", config, weights)
+    message = str(info.value)
+    expected = ("already has the word 'star'", "token_row is (1, 7)", a_key, conv_key,
+                "no Linear or Conv2d layer nowhere")
+    for fragment in expected:
+        assert fragment in message, (fragment, message)
+    assert lora_layers(model.unet) == {}  # nothing applied
