@@ -4,7 +4,11 @@
     diffusion-np gradcheck   the same report, with options
     diffusion-np train TASK  train a model (toy2d, digits, shapes-vae, shapes) with
                              checkpoints, --resume, Ctrl-C saving and preview PNGs
+    diffusion-np distill M   distil a trained model to a few steps (lcm: latent consistency distillation),
+                             with the same checkpoints and --resume as train
     diffusion-np sample      draw samples from a checkpoint with any sampler, write a PNG
+    diffusion-np finetune M  teach a shapes model a new concept from 8 images: lora, textual-inversion
+                             or dreambooth (checkpoints, --resume and Ctrl-C as for train)
     diffusion-np export      a training checkpoint's EMA weights, float16, without optimizer state
     diffusion-np evaluate    sample-quality metrics of a checkpoint (digit accuracy and Frechet distance,
                              shapes prompt accuracy, 2-D distances), as a table and JSON
@@ -33,15 +37,25 @@ from diffusion_np.demo import run_demo
 from diffusion_np.gradcheck import gradcheck_report
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint, writable_path
 from diffusion_np.io.diffusers import add_sample_arguments, sample_from_model
-from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, write_json
+from diffusion_np.io.lora import load_lora_weights, parse_lora_spec
+from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, format_sweep, write_json
 from diffusion_np.pipelines.image_io import load_control_image, load_image, load_mask, save_image
-from diffusion_np.pretrained import resolve_checkpoint
+from diffusion_np.pretrained import PREFIX, PRETRAINED, resolve_checkpoint
 from diffusion_np.restoration import TASKS as RESTORE_TASKS
 from diffusion_np.restoration import Inpaint, baseline, dps_restore, make_degradation, training_power
 from diffusion_np.samplers import SAMPLERS
 from diffusion_np.training.model import TextToImageModel
+from diffusion_np.training.personalise import (
+    FINETUNE_PREFIX,
+    METHODS,
+    apply_personalisation,
+    evaluate_personalised_checkpoint,
+    format_personalised_report,
+    is_finetune_checkpoint,
+)
 from diffusion_np.training.plots import save_image_grid
 from diffusion_np.training.trainer import (
+    DISTILL_TASKS,
     TASKS,
     NonFiniteLossError,
     TaskNotAvailable,
@@ -119,16 +133,38 @@ The run directory gets checkpoint/ (the latest checkpoint, replaced atomically),
 loss.png and samples/step-NNNNNN.png. Ctrl-C finishes the current step, saves a
 checkpoint and exits; --resume then continues the exact same run."""
 
+_DISTILL_EPILOG = """examples:
+  diffusion-np distill lcm --teacher pretrained:shapes --out runs/shapes-lcm
+  diffusion-np distill lcm --teacher pretrained:shapes --out runs/shapes-lcm --resume
+  diffusion-np evaluate --checkpoint runs/shapes-lcm --sampler lcm --steps 1,2,4,8
+
+The student samples with --sampler lcm in 1-8 steps and no guidance (the teacher's is distilled
+into it). The run directory is laid out as train's; Ctrl-C saves, --resume continues exactly."""
+
 _SAMPLE_EPILOG = """example:
   diffusion-np sample --checkpoint runs/swiss --sampler dpm++ --steps 20 -n 2000 -o swiss.png
   diffusion-np sample --checkpoint runs/shapes --prompt "a large blue square in the center" -n 4 -o blue.png
   diffusion-np sample --checkpoint pretrained:shapes-controlnet --control mask.png --prompt "a red circle" -o red.png
   diffusion-np sample --model sd15 --prompt "a red bicycle" --sampler dpm++ --steps 25 -o bike.png"""
 
+_FINETUNE_EPILOG = """examples:
+  diffusion-np finetune lora --checkpoint pretrained:shapes --concept star --out runs/star
+  diffusion-np finetune lora --concept star --out runs/star --resume       # after Ctrl-C
+  diffusion-np finetune textual-inversion --concept orange --out runs/orange
+  diffusion-np finetune dreambooth --concept star --out runs/star-db
+  diffusion-np sample --checkpoint pretrained:shapes --lora runs/star --prompt "a large green star in the center"
+  diffusion-np evaluate --checkpoint runs/star --json star.json
+
+The run directory gets checkpoint/ (the learned weights only: adapters, the new token's row;
+for DreamBooth the U-Net) and loss.png; the base model is loaded again from --checkpoint."""
+
 _EVALUATE_EPILOG = """examples:
   diffusion-np evaluate --checkpoint pretrained:digits --json digits.json
   diffusion-np evaluate --checkpoint runs/shapes --sampler dpm++ --steps 20 --guidance-scale 4
   diffusion-np evaluate --checkpoint runs/swiss --num-samples 20000
+  diffusion-np evaluate --checkpoint pretrained:shapes-lcm --sampler lcm --steps 1,2,4,8 \\
+      --baseline pretrained:shapes ddim 50 4 --baseline pretrained:shapes dpm++ 20 4
+  diffusion-np evaluate --checkpoint pretrained:shapes --lora pretrained:shapes-lora-star --sampler dpm++ --steps 20
 
 What is scored (sizes are the defaults):
   digits  500 images, the ten digits in turn: the classifier's accuracy on the digit asked
@@ -137,7 +173,10 @@ What is scored (sizes are the defaults):
   shapes  320 images of the 162 training prompts and 144 of the 18 held-out ones:
           the share with colour, shape, size and position all right, and each alone
   toy2d   10000 points: sliced Wasserstein distance and MMD to fresh data, beside
-          the same distances between two draws of the data (the floor)"""
+          the same distances between two draws of the data (the floor)
+  personalised (a finetune run, or --lora / --embedding): the concept on its 8 trained
+          prompts (4 images each) and in 64 combinations never shown with it, and the
+          180 base prompts with the personalised and with the base model (retention)"""
 
 
 _RESTORE_EPILOG = """examples:
@@ -183,10 +222,20 @@ def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _add_sampler_options(parser: argparse.ArgumentParser, model_default: bool = False) -> None:
-    """--sampler and --steps, shared by sample and evaluate (``model_default``: None means the model's own)."""
+def _steps_list(text: str) -> list[int]:
+    """``4`` or ``1,2,4,8``: a steps sweep for evaluate."""
+    return [_positive_int(part) for part in text.split(",")]
+
+
+def _add_sampler_options(parser: argparse.ArgumentParser, model_default: bool = False, sweep: bool = False) -> None:
+    """--sampler and --steps, shared by sample and evaluate (``model_default``: None means the model's own;
+    ``sweep``: --steps takes a comma-separated list)."""
     help_text = "sampling method (default ddim" + ("; --model: the model's own scheduler)" if model_default else ")")
     parser.add_argument("--sampler", choices=list(SAMPLERS), default=None if model_default else "ddim", help=help_text)
+    if sweep:
+        parser.add_argument("--steps", type=_steps_list, default=[50], metavar="N[,N...]",
+                            help="number of sampling steps; a list (1,2,4,8) evaluates each in turn (default 50)")
+        return
     parser.add_argument("--steps", type=_positive_int, default=50, metavar="N",
                         help="number of sampling steps (default 50)")
 
@@ -211,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = train.add_subparsers(dest="task", required=True, metavar="TASK", parser_class=_Parser)
     generic = dataclasses.asdict(TrainConfig())
     for name in TASKS:
+        if name in DISTILL_TASKS or name.startswith(FINETUNE_PREFIX):
+            continue  # under `distill` or `finetune`
         try:
             cls = get_task(name)
         except TaskNotAvailable:
@@ -223,6 +274,32 @@ def build_parser() -> argparse.ArgumentParser:
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_train_options(p, {**generic, **cls.train_defaults})
         cls.add_arguments(p.add_argument_group(f"{name} options"))
+
+    distill = sub.add_parser("distill", help="distil a trained model to a few sampling steps, with checkpoints "
+                                             "and --resume", epilog=_DISTILL_EPILOG,
+                             description="Distil a trained text-to-image model (the teacher) into a student that "
+                                         "samples in a few steps. Choose a method; each has its own --help.",
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    methods = distill.add_subparsers(dest="task", required=True, metavar="METHOD", parser_class=_Parser)
+    for name in DISTILL_TASKS:
+        cls = get_task(name)
+        p = methods.add_parser(name, help=cls.description, description=cls.description, epilog=_DISTILL_EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_train_options(p, {**generic, **cls.train_defaults})
+        cls.add_arguments(p.add_argument_group(f"{name} options"))
+
+    fin = sub.add_parser("finetune", help="teach pretrained:shapes a new concept (star, orange) from a few images",
+                         description="Fine-tune a frozen shapes model on a new concept: LoRA adapters, a textual "
+                                     "inversion (one new token's embedding) or DreamBooth (the whole U-Net), with "
+                                     "checkpoints, --resume and Ctrl-C as for train.",
+                         epilog=_FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    methods = fin.add_subparsers(dest="method", required=True, metavar="METHOD", parser_class=_Parser)
+    for method in METHODS:
+        cls = get_task(FINETUNE_PREFIX + method)
+        p = methods.add_parser(method, help=cls.description, description=cls.description, epilog=_FINETUNE_EPILOG,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_train_options(p, {**generic, **cls.train_defaults})
+        cls.add_arguments(p.add_argument_group(f"{method} options"))
 
     smp = sub.add_parser("sample", help="draw samples from a trained checkpoint and write a PNG",
                          description="Draw samples from a checkpoint written by `diffusion-np train` (EMA weights) "
@@ -253,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--control-scale", type=float, default=None, metavar="S",
                      help="multiplies the ControlNet's residuals: 0 is the base model alone (default: the "
                           "checkpoint's, 1)")
+    _add_personal_options(smp)
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sample_arguments(smp)  # --model and the options that go with it
 
@@ -267,14 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="storage type of the weights (default float16; they load as float32)")
     exp.add_argument("--raw-weights", action="store_true", help="export the trained weights instead of their EMA")
 
+    shipped = "\n".join(f"  {PREFIX}{name:25s} {what}" for name, what in PRETRAINED.items())
     ev = sub.add_parser("evaluate", help="score a checkpoint's samples: a table, and JSON with --json",
                         description="Generate samples from a checkpoint (digits, shapes or toy2d) and score them "
                                     "with the task's metrics; prints a table, writes the numbers as JSON with --json.",
-                        epilog=_EVALUATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=f"{_EVALUATE_EPILOG}\n\nshipped weights (--checkpoint, --lora, --embedding):\n{shipped}",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--checkpoint", metavar="DIR", required=True,
                     help="a run directory of `diffusion-np train`, the checkpoint/ inside it, an export, or "
                          "pretrained:digits / pretrained:shapes (the shipped weights)")
-    _add_sampler_options(ev)
+    _add_sampler_options(ev, sweep=True)
+    ev.add_argument("--baseline", nargs=4, action="append", metavar=("CHECKPOINT", "SAMPLER", "STEPS", "W"),
+                    help="also evaluate CHECKPOINT with SAMPLER, STEPS steps and guidance W in the same run, and "
+                         "print a table of every evaluation with its time per image (repeatable)")
     ev.add_argument("--guidance-scale", type=_float_in(1.0, float("inf")), default=None, metavar="W",
                     help="classifier-free guidance weight w >= 1 (default: the checkpoint's; ignored for toy2d)")
     ev.add_argument("--num-samples", type=_positive_int, default=None, metavar="N",
@@ -286,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", default=None,
                     help="also write the result as JSON here (its directory must exist)")
     ev.add_argument("--raw-weights", action="store_true", help="use the trained weights instead of their EMA")
+    _add_personal_options(ev)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     rs = sub.add_parser("restore", help="repair an image by diffusion posterior sampling",
@@ -323,14 +407,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_personal_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", action="append", metavar="PATH[:SCALE]", default=[],
+                        help="add LoRA adapters: a `finetune lora` run or pretrained:shapes-lora-star, or a "
+                             "diffusers/kohya LoRA file; SCALE multiplies the update (default 1); repeatable")
+    parser.add_argument("--embedding", metavar="PATH", default=None,
+                        help="add a learned token: a `finetune textual-inversion` run, "
+                             "pretrained:shapes-embedding-orange, or a {word: (1, D)} safetensors file")
+
+
 # ----------------------------------------------------------------------------- commands
 def _train(args) -> int:
+    if args.command == "finetune":
+        args.task = FINETUNE_PREFIX + args.method
+    command = f"finetune {args.method}" if args.command == "finetune" else f"{args.command} {args.task}"
     try:
         cls = get_task(args.task)
     except TaskNotAvailable as err:
         raise _UsageError(str(err)) from None
     if args.out is None:
-        raise _UsageError(f"train {args.task}: --out DIR is required (where checkpoints and plots go)")
+        raise _UsageError(f"{command}: --out DIR is required (where checkpoints and plots go)")
     out = _output("--out", args.out, directory=True)
 
     given = vars(args)
@@ -376,7 +472,10 @@ def _train(args) -> int:
         except ValueError as err:
             raise _UsageError(str(err)) from None
         rng = np.random.default_rng(train_config.seed)
-        task = cls(task_config, rng)  # the model's initialisation draws from rng first, as in the library calls
+        try:
+            task = cls(task_config, rng)  # the model's initialisation draws from rng first, as in the library calls
+        except ValueError as err:  # a CheckpointError too: a base or teacher that cannot serve
+            raise _UsageError(str(err)) from None
     trainer = Trainer(task, train_config, out_dir=out, rng=rng, progress=not args.quiet)
     if checkpoint is not None:
         try:
@@ -391,7 +490,7 @@ def _train(args) -> int:
     try:
         trainer.train()
     except TrainingInterrupted as err:
-        print(f"diffusion-np: {err}; continue with: diffusion-np train {cls.name} --out {out} --resume",
+        print(f"diffusion-np: {err}; continue with: diffusion-np {command} --out {out} --resume",
               file=sys.stderr)
         return 130
     except NonFiniteLossError as err:
@@ -406,7 +505,20 @@ def _sample(args) -> int:
     if args.model is not None:  # real Stable Diffusion weights (docs/real-weights.md)
         if args.checkpoint is not None:
             raise _UsageError("give either --checkpoint or --model, not both")
-        return sample_from_model(args)
+        if args.embedding is not None:
+            raise _UsageError("--embedding goes with a shapes --checkpoint; --model takes --lora files")
+        try:
+            specs = [parse_lora_spec(spec) for spec in args.lora]
+        except ValueError as err:
+            raise _UsageError(str(err)) from None
+
+        def put_loras(pipe) -> None:  # every file checked whole before it is applied (load_lora)
+            for i, (path, scale) in enumerate(specs):
+                done = load_lora_weights(pipe, path, adapter_name=f"lora{i}", scale=scale)
+                print(f"applied LoRA {path} (scale {scale:g}): "
+                      + ", ".join(f"{len(v)} {k} layers" for k, v in done.items()))
+
+        return sample_from_model(args, prepare=put_loras if specs else None)
     args.sampler = args.sampler or "ddim"
     if args.checkpoint is None:
         raise _UsageError("sample needs --checkpoint DIR (a trained run) or --model PATH (Stable Diffusion weights)")
@@ -430,6 +542,8 @@ def _sample(args) -> int:
     ema = (state is not None and not args.raw_weights) or exported.get("weights") == "ema"
     weights = "EMA weights" if ema else "weights"
     title = f"{task.name}, step {step}, {args.sampler} {args.steps} steps, seed {args.seed}"
+    if (args.lora or args.embedding is not None) and not args.prompt:
+        raise _UsageError("--lora and --embedding go with at least one --prompt (the prompts may use the new word)")
     try:
         controlled = task.name == "shapes-controlnet" and args.prompt
         if args.control is not None or args.control_scale is not None or controlled:
@@ -449,15 +563,22 @@ def _sample(args) -> int:
 
 def _sample_prompts(task, args, output: Path, title: str) -> int:
     """Text-to-image from the command line: each --prompt ``-n`` times, one grid with the prompts as captions."""
-    if not isinstance(getattr(task, "model", None), TextToImageModel):
-        raise _UsageError(f"--prompt, --negative-prompt and --guidance-scale need a digits or shapes checkpoint, "
-                          f"not {task.name}")
+    model = task.personalised() if hasattr(task, "personalised") else getattr(task, "model", None)
+    if not isinstance(model, TextToImageModel):
+        raise _UsageError(f"--prompt, --negative-prompt, --guidance-scale, --lora and --embedding need a digits, "
+                          f"shapes or finetune checkpoint, not {task.name}")
     if not args.prompt:
         raise _UsageError("--negative-prompt and --guidance-scale go with at least one --prompt")
+    try:
+        for line in apply_personalisation(model, [parse_lora_spec(spec) for spec in args.lora], args.embedding,
+                                          use_ema=not args.raw_weights):
+            print(f"applied {line}")
+    except (CheckpointError, OSError) as err:
+        raise _UsageError(str(err)) from None
     per_prompt = args.n if args.n is not None else 4
     prompts = [p for p in args.prompt for _ in range(per_prompt)]
     w = args.guidance_scale if args.guidance_scale is not None else task.config.guidance_scale
-    images = task.model.generate(prompts, args.sampler, args.steps, w, args.seed, progress=not args.quiet,
+    images = model.generate(prompts, args.sampler, args.steps, w, args.seed, progress=not args.quiet,
                                  negative_prompt=args.negative_prompt)
     save_image_grid(images, output, prompts, ncols=min(per_prompt, 8), title=f"{title}, guidance {w}")
     return len(prompts)
@@ -506,20 +627,50 @@ def _evaluate(args) -> int:
     if args.json is not None:  # checked now, not after minutes of sampling
         _output("--json", args.json)
     try:
-        result = evaluate_checkpoint(args.checkpoint, sampler=args.sampler, steps=args.steps,
-                                     guidance_scale=args.guidance_scale, num_samples=args.num_samples,
-                                     heldout_samples=args.heldout_samples, seed=args.seed,
-                                     use_ema=not args.raw_weights, progress=not args.quiet)
-    except (CheckpointError, LookupError, ValueError) as err:  # e.g. more steps than training timesteps
+        personal = args.lora or args.embedding is not None or is_finetune_checkpoint(load_checkpoint(directory))
+    except CheckpointError as err:
         raise _UsageError(str(err)) from None
-    ignored = [flag for flag, value, task in (("--guidance-scale", args.guidance_scale, "toy2d"),
-                                              ("--heldout-samples", args.heldout_samples, "digits/toy2d"))
-               if value is not None and result["task"] in task.split("/")]
-    if ignored:
-        print(f"diffusion-np: note: {' and '.join(ignored)} ignored for {result['task']}", file=sys.stderr)
-    print(format_report(result))
+    if personal:
+        if len(args.steps) > 1 or args.baseline:
+            raise _UsageError("a personalised model is scored at one --steps, without --baseline")
+        try:
+            result = evaluate_personalised_checkpoint(
+                args.checkpoint, [parse_lora_spec(spec) for spec in args.lora], args.embedding, args.sampler,
+                args.steps[0], args.guidance_scale, args.seed, use_ema=not args.raw_weights, progress=not args.quiet)
+        except (CheckpointError, LookupError, ValueError, OSError) as err:
+            raise _UsageError(str(err)) from None
+        print(format_personalised_report(result))
+        if args.json is not None:
+            print(f"wrote {write_json(result, args.json)}")
+        return 0
+    runs = [(args.checkpoint, args.sampler, steps, args.guidance_scale) for steps in args.steps]
+    for checkpoint, sampler, steps, w in args.baseline or []:
+        if sampler not in SAMPLERS:
+            raise _UsageError(f"--baseline {checkpoint} {sampler}: unknown sampler; choose one of "
+                              f"{', '.join(SAMPLERS)}")
+        try:
+            runs.append((checkpoint, sampler, _positive_int(steps), _float_in(1.0, float("inf"))(w)))
+        except argparse.ArgumentTypeError as err:
+            raise _UsageError(f"--baseline {checkpoint} {sampler} {steps} {w}: {err}") from None
+    results = []
+    for checkpoint, sampler, steps, w in runs:
+        try:
+            result = evaluate_checkpoint(checkpoint, sampler=sampler, steps=steps, guidance_scale=w,
+                                         num_samples=args.num_samples, heldout_samples=args.heldout_samples,
+                                         seed=args.seed, use_ema=not args.raw_weights, progress=not args.quiet)
+        except (CheckpointError, LookupError, ValueError) as err:  # e.g. more steps than training timesteps
+            raise _UsageError(str(err)) from None
+        ignored = [flag for flag, value, task in (("--guidance-scale", w, "toy2d"),
+                                                  ("--heldout-samples", args.heldout_samples, "digits/toy2d"))
+                   if value is not None and result.get("scored_as", result["task"]) in task.split("/")]
+        if ignored:
+            print(f"diffusion-np: note: {' and '.join(ignored)} ignored for {result['task']}", file=sys.stderr)
+        print(format_report(result) + ("\n" if len(runs) > 1 else ""))
+        results.append(result)
+    if len(results) > 1:
+        print(format_sweep(results))
     if args.json is not None:
-        print(f"wrote {write_json(result, args.json)}")
+        print(f"wrote {write_json(results[0] if len(results) == 1 else {'runs': results}, args.json)}")
     return 0
 
 
@@ -584,7 +735,7 @@ def main(argv=None) -> int:
         if args.command == "demo":
             result = run_demo(args.out, steps=args.steps, n=args.points, progress=not args.quiet)
             return 0 if result["worst_gradcheck_error"] < 1e-6 else 1
-        if args.command == "train":
+        if args.command in ("train", "distill", "finetune"):
             return _train(args)
         if args.command == "sample":
             return _sample(args)

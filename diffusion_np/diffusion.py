@@ -210,6 +210,33 @@ def x0_and_eps_at(model_output, x_t, alpha_t, sigma_t, prediction_type: str = "e
     return x0, eps
 
 
+#: sigma_data of the consistency boundary condition (Song et al. 2023, App. C; LCM and diffusers keep 0.5)
+SIGMA_DATA = 0.5
+
+
+def consistency_scalings(t, timestep_scaling: float = 10.0, sigma_data: float = SIGMA_DATA):
+    """(c_skip, c_out) of a consistency function f(x, t) = c_skip(t) x + c_out(t) x0_pred(x, t).
+
+    Consistency models (Song et al. 2023, Eq. 3 and App. C), as Latent Consistency Models
+    (Luo et al. 2023, Eq. 9) and diffusers' ``LCMScheduler`` write them for a discrete timestep t::
+
+        s      = timestep_scaling * t
+        c_skip = sigma_data^2 / (s^2 + sigma_data^2)
+        c_out  = s / sqrt(s^2 + sigma_data^2)
+
+    At t = 0, c_skip = 1 and c_out = 0: f(x, 0) = x, the boundary condition, holds for any network.
+    ``timestep_scaling`` (10 in LCM) makes the pair reach (0, 1) within a few timesteps, so that
+    away from t = 0 the function is the network's x0 estimate. ``t`` is a number or an array;
+    the result has its type (float64 for numbers).
+    """
+    if not timestep_scaling > 0:
+        raise ValueError(f"timestep_scaling must be > 0, got {timestep_scaling!r}")
+    s = t * float(timestep_scaling)
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s / (s**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
 def training_target(x0, noise, t, alpha_bar: np.ndarray, prediction_type: str = "epsilon"):
     """What the network is trained to output at (x_t, t), for each prediction type.
 

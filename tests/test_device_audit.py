@@ -30,7 +30,9 @@ from diffusion_np.testing import strict_backend as strict
 from diffusion_np.testing.strict_backend import DeviceRuleError, count_transfers
 from diffusion_np.training.configs import DigitsConfig, ShapesConfig, ShapesVAEConfig
 from diffusion_np.training.controlnet import ShapesControlNetConfig, ShapesControlNetTask
+from diffusion_np.training.distill import LCMDistillConfig, LCMDistillTask
 from diffusion_np.training.model import TextToImageModel
+from diffusion_np.training.personalise import FinetuneConfig, LoRAFinetuneTask, TextualInversionTask
 from diffusion_np.training.tasks import DigitsTask, ShapesTask, ShapesVAETask
 from diffusion_np.training.toy2d import Toy2DConfig, Toy2DTask
 from diffusion_np.training.trainer import TrainConfig, Trainer
@@ -167,6 +169,35 @@ def test_controlnet_training_step():
     assert counter.d2h <= 3, counter  # the loss, the id range check of the text encoder's two embedding tables
 
 
+def test_lcm_distillation_step():
+    """Teacher (guided, 2B), target and student forwards, the student's backward, the target's EMA update."""
+    task = LCMDistillTask(LCMDistillConfig(preset="tiny"), np.random.default_rng(0)).to("strict")
+    task.teacher_task._latent_pool()  # encoded once, before the steps (its deliberate copies are not a step's)
+    optimizer = AdamW(task.model, lr=1e-3)
+    with count_transfers() as counter:
+        for _ in range(2):  # the second step updates the target network first
+            task.model.zero_grad()
+            loss = task.loss_and_backward(2, np.random.default_rng(1))
+            optimizer.step()
+    assert isinstance(loss, float) and np.isfinite(loss)
+    assert counter.d2h <= 6, counter  # per step: the loss, the id range check of the two embedding tables
+
+
+@pytest.mark.parametrize("method", ["lora", "textual-inversion"])
+def test_personalisation_training_step(method):
+    cls = LoRAFinetuneTask if method == "lora" else TextualInversionTask
+    task = cls(FinetuneConfig(concept="star", class_images=4, invert_steps=2), np.random.default_rng(0)).to("strict")
+    task.concept_data(), task.prior_data()  # inverted and generated once, before the steps
+    optimizer = AdamW(task.model, lr=1e-3)
+    with count_transfers() as counter:
+        task.model.zero_grad()
+        loss = task.loss_and_backward(4, np.random.default_rng(1))
+        optimizer.step()
+    assert isinstance(loss, float) and np.isfinite(loss)
+    # the loss, the id range check of the text encoder's two embedding tables, min_snr_weights' one (3 without it)
+    assert counter.d2h <= 4, counter
+
+
 # ----------------------------------------------------------------------------- every sampler
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_sampler_loop_makes_no_host_copies(name):
@@ -253,13 +284,14 @@ def runs(tmp_path_factory):
         "toy2d": lambda: Toy2DTask(Toy2DConfig(hidden=8, depth=1), np.random.default_rng(0)),
         "shapes-controlnet": lambda: ShapesControlNetTask(ShapesControlNetConfig(preset="tiny"),
                                                           np.random.default_rng(0)),
+        "lcm": lambda: LCMDistillTask(LCMDistillConfig(preset="tiny"), np.random.default_rng(0)),
     }
     for name, make in tasks.items():  # in order: shapes needs the VAE run
         task = make()
         for module in task.modules().values():
             module.to("strict")
-        if name == "shapes-controlnet":
-            task.to("strict")  # and its frozen base, which its checkpoint names but does not hold
+        if name in ("shapes-controlnet", "lcm"):
+            task.to("strict")  # and its frozen base or teacher, which its checkpoint names but does not hold
         defaults = task.train_defaults_for(task.config) if hasattr(task, "train_defaults_for") else {}
         config = TrainConfig(**{**defaults, "steps": 2, "batch_size": 4, "checkpoint_every": 0, "sample_every": 0})
         losses = Trainer(task, config, out_dir=root / name, rng=np.random.default_rng(1), progress=False).train()
@@ -267,9 +299,11 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", ["digits", "shapes", "toy2d", "shapes-controlnet"])
+@pytest.mark.parametrize("name", ["digits", "shapes", "toy2d", "shapes-controlnet", "lcm"])
 def test_evaluate(runs, name):
-    kwargs = {"heldout_samples": 2} if name == "shapes" else {}
+    kwargs = {"heldout_samples": 2} if name in ("shapes", "lcm") else {}
+    if name == "lcm":
+        kwargs["sampler"] = "lcm"
     on_strict = evaluate_checkpoint(runs / name, steps=2, num_samples=4, device="strict", **kwargs)
     on_numpy = evaluate_checkpoint(runs / name, steps=2, num_samples=4, **kwargs)
     assert flat(on_strict["metrics"]) == pytest.approx(flat(on_numpy["metrics"]), rel=1e-4, abs=1e-5)

@@ -70,6 +70,33 @@ The caption of such an image names the nearest size and position (:func:`nearest
 only the control image says where exactly the shape is and how large.
 :class:`ControlShapesDataset` draws (image, caption, control image) triples this way.
 
+New concepts for personalisation (:mod:`diffusion_np.training.personalise`): one shape and one
+colour that ``pretrained:shapes`` never saw, appended after the base's values so every base
+label keeps its index::
+
+    shape 3   star      a five-pointed star, point up, in the same 2r x 2r box
+    colour 6  orange    RGB (1, 0.5, 0), half-way between red and yellow
+
+:data:`CONCEPT_SHAPES` and :data:`CONCEPT_COLOURS` are the base tuples with them added;
+:func:`render`, :func:`caption` and :func:`parse_caption` accept them, the 180 base
+combinations (:func:`combos`) and the datasets above never draw them.
+:func:`concept_split` says which combinations of a concept are shown in fine-tuning and
+which are kept back to measure whether the concept composes with the rest.
+
+How captions name a new concept. The shipped model's tokenizer is a word tokenizer (one id
+per word, :mod:`diffusion_np.models.tokenizer`): an unknown word such as "star" or "sks"
+becomes ``<unk>``, the same id for every unknown word and never seen in training. So a
+placeholder token like DreamBooth's "sks" would buy nothing here (it is not a rare *existing*
+token as it is for CLIP's BPE, just ``<unk>``), and two concepts would share it. Instead the
+concept's own word is added to the vocabulary as a new id
+(:func:`diffusion_np.training.personalise.add_concept_token`), with a new row in the text
+encoder's token table; the captions then read naturally, "a small red star in the top left",
+and the analyser parses them. What the new row starts as and whether it is trained is the
+difference between the methods: textual inversion trains that row alone; LoRA and DreamBooth
+keep it at its initial value and train the U-Net. (For CLIP's byte-level BPE the same step is
+``tokenizer.add_tokens(["<star>"])`` and a resized token table, as diffusers'
+textual-inversion script does.)
+
 Left out on purpose: several objects per image, rotation, textures, and any
 background other than black (black keeps the "is this pixel the object?" question
 of the analyser trivial).
@@ -92,8 +119,20 @@ POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
 #: names of the four label columns, in order
 LABEL_COLUMNS = ("colour", "shape", "size", "position")
 
-#: the RGB value in [0, 1] of each colour of :data:`COLOURS` (6, 3)
-COLOUR_RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=np.float32)
+#: the concepts ``pretrained:shapes`` never saw (module docstring), appended after the base values
+NEW_COLOURS = ("orange",)
+NEW_SHAPES = ("star",)
+#: every colour and shape :func:`render` and :func:`caption` know: the base's, then the new ones
+CONCEPT_COLOURS = COLOURS + NEW_COLOURS
+CONCEPT_SHAPES = SHAPES + NEW_SHAPES
+
+#: the RGB value in [0, 1] of each colour of :data:`CONCEPT_COLOURS` (7, 3): the six of
+#: :data:`COLOURS`, then orange
+COLOUR_RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0.5, 0]],
+                      dtype=np.float32)
+#: inner radius / outer radius of the star: 0.5, fatter than the regular pentagram's 0.382, so
+#: a small star (about 7 pixels across) still shows its five points at 32 x 32
+STAR_INNER = 0.5
 
 #: half-width of the bounding box of each size of :data:`SIZES`, in pixels of a 32 x 32 image
 SIZE_RADIUS = (3.25, 5.5)
@@ -114,6 +153,7 @@ CONTROL_KINDS = ("mask", "edges")
 SPLITS = ("train", "heldout", "all")
 
 _SHAPE_OF_LABELS = (len(COLOURS), len(SHAPES), len(SIZES), len(POSITIONS))  # (6, 3, 2, 5)
+_CONCEPT_LABELS = (len(CONCEPT_COLOURS), len(CONCEPT_SHAPES), len(SIZES), len(POSITIONS))  # (7, 4, 2, 5)
 
 
 def _all_combos() -> np.ndarray:
@@ -141,11 +181,16 @@ def _combo_index(labels: np.ndarray) -> np.ndarray:
 
 
 def is_heldout(labels) -> np.ndarray:
-    """Boolean (B,) (or a scalar for one row): is each label row a held-out combination?"""
+    """Boolean (B,) (or a scalar for one row): is each label row a held-out combination?
+    (Rows with a new concept, :data:`NEW_COLOURS` / :data:`NEW_SHAPES`, are not among the 180: False.)"""
     labels = np.asarray(labels)
+    rows = labels.reshape(-1, 4)
+    base = (rows < np.array(_SHAPE_OF_LABELS)).all(axis=1)  # (B,) a base combination
     heldout = np.zeros(int(np.prod(_SHAPE_OF_LABELS)), dtype=bool)
     heldout[_combo_index(HELDOUT_COMBOS)] = True
-    return heldout[_combo_index(labels.reshape(-1, 4))].reshape(labels.shape[:-1])
+    out = np.zeros(len(rows), dtype=bool)
+    out[base] = heldout[_combo_index(rows[base])] if base.any() else []
+    return out.reshape(labels.shape[:-1])
 
 
 def combos(split: str = "all") -> np.ndarray:
@@ -169,7 +214,7 @@ def _check_labels(labels) -> np.ndarray:
         raise ValueError(f"labels must be (4,) or (B, 4) (colour, shape, size, position), got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"labels must be integers, got {labels.dtype}")
-    high = np.array(_SHAPE_OF_LABELS)
+    high = np.array(_CONCEPT_LABELS)  # the base values and the new concepts
     if np.any(labels < 0) or np.any(labels >= high):
         raise ValueError(f"labels out of range: column j must lie in [0, {list(high)}[j]), got {labels.tolist()}")
     return labels
@@ -183,7 +228,8 @@ def caption(labels) -> str | list[str]:
     """
     labels = _check_labels(labels)
     rows = [
-        f"a {SIZES[z]} {COLOURS[c]} {SHAPES[s]} in the {POSITIONS[p]}" for c, s, z, p in labels.reshape(-1, 4).tolist()
+        f"a {SIZES[z]} {CONCEPT_COLOURS[c]} {CONCEPT_SHAPES[s]} in the {POSITIONS[p]}"
+        for c, s, z, p in labels.reshape(-1, 4).tolist()
     ]
     return rows[0] if labels.ndim == 1 else rows
 
@@ -200,10 +246,10 @@ def _parse_one(text: str) -> list[int]:
         word = words[i]
         if word in _FILLER:
             pass
-        elif word in COLOURS:
-            found.setdefault("colour", []).append(COLOURS.index(word))
-        elif word in SHAPES:
-            found.setdefault("shape", []).append(SHAPES.index(word))
+        elif word in CONCEPT_COLOURS:
+            found.setdefault("colour", []).append(CONCEPT_COLOURS.index(word))
+        elif word in CONCEPT_SHAPES:
+            found.setdefault("shape", []).append(CONCEPT_SHAPES.index(word))
         elif word in SIZES:
             found.setdefault("size", []).append(SIZES.index(word))
         elif word in ("center", "centre"):  # both spellings mean the same place
@@ -215,7 +261,8 @@ def _parse_one(text: str) -> list[int]:
             i += 1
         else:
             raise ValueError(
-                f"unknown word {word!r} in caption {text!r}; known words: colours {COLOURS}, shapes {SHAPES}, "
+                f"unknown word {word!r} in caption {text!r}; known words: colours {CONCEPT_COLOURS}, "
+                f"shapes {CONCEPT_SHAPES}, "
                 f"sizes {SIZES}, positions {POSITIONS}, and {sorted(_FILLER)}"
             )
         i += 1
@@ -246,6 +293,65 @@ def parse_caption(text: str | Sequence[str]) -> np.ndarray:
 def all_prompts(split: str = "all") -> list[str]:
     """The caption of every combination of a split (162 "train", 18 "heldout", 180 "all")."""
     return caption(combos(split))
+
+
+# ----------------------------------------------------------------------------- new concepts
+#: the new concepts, by name: (label column, index in CONCEPT_COLOURS / CONCEPT_SHAPES)
+CONCEPTS = {"star": ("shape", CONCEPT_SHAPES.index("star")), "orange": ("colour", CONCEPT_COLOURS.index("orange"))}
+
+# the 8 combinations each concept is shown in when fine-tuning: the two other free attributes
+# (for the star: colour, size, position; for orange: shape, size, position) as rows
+# (base colour or shape, size, position). Three of six colours (or all three shapes), both sizes,
+# all five positions appear, but each only in some combinations, so the rest is left to compose.
+_CONCEPT_SHOWN = np.array([
+    [0, 0, 0],  # red (circle) small top left
+    [0, 1, 4],  # red (circle) large center
+    [2, 1, 1],  # blue (square) large top right
+    [2, 0, 3],  # blue (square) small bottom right
+    [3, 0, 2],  # yellow (triangle) small bottom left
+    [3, 1, 0],  # yellow (triangle) large top left
+    [0, 1, 3],  # red (circle) large bottom right
+    [2, 0, 4],  # blue (square) small center
+])
+_CONCEPT_SHAPE_OF = {0: 0, 2: 1, 3: 2}  # for orange the first column names a shape: red -> circle, ...
+
+
+def concept_split(concept: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(shown (8, 4), unseen (N, 4))``: the label rows of a new concept used for fine-tuning,
+    and those never shown with it (kept back to measure whether it composes).
+
+    ``"star"``: the star in red, blue or yellow at the 8 (colour, size, position) rows above;
+    unseen are the other 52 star combinations with a base colour (green, magenta and cyan
+    stars among them). ``"orange"``: orange circles, squares and triangles at 8 rows; unseen
+    the other 22 orange combinations with a base shape. (An orange star, both new at once,
+    is in neither.)
+    """
+    if concept not in CONCEPTS:
+        raise ValueError(f"concept must be one of {tuple(CONCEPTS)}, got {concept!r}")
+    column, value = CONCEPTS[concept]
+    if column == "shape":
+        shown = np.stack([_CONCEPT_SHOWN[:, 0], np.full(8, value), _CONCEPT_SHOWN[:, 1], _CONCEPT_SHOWN[:, 2]], axis=1)
+        grids = np.meshgrid(np.arange(len(COLOURS)), [value], np.arange(len(SIZES)), np.arange(len(POSITIONS)),
+                            indexing="ij")
+    else:
+        shapes = np.array([_CONCEPT_SHAPE_OF[c] for c in _CONCEPT_SHOWN[:, 0].tolist()])
+        shown = np.stack([np.full(8, value), shapes, _CONCEPT_SHOWN[:, 1], _CONCEPT_SHOWN[:, 2]], axis=1)
+        grids = np.meshgrid([value], np.arange(len(SHAPES)), np.arange(len(SIZES)), np.arange(len(POSITIONS)),
+                            indexing="ij")
+    every = np.stack([g.ravel() for g in grids], axis=1)
+    seen = {tuple(row) for row in shown.tolist()}
+    unseen = np.array([row for row in every.tolist() if tuple(row) not in seen])
+    return shown.astype(np.int64), unseen.astype(np.int64)
+
+
+def concept_images(concept: str, n: int = 8, seed: int = 0, image_size: int = 32):
+    """The fine-tuning images of a concept: ``(images (n, S, S, 3), captions, labels (n, 4))``, the
+    shown rows of :func:`concept_split` in turn (``n`` from 4 to 16: a row may repeat with new jitter)."""
+    if not isinstance(n, (int, np.integer)) or not 4 <= n <= 16:
+        raise ValueError(f"n must be an integer from 4 to 16 (a few images of the concept), got {n!r}")
+    shown, _ = concept_split(concept)
+    labels = shown[np.arange(n) % len(shown)]
+    return render(labels, seed, image_size), caption(labels), labels
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -293,7 +399,46 @@ def _segment_distance(x, y, ax, ay, bx, by):
     return np.sqrt((x - ax - t * ex) ** 2 + (y - ay - t * ey) ** 2)
 
 
-_SDF = (_sdf_circle, _sdf_square, _sdf_triangle)  # in the order of SHAPES
+def star_vertices(cx, cy, r):
+    """The 10 vertices (x, y) of the star in the 2r x 2r box centred at (cx, cy): arrays (..., 10).
+
+    Outer radius R = r / sin(72 deg), so the two side points touch the box's sides (the star is
+    2 R sin 72 = 2r wide and R (1 + cos 36) = 1.90 r high); its centre sits R (1 - cos 36) / 2 = 0.1 r below
+    the box's centre so that it spans the box's height symmetrically. Vertex k lies at angle
+    90 + 36 k degrees (y up), on R for even k, on :data:`STAR_INNER` * R for odd k.
+    """
+    R = r / np.sin(np.deg2rad(72.0))
+    star_cy = cy + R * (1 - np.cos(np.deg2rad(36.0))) / 2  # top at star_cy - R, bottom at star_cy + R cos 36
+    k = np.arange(10)
+    angle = np.deg2rad(90.0 + 36.0 * k)  # (10,)
+    radius = np.where(k % 2 == 0, 1.0, STAR_INNER)  # (10,)
+    R = np.asarray(R)[..., None]
+    xs = np.asarray(cx)[..., None] + R * radius * np.cos(angle)
+    ys = np.asarray(star_cy)[..., None] - R * radius * np.sin(angle)  # y points down
+    return xs, ys
+
+
+def _sdf_star(x, y, cx, cy, r):
+    """Signed distance to the five-pointed star of :func:`star_vertices` (a 10-sided polygon).
+
+    The distance is the smallest distance to the 10 edge segments; the sign comes from the
+    even-odd crossing test (a horizontal ray to the right crosses the boundary an odd number
+    of times from inside).
+    """
+    vx, vy = star_vertices(cx, cy, r)  # (B, 1, 1, 10) each, for (B, 1, 1) centres
+    dist = np.inf
+    inside = np.zeros(np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(cx)), dtype=bool)
+    for k in range(10):
+        ax, ay, bx, by = vx[..., k], vy[..., k], vx[..., (k + 1) % 10], vy[..., (k + 1) % 10]
+        dist = np.minimum(dist, _segment_distance(x, y, ax, ay, bx, by))
+        straddles = (ay > y) != (by > y)  # the edge spans the pixel's height
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x_cross = ax + (y - ay) * (bx - ax) / (by - ay)
+        inside ^= straddles & (x < x_cross)
+    return np.where(inside, -dist, dist)
+
+
+_SDF = (_sdf_circle, _sdf_square, _sdf_triangle, _sdf_star)  # in the order of CONCEPT_SHAPES
 
 
 def render(labels, rng: np.random.Generator | int | None = None, image_size: int = 32) -> np.ndarray:

@@ -383,6 +383,8 @@ PRETRAINED = {
     "digits": "text-conditioned U-Net on 8x8 digits, pixel space",
     "shapes": "latent text-to-image on 32x32 shapes (VAE + U-Net + text encoder)",
     "shapes-controlnet": "a ControlNet for pretrained:shapes: a 32x32 mask places the shape (the base loads with it)",
+    "shapes-lora-star": "LoRA for pretrained:shapes that teaches it the word 'star' (--lora, or --checkpoint alone)",
+    "shapes-embedding-orange": "textual inversion for pretrained:shapes: the word 'orange' (--embedding)",
 }
 _PRETRAINED_ROOT = Path(__file__).resolve().parent.parent / "pretrained"
 

@@ -399,6 +399,7 @@ SCHEDULER_CLASSES = {
     "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler-a", "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpm++", "PNDMScheduler": "pndm", "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
 }
 #: Every field of diffusers' schedulers with its default: the ``__init__`` signatures of diffusers 0.42
 #: (read with ``inspect.signature``). A scheduler_config.json holds these fields; newer diffusers add
@@ -959,8 +960,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a diffusers ControlNet folder for --model, steered by --control IMAGE")
 
 
-def sample_from_model(args) -> int:
-    """Run ``sample --model``: load, sample, write the PNG. Returns the exit status."""
+def sample_from_model(args, prepare=None) -> int:
+    """Run ``sample --model``: load, sample, write the PNG. Returns the exit status.
+
+    ``prepare(pipe)``, if given, runs after loading (the CLI puts ``--lora`` files on the pipeline there);
+    a :class:`WeightsError` it raises is reported like a loading error."""
     if not args.prompt:
         print("diffusion-np: error: --model needs --prompt", file=sys.stderr)
         return 2
@@ -991,6 +995,8 @@ def sample_from_model(args) -> int:
         if args.controlnet is not None:
             controlnet = load_controlnet(args.controlnet)
             control = load_control_image(args.control)
+        if prepare is not None:
+            prepare(pipe)
     except (WeightsError, OSError) as err:  # OSError: a missing file, or one that is not an image
         print(f"diffusion-np: error: {err}", file=sys.stderr)
         return 2

@@ -58,7 +58,8 @@ from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.lora import _LoRALayer, add_lora, lora_layers
 from diffusion_np.nn.module import Module
 
-__all__ = ["LORA_WEIGHT_NAME", "LoRATensors", "load_lora", "load_lora_weights", "read_lora", "save_lora"]
+__all__ = ["LORA_WEIGHT_NAME", "LoRATensors", "load_lora", "load_lora_weights", "parse_lora_spec", "read_lora",
+           "save_lora"]
 
 #: the file name diffusers writes and looks for in a folder
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -278,6 +279,19 @@ def load_lora_weights(pipeline, path, adapter_name: str = "default", scale: floa
     :func:`diffusion_np.io.load_pipeline` made from SD 1.5): diffusers' ``pipe.load_lora_weights``."""
     return load_lora(path, unet=pipeline.unet, text_encoder=getattr(pipeline, "text_encoder", None),
                      adapter_name=adapter_name, scale=scale)
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``"PATH[:SCALE]"`` -> (path, scale); ``pretrained:NAME[:SCALE]`` keeps its prefix."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"--lora must be PATH or PATH:SCALE, got {spec!r}")
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and head != "pretrained":
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass  # a colon that is part of the path
+    return spec, 1.0
 
 
 # ============================================================================ writing

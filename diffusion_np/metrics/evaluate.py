@@ -25,6 +25,8 @@ draws samples with any sampler and scores them with the metrics beside this file
   :func:`~diffusion_np.metrics.control.score_control`: the IoU of each shape's mask with
   the control's (``control_iou``), beside what the caption's words alone would give, and the
   prompt accuracy on colour and shape.
+* ``lcm`` (a consistency-distilled student, :mod:`~diffusion_np.training.distill`): scored as its
+  teacher's task (``digits`` or ``shapes``), usually with ``sampler="lcm"`` and 1-8 steps.
 * ``toy2d``: :func:`~diffusion_np.training.toy2d.evaluate_toy2d` gives the sliced
   Wasserstein distance to fresh data and the data-vs-data floor; the squared MMD
   with a Gaussian kernel (:func:`~diffusion_np.metrics.distances.mmd_rbf`) is added
@@ -80,13 +82,16 @@ __all__ = [
     "digits_prompts",
     "evaluate_checkpoint",
     "format_report",
+    "format_sweep",
     "generate_images",
     "heldout_shapes_prompts",
     "seen_shapes_prompts",
 ]
 
 #: the tasks :func:`evaluate_checkpoint` scores
-EVALUATED_TASKS = ("digits", "shapes", "toy2d", "shapes-controlnet")
+EVALUATED_TASKS = ("digits", "shapes", "toy2d", "shapes-controlnet", "lcm")
+#: distilled students: scored as their teacher's task (``task_config["teacher_task"]``)
+DISTILLED_TASKS = ("lcm",)
 #: samples per task when ``num_samples`` is None (for shapes: images of seen prompts)
 DEFAULT_NUM_SAMPLES = {"digits": 500, "shapes": 320, "toy2d": 10_000, "shapes-controlnet": 128}
 #: images of the 18 held-out shapes prompts when ``heldout_samples`` is None: 8 per prompt
@@ -237,8 +242,11 @@ def evaluate_checkpoint(
         what = f"a {name} run" if name else "not a training checkpoint (no task in its config)"
         hint = " (score a VAE with vae_reconstruction_mse)" if name == "shapes-vae" else ""
         raise CheckpointError(f"evaluate scores {', '.join(EVALUATED_TASKS)} checkpoints; {directory} is {what}{hint}")
-    n = DEFAULT_NUM_SAMPLES[name] if num_samples is None else _check_int("num_samples", num_samples, 2)
-    if name == "shapes":
+    scored = loaded.config["task_config"].get("teacher_task") if name in DISTILLED_TASKS else name
+    if scored not in DEFAULT_NUM_SAMPLES:
+        raise CheckpointError(f"{directory}: a {name} student of an unknown teacher task {scored!r}")
+    n = DEFAULT_NUM_SAMPLES[scored] if num_samples is None else _check_int("num_samples", num_samples, 2)
+    if scored == "shapes":
         n_held = DEFAULT_HELDOUT_SAMPLES if heldout_samples is None else _check_int("heldout_samples",
                                                                                     heldout_samples, 0)
     task = task_from_checkpoint(loaded, use_ema=use_ema)
@@ -250,6 +258,7 @@ def evaluate_checkpoint(
     state, exported = loaded.training_state, loaded.config.get("exported_from") or {}
     result = {
         "task": name,
+        "scored_as": scored,
         "checkpoint": str(checkpoint),
         "checkpoint_dir": str(directory),
         "step": state.get("step") if state is not None else exported.get("step"),
@@ -261,6 +270,7 @@ def evaluate_checkpoint(
         "num_samples": n,
         "seed": seed,
     }
+    sampling_start = time.perf_counter()
     if name == "toy2d":
         result["metrics"] = _evaluate_toy2d(task, sampler, steps, n, seed, progress)
     elif name == "shapes-controlnet":
@@ -273,7 +283,7 @@ def evaluate_checkpoint(
         result["guidance_scale"] = w
         gen = dict(sampler=sampler, steps=steps, guidance_scale=w, seed=seed, batch_size=batch_size,
                    progress=progress)
-        if name == "digits":
+        if scored == "digits":
             prompts, labels = digits_prompts(n)
             images = generate_images(task.model, prompts, stream=0, desc="digits", **gen)
             result["metrics"] = score_digits(images, labels, data_seed=task.config.data_seed, seed=seed)
@@ -284,6 +294,9 @@ def evaluate_checkpoint(
             held_images = generate_images(task.model, held, stream=1, desc="held-out prompts", **gen) if held else None
             result["metrics"] = score_shapes(images, prompts, held_images, held)
     result["wall_time_s"] = round(time.perf_counter() - start, 2)
+    if name != "toy2d":  # generation and scoring together, per image: what a steps sweep compares
+        images_made = n + (n_held if scored == "shapes" else 0)
+        result["seconds_per_image"] = round((time.perf_counter() - sampling_start) / images_made, 4)
     result["diffusion_np_version"] = __version__
     return result
 
@@ -317,14 +330,15 @@ def format_report(result: dict) -> str:
     weights = "EMA weights" if r.get("weights") == "ema" else "weights"
     guidance = "" if r.get("guidance_scale") is None else f", guidance {r['guidance_scale']:g}"
     counts = f"{r['num_samples']} samples"
-    if r["task"] == "shapes":
+    if r.get("scored_as", r["task"]) == "shapes":
         counts = f"{r['num_samples']} + {r.get('heldout_samples', 0)} held-out samples"
     lines = [
         f"{r['task']}: {r['checkpoint']} ({step}, {weights})",
         f"{r['sampler']}, {r['steps']} steps{guidance}, seed {r['seed']}, {counts}, {r['wall_time_s']:.1f} s",
         "",
     ]
-    if r["task"] == "digits":
+    kind = r.get("scored_as", r["task"])
+    if kind == "digits":
         lines += [
             f"{'metric':40s} {'model':>8s}  reference",
             f"{'conditional accuracy':40s} {m['conditional_accuracy']:8.3f}  chance 0.100",
@@ -334,7 +348,7 @@ def format_report(result: dict) -> str:
             "",
             "accuracy per digit: " + "  ".join(f"{d}:{_num(a, 2)}" for d, a in enumerate(m["per_digit_accuracy"])),
         ]
-    elif r["task"] == "shapes-controlnet":
+    elif kind == "shapes-controlnet":
         lines += [
             f"{'metric':44s} {'model':>8s}  reference",
             f"{'control IoU (generated mask vs control mask)':44s} {m['control_iou']:8.3f}  "
@@ -345,7 +359,7 @@ def format_report(result: dict) -> str:
             "",
             f"unreadable images (no object found): {m['unreadable']:.3f}",
         ]
-    elif r["task"] == "shapes":
+    elif kind == "shapes":
         head = f"{'prompts':24s} {'all':>6s}" + "".join(f" {c:>8s}" for c in LABEL_COLUMNS)
 
         def row(label, everything, per):
@@ -378,6 +392,27 @@ def format_report(result: dict) -> str:
                 "verdict: " + ("within the floor band (indistinguishable from the data at this size)"
                                if v["within_floor"] else f"above the floor band (up to {v['floor_high']:.5f})"),
             ]
+    return "\n".join(lines)
+
+
+def format_sweep(results: list[dict]) -> str:
+    """One line per evaluation of a sweep (several step counts, baselines beside them): the headline metric of
+    each, for shapes seen and held-out "all" prompt accuracy, for digits the conditional accuracy and the
+    Frechet distance, and the wall time per image, all measured in the same run."""
+    lines = [f"{'checkpoint':28s} {'sampler':8s} {'steps':>5s} {'w':>4s} {'metric':>8s} {'held-out':>8s} "
+             f"{'FD':>7s} {'s/image':>8s}"]
+    for r in results:
+        m, kind = r["metrics"], r.get("scored_as", r["task"])
+        if kind == "shapes":
+            main, held, fd = m["prompt_accuracy_all"], m.get("heldout_prompt_accuracy_all"), None
+        elif kind == "digits":
+            main, held, fd = m["conditional_accuracy"], None, m["frechet_distance"]
+        else:
+            main, held, fd = None, None, None
+        w = "-" if r.get("guidance_scale") is None else f"{r['guidance_scale']:g}"
+        per_image = r.get("seconds_per_image")
+        lines.append(f"{str(r['checkpoint'])[-28:]:28s} {r['sampler']:8s} {r['steps']:5d} {w:>4s} {_num(main):>8s} "
+                     f"{_num(held):>8s} {_num(fd, 2):>7s} {_num(per_image, 4):>8s}")
     return "\n".join(lines)
 
 

@@ -49,6 +49,8 @@ from diffusion_np.nn.losses import (
     l1_loss_forward,
     mse_loss_backward,
     mse_loss_forward,
+    pseudo_huber_loss_backward,
+    pseudo_huber_loss_forward,
 )
 from diffusion_np.nn.module import BlockGrads, Module, ModuleList
 from diffusion_np.nn.norm import (
@@ -117,6 +119,8 @@ __all__ = [
     "merge_lora",
     "mse_loss_backward",
     "mse_loss_forward",
+    "pseudo_huber_loss_backward",
+    "pseudo_huber_loss_forward",
     "quick_gelu_backward",
     "quick_gelu_forward",
     "sdpa_backward",

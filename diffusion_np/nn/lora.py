@@ -57,7 +57,7 @@ import numpy as np
 from diffusion_np.backend import device_of
 from diffusion_np.nn.activation import Dropout
 from diffusion_np.nn.conv import Conv2d, _col2im_dx, conv2d_forward
-from diffusion_np.nn.linear import Linear
+from diffusion_np.nn.linear import Linear, linear_forward
 from diffusion_np.nn.module import Module
 from diffusion_np.nn.resample import Upsample2D
 from diffusion_np.nn.validate import check_features, check_finite, check_image
@@ -305,13 +305,14 @@ class LoRALinear(_LoRALayer):
     def _base_forward(self, x):
         check_features(self, x, self.in_features, min_ndim=2)
         check_finite(self, x)
-        y = x @ self.weight.T  # (..., in) @ (in, out) -> (..., out)
-        if "bias" in self.params:
-            y += self.bias
+        # the base Linear's own op, so an adapter at scale 0 gives the base layer's output bit for bit
+        y, _ = linear_forward(x, self.weight, self.params.get("bias"))  # (..., in) -> (..., out)
         return y, None  # dx needs only W0: nothing of x is kept for the base
 
     def _base_input_grad(self, dout, meta):
-        return dout @ self.weight  # (..., out) @ (out, in) -> (..., in)
+        n_out = dout.shape[-1]
+        dx = dout.reshape(-1, n_out) @ self.weight  # (N, out) @ (out, in): one product, as linear_backward
+        return dx.reshape(*dout.shape[:-1], self.in_features)
 
 
 class LoRAConv2d(_LoRALayer):

@@ -1,4 +1,4 @@
-"""Losses for training: mean squared error, L1, and the VAE's Gaussian KL.
+"""Losses for training: mean squared error, L1, pseudo-Huber, and the VAE's Gaussian KL.
 
 Each loss is a forward/backward pair like every op, except that its output is a
 scalar, so the upstream gradient is a scalar too (1.0 at the top of backprop):
@@ -11,6 +11,8 @@ scalar, so the upstream gradient is a scalar too (1.0 at the top of backprop):
   w_t = min(SNR_t, gamma) / SNR_t (Hang et al. 2023, Eq. 8), broadcast over every
   non-batch axis.
 * ``l1_loss``: mean absolute error (VAE reconstruction).
+* ``pseudo_huber_loss``: sqrt(d^2 + c^2) - c, smooth near 0 and linear far from it
+  (consistency distillation, :mod:`diffusion_np.training.distill`).
 * ``gaussian_kl``: KL(N(mu, sigma^2) || N(0, I)) (Kingma & Welling 2014,
   Appendix B), the VAE's regulariser.
 
@@ -155,6 +157,55 @@ def l1_loss_backward(cache: L1LossCache, dloss=1.0):
     sign, w, reduction = cache
     factor = 1.0 / sign.size if reduction == "mean" else 1.0
     dpred = sign * (_as_scalar(dloss, sign) * factor)
+    if w is not None:
+        dpred *= w
+    return dpred
+
+
+# ----------------------------------------------------------------------------- pseudo-Huber
+
+
+class PseudoHuberLossCache(NamedTuple):
+    diff: object  # pred - target
+    root: object  # sqrt(diff^2 + c^2)
+    w: object
+    reduction: str
+
+
+def pseudo_huber_loss_forward(pred, target, c: float = 1e-3, weights=None, reduction: str = "mean"):
+    """Pseudo-Huber loss, elementwise, optionally weighted per sample:
+
+        loss = (1/n) sum_i w_b(i) (sqrt((pred_i - target_i)^2 + c^2) - c)     ("mean"; "sum" drops 1/n)
+
+    Charbonnier's smooth L1 (Song & Dhariwal 2023, "Improved techniques for training consistency
+    models", Sec. 3.3, pseudo-Huber metric; LCM's distillation loss, Luo et al. 2023, Sec. 4.2):
+    quadratic, d^2 / (2c), for |d| << c and |d| - c for |d| >> c, so one outlier pulls as much as
+    L1 lets it. diffusers' ``train_lcm_distill_sd_wds.py`` takes it elementwise with c = 0.001.
+    Same parameters and return as :func:`mse_loss_forward`, plus ``c`` > 0.
+    """
+    _check_pair("pseudo_huber_loss", pred, target, weights, reduction)
+    if not c > 0:
+        raise ValueError(f"pseudo_huber_loss: c must be > 0, got {c!r}")
+    xp = get_xp(pred)
+    diff = pred - target
+    w = _per_sample(weights, diff)
+    c = float(c)  # a Python float keeps float32 float32
+    root = xp.sqrt(diff * diff + c * c)
+    values = root - c
+    if w is not None:
+        values = values * w
+    return _reduce(values, reduction), PseudoHuberLossCache(diff, root, w, reduction)
+
+
+def pseudo_huber_loss_backward(cache: PseudoHuberLossCache, dloss=1.0):
+    """d loss / d pred = w (pred - target) / sqrt((pred - target)^2 + c^2) * dloss   (divided by n for "mean").
+
+    The derivative of sqrt(d^2 + c^2) is d / sqrt(d^2 + c^2): smooth at d = 0 (where L1 has a kink),
+    bounded by 1 in magnitude (where L2 grows with d).
+    """
+    diff, root, w, reduction = cache
+    factor = 1.0 / diff.size if reduction == "mean" else 1.0
+    dpred = diff / root * (_as_scalar(dloss, diff) * factor)
     if w is not None:
         dpred *= w
     return dpred

@@ -1,12 +1,16 @@
 """Weights trained by this project and shipped inside the package.
 
-Three models, each trained with the project's own ``diffusion-np train`` commands and
+Five results, each trained with the project's own ``diffusion-np train`` (or ``finetune``) commands and
 exported with ``diffusion-np export`` (EMA weights, float16, no training state):
 
     pretrained:digits              text-conditioned pixel-space U-Net on 8x8 digits ("the digit seven")
     pretrained:shapes              latent text-to-image on 32x32 shapes: VAE + U-Net + text encoder
     pretrained:shapes-controlnet   a ControlNet for pretrained:shapes: a 32x32 mask places the shape
                                    (the ControlNet only; pretrained:shapes loads with it)
+    pretrained:shapes-lora-star    LoRA adapters and the new word "star" for pretrained:shapes
+                                   (``diffusion-np finetune lora``; ``--lora pretrained:shapes-lora-star``)
+    pretrained:shapes-embedding-orange   the learned embedding of the new word "orange"
+                                   (``diffusion-np finetune textual-inversion``; ``--embedding ...``)
 
 Wherever a checkpoint directory is accepted (``diffusion-np sample --checkpoint``,
 ``diffusion-np evaluate --checkpoint``, :func:`~diffusion_np.io.load_checkpoint`,

@@ -16,6 +16,7 @@ from diffusion_np.samplers.dpm_solver import DPMSolverMultistepSampler
 from diffusion_np.samplers.euler import EulerSampler
 from diffusion_np.samplers.euler_ancestral import EulerAncestralSampler
 from diffusion_np.samplers.heun import HeunSampler
+from diffusion_np.samplers.lcm import LCMSampler
 from diffusion_np.samplers.loop import Trajectory, sample
 from diffusion_np.samplers.pndm import PNDMSampler
 from diffusion_np.samplers.timesteps import make_timesteps
@@ -31,6 +32,7 @@ SAMPLERS = {
     "dpm++": DPMSolverMultistepSampler,
     "pndm": PNDMSampler,
     "unipc": UniPCSampler,
+    "lcm": LCMSampler,
 }
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "EulerAncestralSampler",
     "EulerSampler",
     "HeunSampler",
+    "LCMSampler",
     "PNDMSampler",
     "Sampler",
     "StepOutput",

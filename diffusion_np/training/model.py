@@ -94,6 +94,8 @@ class TextToImageModel(Module):
         self.schedule_config = dict(schedule)
         self.prediction_type = self.schedule_config.pop("prediction_type", "epsilon")
         self.noise_schedule = NoiseSchedule.from_config(**self.schedule_config)
+        #: sampler name -> extra keywords of that sampler (a consistency-distilled model's LCM grid)
+        self.sampler_options: dict[str, dict] = {}
 
     # ------------------------------------------------------------------ forward / backward
     def encode_text(self, captions: list[str]):
@@ -132,6 +134,7 @@ class TextToImageModel(Module):
         kwargs = dict(self.schedule_config, prediction_type=self.prediction_type)
         if name in ("ddpm", "ddim"):
             kwargs["clip_sample"] = bool(clip_sample) and self.vae is None
+        kwargs.update(self.sampler_options.get(name, {}))
         return SAMPLERS[name](**kwargs)
 
     def pipeline(self, sampler: str = "ddim"):

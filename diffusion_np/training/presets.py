@@ -95,6 +95,13 @@ PRESETS: dict[str, dict[str, dict]] = {
         "full": dict(conditioning_embedding_out_channels=(16, 32, 64), latent_pool=8192,
                      train=_train(1500, 32, 3e-4, 0.995, 250, 500), preview=dict(n=16, steps=25)),
     },
+    # consistency distillation: the student is the teacher's U-Net; a preset sets the schedule and the data pool
+    "lcm": {
+        "tiny": dict(latent_pool=16, train=_train(4, 4, 1e-4, 0.9, 0, 0), preview=dict(n=4, steps=2)),
+        "demo": dict(latent_pool=2048, train=_train(300, 32, 1e-4, 0.99, 100, 150), preview=dict(n=16, steps=4)),
+        "full": dict(latent_pool=8192, train=_train(2500, 32, 1e-4, 0.995, 250, 500, warmup=100),
+                     preview=dict(n=32, steps=4)),
+    },
 }
 
 

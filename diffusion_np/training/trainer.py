@@ -36,6 +36,10 @@ with types; :class:`~diffusion_np.training.toy2d.Toy2DTask` is the worked exampl
         def save_png(self, samples, path: Path, title: str) -> None:
             # a picture of `sample`'s output: a scatter plot, an image grid
 
+        # optional: state_dict() -> dict and load_state_dict(dict), training state of the task's own
+        # (arrays and JSON values) that the checkpoint keeps and --resume restores, as distillation's
+        # EMA target network
+
         @staticmethod
         def add_arguments(parser: argparse.ArgumentParser) -> None:
             # the task's own options for `diffusion-np train <name>`, one per Config field,
@@ -88,6 +92,7 @@ from diffusion_np.optim import EMA, Adam, AdamW, LRScheduler, clip_grad_norm, li
 from diffusion_np.training.plots import save_loss_plot
 
 __all__ = [
+    "DISTILL_TASKS",
     "TASKS",
     "NonFiniteLossError",
     "TaskNotAvailable",
@@ -110,7 +115,14 @@ TASKS: dict[str, str | None] = {
     "shapes-vae": "diffusion_np.training.tasks:ShapesVAETask",
     "shapes": "diffusion_np.training.tasks:ShapesTask",
     "shapes-controlnet": "diffusion_np.training.controlnet:ShapesControlNetTask",
+    "lcm": "diffusion_np.training.distill:LCMDistillTask",
+    # `diffusion-np finetune lora|textual-inversion|dreambooth` (not listed under `train`)
+    "finetune-lora": "diffusion_np.training.personalise:LoRAFinetuneTask",
+    "finetune-textual-inversion": "diffusion_np.training.personalise:TextualInversionTask",
+    "finetune-dreambooth": "diffusion_np.training.personalise:DreamBoothTask",
 }
+#: the tasks that distil a trained teacher: ``diffusion-np distill NAME`` rather than ``train NAME``
+DISTILL_TASKS = ("lcm",)
 
 
 class TrainingTask(Protocol):
@@ -308,8 +320,9 @@ class Trainer:
         }
 
     def state_dict(self) -> dict:
-        """Everything that changes during training, besides the weights."""
-        return {
+        """Everything that changes during training, besides the weights; ``"task"`` holds the task's
+        own training state where it has one (a ``state_dict`` method: distillation's target network)."""
+        state = {
             "step": self.step,
             "losses": np.asarray(self.losses, dtype=np.float64),
             "optimizer": self.optimizer.state_dict(),
@@ -317,6 +330,9 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "rng": self.rng.bit_generator.state,  # ints and strings: JSON-serialisable
         }
+        if hasattr(self.task, "state_dict"):
+            state["task"] = self.task.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (the weights are loaded separately)."""
@@ -332,6 +348,10 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
         self.step = int(state["step"])
         self.losses = [float(v) for v in np.asarray(state["losses"]).tolist()]
+        if hasattr(self.task, "load_state_dict"):
+            if "task" not in state:
+                raise CheckpointError(f"the checkpoint has no training state of the {self.task.name} task")
+            self.task.load_state_dict(state["task"])
 
     def save_checkpoint(self) -> Path:
         """Write the weights, the config and the training state to :attr:`checkpoint_dir`."""

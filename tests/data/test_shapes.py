@@ -153,7 +153,9 @@ def test_parse_caption_errors(text, match):
 
 def test_caption_bad_labels():
     with pytest.raises(ValueError, match="out of range"):
-        caption([6, 0, 0, 0])
+        caption([7, 0, 0, 0])  # colour 6 is orange, the new concept; 7 is none
+    with pytest.raises(ValueError, match="out of range"):
+        caption([0, 4, 0, 0])  # shape 3 is the star; 4 is none
     with pytest.raises(ValueError, match=r"\(4,\) or \(B, 4\)"):
         caption([0, 0, 0])
     with pytest.raises(TypeError, match="integers"):

@@ -35,7 +35,7 @@ from diffusion_np.io.diffusers import (
 )
 from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.nn.attention import Attention, sdpa_chunked_forward, sdpa_forward, set_attention_chunk_size
-from diffusion_np.samplers import DDIMSampler, DPMSolverMultistepSampler, PNDMSampler, UniPCSampler
+from diffusion_np.samplers import DDIMSampler, DPMSolverMultistepSampler, LCMSampler, PNDMSampler, UniPCSampler
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 TINY_SD = FIXTURES / "tiny_sd"
@@ -363,8 +363,11 @@ def test_scheduler_config_mapping():
     assert isinstance(unipc, UniPCSampler) and unipc.solver_type == "bh2"
     with pytest.raises(WeightsError, match="predict_x0=False"):
         sampler_from_config(None, {"_class_name": "UniPCMultistepScheduler", "predict_x0": False})
-    with pytest.raises(WeightsError, match="LCMScheduler, which diffusion_np does not implement"):
-        sampler_from_config(None, {"_class_name": "LCMScheduler"})
+    lcm = sampler_from_config(None, {"_class_name": "LCMScheduler", "original_inference_steps": 40,
+                                     "timestep_scaling": 5.0, "set_alpha_to_one": True})
+    assert isinstance(lcm, LCMSampler) and lcm.original_inference_steps == 40 and lcm.timestep_scaling == 5.0
+    with pytest.raises(WeightsError, match="TCDScheduler, which diffusion_np does not implement"):
+        sampler_from_config(None, {"_class_name": "TCDScheduler"})
     dpm = sampler_from_config("dpm++", sd15)
     assert isinstance(dpm, DPMSolverMultistepSampler) and dpm.steps_offset == 1
     own = sampler_from_config(None, {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True,

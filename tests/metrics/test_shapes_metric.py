@@ -108,3 +108,20 @@ def test_cupy_matches_numpy():
     images, _, labels = ShapesDataset("all", seed=5).sample(500)
     images = np.clip(images + 0.1 * np.random.default_rng(0).standard_normal(images.shape), -1, 1).astype(np.float32)
     np.testing.assert_array_equal(analyse_shapes(cupy.asarray(images)), analyse_shapes(images))
+
+
+def test_analyser_reads_the_new_concepts_oracle():
+    # every combination of the star and of orange (new with base values, and both new), clean renders
+    from diffusion_np.data.shapes import CONCEPT_COLOURS, CONCEPT_SHAPES, render
+
+    grids = np.meshgrid(np.arange(len(CONCEPT_COLOURS)), np.arange(len(CONCEPT_SHAPES)), np.arange(2), np.arange(5),
+                        indexing="ij")
+    rows = np.stack([g.ravel() for g in grids], axis=1)
+    rows = rows[(rows[:, 0] == 6) | (rows[:, 1] == 3)]  # the 70 + 8 + ... combinations with a new value
+    labels = rows[np.random.default_rng(0).integers(0, len(rows), 3000)]
+    images = render(labels, 11)
+    acc = prompt_accuracy(images, labels)
+    assert acc["all"] >= 0.99, acc
+    assert acc["per_attribute"]["colour"] == 1.0  # orange is never read as red or yellow
+    base, _, base_labels = ShapesDataset("all", seed=12).sample(2000)  # and the base shapes are still exact
+    np.testing.assert_array_equal(analyse_shapes(base), base_labels)

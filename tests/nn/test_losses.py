@@ -10,6 +10,8 @@ from diffusion_np.nn.losses import (
     l1_loss_forward,
     mse_loss_backward,
     mse_loss_forward,
+    pseudo_huber_loss_backward,
+    pseudo_huber_loss_forward,
 )
 
 PAIRS = {"mse": (mse_loss_forward, mse_loss_backward), "l1": (l1_loss_forward, l1_loss_backward)}
@@ -35,6 +37,31 @@ def test_regression_loss_gradcheck(name, shape, reduction, weighted):
     # check_op's backward is (dout, cache) with one gradient per input: dpred only
     errors = check_op(lambda p: fwd(p, target, weights, reduction), lambda d, c: bwd(c, d), [pred])
     assert errors[0] < 1e-7, errors
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("c", [1e-3, 0.5])
+def test_pseudo_huber_gradcheck(shape, reduction, weighted, c):
+    """Differences of order c and far beyond it: the quadratic and the linear regime."""
+    pred, target, weights = _pred_target(shape)
+    target = pred + (target - pred) * np.random.default_rng(3).choice([0.003, 1.0], shape)
+    errors = check_op(lambda p: pseudo_huber_loss_forward(p, target, c, weights if weighted else None, reduction),
+                      lambda d, cache: pseudo_huber_loss_backward(cache, d), [pred])
+    assert errors[0] < 1e-7, errors
+
+
+def test_pseudo_huber_limits():
+    """d^2 / (2c) for |d| << c; |d| - c for |d| >> c; 0 at d = 0 with a zero gradient there."""
+    d = np.array([[1e-6, -1e-6, 10.0, -20.0, 0.0]])
+    values = [float(pseudo_huber_loss_forward(d[:, i:i + 1], np.zeros((1, 1)), c=1e-3)[0]) for i in range(5)]
+    assert values[0] == pytest.approx(1e-12 / 2e-3, rel=1e-5) and values[1] == pytest.approx(values[0])
+    assert values[2] == pytest.approx(10.0 - 1e-3, rel=1e-7) and values[3] == pytest.approx(20.0 - 1e-3, rel=1e-7)
+    _, cache = pseudo_huber_loss_forward(d, np.zeros_like(d), c=1e-3, reduction="sum")
+    np.testing.assert_allclose(pseudo_huber_loss_backward(cache), [[1e-3, -1e-3, 1.0, -1.0, 0.0]], atol=1e-6)
+    with pytest.raises(ValueError, match="c must be > 0"):
+        pseudo_huber_loss_forward(d, d, c=0.0)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -122,6 +149,17 @@ def test_regression_losses_match_torch(torch_cases):
         # a sum of up to 96 float32 terms of size ~2: atol scaled to the value
         assert_close(loss, c["loss"], atol=1e-5 * max(1.0, abs(float(c["loss"]))), what=f"{name}: loss")
         assert_close(bwd(cache, c["dloss"]), c["dpred"], what=f"{name}: dpred")
+
+
+def test_pseudo_huber_matches_torch(torch_cases):
+    names = [k for k in torch_cases if k.startswith("huber_")]
+    assert len(names) == 6
+    for name in names:
+        c = torch_cases[name]
+        reduction = "sum" if "_sum_" in name else "mean"
+        loss, cache = pseudo_huber_loss_forward(c["pred"], c["target"], float(c["c"]), c.get("weights"), reduction)
+        assert_close(loss, c["loss"], atol=1e-5 * max(1.0, abs(float(c["loss"]))), what=f"{name}: loss")
+        assert_close(pseudo_huber_loss_backward(cache, c["dloss"]), c["dpred"], what=f"{name}: dpred")
 
 
 def test_gaussian_kl_matches_torch(torch_cases):

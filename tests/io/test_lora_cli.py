@@ -1,0 +1,124 @@
+"""`sample --model ... --lora FILE[:SCALE]`: LoRA files on a Stable Diffusion pipeline from the command line."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import one_error_line
+from safetensors.numpy import load_file, save_file
+
+from diffusion_np.cli import main
+from diffusion_np.io import load_lora_weights, load_pipeline
+from diffusion_np.io.lora import parse_lora_spec, save_lora
+from diffusion_np.nn.lora import add_lora, lora_layers
+from diffusion_np.pipelines.image_io import load_image
+
+TINY_SD = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_sd"
+COMMON = ["--prompt", "a red circle", "--steps", "2", "--height", "32", "--width", "32", "--sampler", "ddim",
+          "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """A LoRA for the tiny SD fixture on the U-Net's attention and the text encoder, B moved off zero."""
+    pipe = load_pipeline(TINY_SD, sampler="ddim")
+    add_lora(pipe.unet, rank=2, alpha=4.0, rng=np.random.default_rng(0))
+    add_lora(pipe.text_encoder, target=("q_proj", "v_proj"), rank=2, rng=np.random.default_rng(1))
+    rng = np.random.default_rng(2)
+    for model in (pipe.unet, pipe.text_encoder):
+        for layer in lora_layers(model).values():
+            b = layer.lora_B["default"].weight
+            b[...] = 0.3 * rng.standard_normal(b.shape)
+    return save_lora(tmp_path_factory.mktemp("lora") / "pytorch_lora_weights.safetensors", unet=pipe.unet,
+                     text_encoder=pipe.text_encoder)
+
+
+def _ours(lora_file, scale):
+    pipe = load_pipeline(TINY_SD, sampler="ddim")
+    if scale is not None:
+        load_lora_weights(pipe, lora_file, scale=scale)
+    guidance = 7.5  # the CLI's default with --model
+    return pipe("a red circle", height=32, width=32, num_inference_steps=2, seed=0, guidance_scale=guidance).images
+
+
+def test_sample_model_with_a_lora_file_and_its_scale(lora_file, tmp_path):
+    base, half = _ours(lora_file, None), _ours(lora_file, 0.8)
+    assert np.array_equal(_ours(lora_file, 0.0), base)  # scale 0: the base model's image bit for bit
+    assert not np.allclose(half, base, atol=1e-3)
+    out = tmp_path / "lora.png"
+    assert main(["sample", "--model", str(TINY_SD), "--lora", f"{lora_file}:0.8", *COMMON, "-o", str(out)]) == 0
+    expected = np.round((np.clip(half[0], -1, 1) + 1) * 127.5) / 127.5 - 1  # as the PNG stores it
+    np.testing.assert_allclose(load_image(out), expected, atol=1 / 127.5)
+    assert parse_lora_spec(f"{lora_file}:0.8") == (str(lora_file), 0.8)
+    assert parse_lora_spec(str(lora_file)) == (str(lora_file), 1.0)
+
+
+def test_a_bad_lora_file_is_one_error_and_nothing_is_applied(lora_file, tmp_path, capsys):
+    tensors = load_file(str(lora_file))
+    first = sorted(k for k in tensors if k.endswith("to_q.lora_A.weight"))[0]
+    tensors[first] = np.zeros((2, 3), np.float32)  # a shape that fits no layer
+    tensors["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn7.to_q.lora_A.weight"] = np.zeros((2, 4),
+                                                                                                      np.float32)
+    tensors["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn7.to_q.lora_B.weight"] = np.zeros((4, 2),
+                                                                                                      np.float32)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    out = tmp_path / "x.png"
+    assert main(["sample", "--model", str(TINY_SD), "--lora", str(bad), *COMMON, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "do not fit the layer" in err and "no Linear or Conv2d layer" in err and "attn7" in err
+    assert not out.exists()
+    pipe = load_pipeline(TINY_SD, sampler="ddim")
+    with pytest.raises(Exception, match="does not fit the models"):
+        load_lora_weights(pipe, bad)
+    assert lora_layers(pipe.unet) == {} and lora_layers(pipe.text_encoder) == {}  # nothing applied half-way
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": np.zeros((2, 4), np.float32),
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": np.zeros((4, 2), np.float32)},
+              str(tmp_path / "ldm.safetensors"))
+    assert main(["sample", "--model", str(TINY_SD), "--lora", str(tmp_path / "ldm.safetensors"), *COMMON,
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err  # one error, its problems listed one per indented line
+    assert err.count("error:") == 1 and "Traceback" not in err and "no Linear or Conv2d layer input_blocks_1_1" in err
+    assert main(["sample", "--model", str(TINY_SD), "--embedding", "x", *COMMON, "-o", str(out)]) == 2
+    one_error_line(capsys, "--embedding goes with a shapes --checkpoint")
+
+
+@pytest.mark.crosscheck
+def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_path):
+    """A LoRA made with peft on the tiny SD fixture's U-Net attention, saved by diffusers, applied by diffusers'
+    ``pipe.load_lora_weights`` and by ours at scale 0.8: the same images (<= 1e-4). (The text encoder's
+    adapters go through transformers' peft integration, which needs peft >= 0.22; the crosscheck extra has
+    0.21. Text-encoder files are read by tests/io/test_lora_files.py.)"""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    peft = pytest.importorskip("peft")
+    from fixtures.make_tiny_sd import PIPELINE_GUIDANCE, PIPELINE_PROMPT, PIPELINE_STEPS, load_reference_pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    maker = load_reference_pipeline(TINY_SD, "ddim")
+    maker.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in maker.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(maker.unet),
+        unet_lora_adapter_metadata=maker.unet.peft_config["default"].to_dict())
+
+    latents = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    theirs = load_reference_pipeline(TINY_SD, "ddim")
+    theirs.load_lora_weights(str(tmp_path), adapter_name="star")
+    theirs.set_adapters(["star"], adapter_weights=[0.8])
+    ref = theirs(PIPELINE_PROMPT, num_inference_steps=PIPELINE_STEPS, guidance_scale=PIPELINE_GUIDANCE,
+                 latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), output_type="np").images
+    ours = load_pipeline(TINY_SD, sampler="ddim")
+    done = load_lora_weights(ours, tmp_path, scale=0.8)
+    assert len(done["unet"]) == 4 * len([k for k in done["unet"] if k.endswith("to_q")]) and "text_encoder" not in done
+    out = ours(PIPELINE_PROMPT, guidance_scale=PIPELINE_GUIDANCE, num_inference_steps=PIPELINE_STEPS,
+               noise=latents, progress=False)
+    plain = load_pipeline(TINY_SD, sampler="ddim")(PIPELINE_PROMPT, guidance_scale=PIPELINE_GUIDANCE,
+                                                   num_inference_steps=PIPELINE_STEPS, noise=latents, progress=False)
+    assert np.abs(out.images - plain.images).max() > 1e-2  # the LoRA changes the image ...
+    assert np.abs((out.images + 1.0) / 2.0 - np.asarray(ref)).max() <= 1e-4  # ... as diffusers changes it
