@@ -1,6 +1,6 @@
 """Editing benchmark: prompt-to-prompt word swaps against plain regeneration and SDEdit.
 
-    python -m benchmarks.edit --json edit.json [--n 180] [--steps 25] [--strengths 0.5 0.7 0.9]
+    python -m benchmarks.edit --json edit.json [--n 180] [--steps 25] [--strengths 0.1 0.2 0.3 0.5 0.7]
 
 Every caption of the shapes data (180 combinations; ``--n`` takes the first n of a seeded
 shuffle) gets one word swapped: its colour becomes the next colour of the palette ("red" ->
@@ -55,7 +55,8 @@ def score(method, images, source, new_labels, seconds, strength=None) -> dict:
             "seconds": round(seconds, 1)}
 
 
-def run(n: int = 180, steps: int = 25, strengths=(0.5, 0.7, 0.9), batch: int = 60, progress: bool = False) -> list:
+def run(n: int = 180, steps: int = 25, strengths=(0.1, 0.2, 0.3, 0.5, 0.7), batch: int = 60,
+        progress: bool = False) -> list:
     model = TextToImageModel.load("pretrained:shapes")
     labels = combos("all")[np.random.default_rng(0).permutation(180)[:n]]
     new = swap_colour(labels)
@@ -93,7 +94,8 @@ def main(argv=None) -> list:
     parser.add_argument("--json", required=True, help="write the rows here")
     parser.add_argument("--n", type=int, default=180, help="captions (default all 180)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    parser.add_argument("--strengths", type=float, nargs="+", default=[0.5, 0.7, 0.9], help="SDEdit strengths")
+    parser.add_argument("--strengths", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7],
+                        help="SDEdit strengths")
     args = parser.parse_args(argv)
     if not 1 <= args.n <= 180:
         parser.error("--n must be between 1 and 180")
