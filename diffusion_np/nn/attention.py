@@ -278,12 +278,6 @@ class Attention(Module):
         a chunked forward keeps no cache, and ``backward`` after it raises. Change it any
         time (``layer.chunk_size = 1024``) or model-wide with :func:`set_attention_chunk_size`.
 
-    ``attention_edit`` (an attribute, None by default) is a hook for attention editing such as
-    prompt-to-prompt (:mod:`diffusion_np.pipelines.prompt_to_prompt`): a callable
-    ``edit(probs (B, heads, N, L), self_attention: bool) -> probs`` that may change the attention
-    probabilities before they weight the values. With a hook the layer runs the plain
-    :func:`sdpa_forward` and keeps no cache (inference only; ``backward`` then raises); without
-    one (the default) nothing changes, and the cost is one ``is None`` test.
 
     Notes
     -----
@@ -292,6 +286,13 @@ class Attention(Module):
     ``backward(dout)`` returns a :class:`~diffusion_np.nn.BlockGrads`: ``dx``, and
     ``dcontext`` after cross-attention, None after self-attention (``context=None``:
     x fed the queries *and* the keys/values, so both paths are summed into dx).
+
+    ``attention_edit`` (an attribute, None by default) is a hook for attention editing such as
+    prompt-to-prompt (:mod:`diffusion_np.pipelines.prompt_to_prompt`): a callable
+    ``edit(probs (B, heads, N, L), self_attention: bool) -> probs`` that may change the attention
+    probabilities before they weight the values. With a hook the layer runs the plain
+    :func:`sdpa_forward` and keeps no cache (inference only; ``backward`` then raises); without
+    one (the default) nothing changes, and the cost is one ``is None`` test.
     """
 
     def __init__(

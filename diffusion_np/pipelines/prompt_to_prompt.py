@@ -53,6 +53,8 @@ class AttentionEdit:
     reweight : optional (token position, c): the edited rows' attention to that token times c
         (conditional branch only), at every step.
 
+    Notes
+    -----
     ``step`` counts the sampler's steps; :func:`prompt_to_prompt` advances it.
     """
 
@@ -100,9 +102,13 @@ def prompt_to_prompt(model, source_prompts, edit_prompts, steps: int = 25, guida
     cross_replace, self_replace : tau_c and tau_s, the fractions of the steps with injected
         cross- and self-attention maps
     reweight : optional (word, c): scale the edited caption's attention to ``word`` by c
-    seed : seeds the shared initial noise; ``noise`` (n, h, w, C) replaces it (e.g. DDIM inversion's)
+    seed : seeds the shared initial noise
+    noise : (n, h, w, C), optional: replaces the seeded noise (e.g. DDIM inversion's)
+    progress : show a progress bar
 
-    Returns (source images, edited images), each (n, H, W, C) float32 in [-1, 1] on the host.
+    Returns
+    -------
+    (source images, edited images), each (n, H, W, C) float32 in [-1, 1] on the host.
     """
     sources, edits = list(source_prompts), list(edit_prompts)
     if len(sources) != len(edits) or not sources:

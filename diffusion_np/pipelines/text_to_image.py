@@ -78,6 +78,8 @@ class GuidedDenoiser:
         here (w = 0 gives the unconditional prediction, w = 1 the conditional one); the
         pipelines only accept w >= 1.
 
+    Notes
+    -----
     The guidance is applied to whatever the U-Net predicts (eps, v or x_0): the combination is
     linear, so it means the same for each.
     """

@@ -96,7 +96,9 @@ def wiener_deconvolution(y, kernel, noise_std: float, power=None, nsr: float = 1
     power : (S, S) P(w) from :func:`signal_power`, optional
     nsr : the constant noise-to-signal ratio used when ``power`` is None
 
-    Returns (B, S, S, C) float32 on the host.
+    Returns
+    -------
+    (B, S, S, C) float32 on the host.
     """
     y = _host(y, "y")
     S = y.shape[1]

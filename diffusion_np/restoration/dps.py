@@ -106,6 +106,8 @@ def measurement_gradient(unet, context, x_t, t, alpha_bar_t: float, y, degradati
     vae : AutoencoderKL, optional; with it, D = ``vae.decode_latents``
     prediction_type : "epsilon", "v_prediction" or "sample"
 
+    Notes
+    -----
     The parameter gradients the backward adds into ``unet.grads`` (and ``vae.grads``) are a
     by-product; :func:`dps_restore` zeroes them at the end.
     """
