@@ -549,7 +549,7 @@ def test_chunked_attention_layer_is_forward_only():
     full = layer(x)
     layer.chunk_size = 4
     np.testing.assert_allclose(layer(x), full, atol=1e-6, rtol=1e-6)
-    with pytest.raises(RuntimeError, match="chunking is for inference"):
+    with pytest.raises(RuntimeError, match="chunked or edited forward"):
         layer.backward(np.ones_like(full))
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         sdpa_chunked_forward(x[:, None], x[:, None], x[:, None], chunk_size=0)
