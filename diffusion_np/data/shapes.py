@@ -304,26 +304,10 @@ CONCEPTS = {"star": ("shape", CONCEPT_SHAPES.index("star")), "orange": ("colour"
 # attribute appears (all six colours or all three shapes, both sizes, all five positions), but each only in
 # some combinations, as the base data's held-out split does: what is left is the concept composed with
 # values it was shown beside others, never beside these.
-_STAR_SHOWN = np.array([
-    [0, 0, 0],  # red small top left
-    [1, 1, 4],  # green large center
-    [2, 1, 1],  # blue large top right
-    [3, 0, 3],  # yellow small bottom right
-    [4, 0, 2],  # magenta small bottom left
-    [5, 1, 0],  # cyan large top left
-    [0, 1, 3],  # red large bottom right
-    [2, 0, 4],  # blue small center
-])
-_ORANGE_SHOWN = np.array([
-    [0, 0, 0],  # circle small top left
-    [0, 1, 4],  # circle large center
-    [1, 1, 1],  # square large top right
-    [1, 0, 3],  # square small bottom right
-    [2, 0, 2],  # triangle small bottom left
-    [2, 1, 0],  # triangle large top left
-    [0, 1, 3],  # circle large bottom right
-    [1, 0, 4],  # square small center
-])
+_SHOWN_SIZE_POSITION = np.array([[0, 0], [1, 4], [1, 1], [0, 3], [0, 2], [1, 0], [1, 3], [0, 4]])  # (8, 2): both
+#: the first column of each concept's 8 rows: the star's colours, orange's shapes
+_SHOWN_FIRST = {"star": np.array([0, 1, 2, 3, 4, 5, 0, 2]),  # red, green, blue, yellow, magenta, cyan, red, blue
+                "orange": np.array([0, 0, 1, 1, 2, 2, 0, 1])}  # circle, circle, square, square, triangle, ...
 
 
 def concept_split(concept: str) -> tuple[np.ndarray, np.ndarray]:
@@ -338,12 +322,13 @@ def concept_split(concept: str) -> tuple[np.ndarray, np.ndarray]:
     if concept not in CONCEPTS:
         raise ValueError(f"concept must be one of {tuple(CONCEPTS)}, got {concept!r}")
     column, value = CONCEPTS[concept]
+    first, (size, position) = _SHOWN_FIRST[concept], _SHOWN_SIZE_POSITION.T
     if column == "shape":
-        shown = np.stack([_STAR_SHOWN[:, 0], np.full(8, value), _STAR_SHOWN[:, 1], _STAR_SHOWN[:, 2]], axis=1)
+        shown = np.stack([first, np.full(8, value), size, position], axis=1)
         grids = np.meshgrid(np.arange(len(COLOURS)), [value], np.arange(len(SIZES)), np.arange(len(POSITIONS)),
                             indexing="ij")
     else:
-        shown = np.stack([np.full(8, value), _ORANGE_SHOWN[:, 0], _ORANGE_SHOWN[:, 1], _ORANGE_SHOWN[:, 2]], axis=1)
+        shown = np.stack([np.full(8, value), first, size, position], axis=1)
         grids = np.meshgrid([value], np.arange(len(SHAPES)), np.arange(len(SIZES)), np.arange(len(POSITIONS)),
                             indexing="ij")
     every = np.stack([g.ravel() for g in grids], axis=1)
