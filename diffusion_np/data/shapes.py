@@ -299,43 +299,36 @@ def all_prompts(split: str = "all") -> list[str]:
 #: the new concepts, by name: (label column, index in CONCEPT_COLOURS / CONCEPT_SHAPES)
 CONCEPTS = {"star": ("shape", CONCEPT_SHAPES.index("star")), "orange": ("colour", CONCEPT_COLOURS.index("orange"))}
 
-# the 8 combinations each concept is shown in when fine-tuning: the two other free attributes
-# (for the star: colour, size, position; for orange: shape, size, position) as rows
-# (base colour or shape, size, position). Three of six colours (or all three shapes), both sizes,
-# all five positions appear, but each only in some combinations, so the rest is left to compose.
-_CONCEPT_SHOWN = np.array([
-    [0, 0, 0],  # red (circle) small top left
-    [0, 1, 4],  # red (circle) large center
-    [2, 1, 1],  # blue (square) large top right
-    [2, 0, 3],  # blue (square) small bottom right
-    [3, 0, 2],  # yellow (triangle) small bottom left
-    [3, 1, 0],  # yellow (triangle) large top left
-    [0, 1, 3],  # red (circle) large bottom right
-    [2, 0, 4],  # blue (square) small center
-])
-_CONCEPT_SHAPE_OF = {0: 0, 2: 1, 3: 2}  # for orange the first column names a shape: red -> circle, ...
+# the 8 combinations each concept is shown in when fine-tuning, as rows of the other three attributes:
+# for the star (colour, size, position), for orange (shape, size, position). Every value of each
+# attribute appears (all six colours or all three shapes, both sizes, all five positions), but each only in
+# some combinations, as the base data's held-out split does: what is left is the concept composed with
+# values it was shown beside others, never beside these.
+_SHOWN_SIZE_POSITION = np.array([[0, 0], [1, 4], [1, 1], [0, 3], [0, 2], [1, 0], [1, 3], [0, 4]])  # (8, 2): both
+#: the first column of each concept's 8 rows: the star's colours, orange's shapes
+_SHOWN_FIRST = {"star": np.array([0, 1, 2, 3, 4, 5, 0, 2]),  # red, green, blue, yellow, magenta, cyan, red, blue
+                "orange": np.array([0, 0, 1, 1, 2, 2, 0, 1])}  # circle, circle, square, square, triangle, ...
 
 
 def concept_split(concept: str) -> tuple[np.ndarray, np.ndarray]:
     """``(shown (8, 4), unseen (N, 4))``: the label rows of a new concept used for fine-tuning,
     and those never shown with it (kept back to measure whether it composes).
 
-    ``"star"``: the star in red, blue or yellow at the 8 (colour, size, position) rows above;
-    unseen are the other 52 star combinations with a base colour (green, magenta and cyan
-    stars among them). ``"orange"``: orange circles, squares and triangles at 8 rows; unseen
-    the other 22 orange combinations with a base shape. (An orange star, both new at once,
-    is in neither.)
+    ``"star"``: the star at the 8 (colour, size, position) rows above, every colour among them;
+    unseen are the other 52 star combinations with a base colour. ``"orange"``: orange circles,
+    squares and triangles at 8 rows; unseen the other 22 orange combinations with a base shape.
+    (An orange star, both new at once, is in neither.)
     """
     if concept not in CONCEPTS:
         raise ValueError(f"concept must be one of {tuple(CONCEPTS)}, got {concept!r}")
     column, value = CONCEPTS[concept]
+    first, (size, position) = _SHOWN_FIRST[concept], _SHOWN_SIZE_POSITION.T
     if column == "shape":
-        shown = np.stack([_CONCEPT_SHOWN[:, 0], np.full(8, value), _CONCEPT_SHOWN[:, 1], _CONCEPT_SHOWN[:, 2]], axis=1)
+        shown = np.stack([first, np.full(8, value), size, position], axis=1)
         grids = np.meshgrid(np.arange(len(COLOURS)), [value], np.arange(len(SIZES)), np.arange(len(POSITIONS)),
                             indexing="ij")
     else:
-        shapes = np.array([_CONCEPT_SHAPE_OF[c] for c in _CONCEPT_SHOWN[:, 0].tolist()])
-        shown = np.stack([np.full(8, value), shapes, _CONCEPT_SHOWN[:, 1], _CONCEPT_SHOWN[:, 2]], axis=1)
+        shown = np.stack([np.full(8, value), first, size, position], axis=1)
         grids = np.meshgrid([value], np.arange(len(SHAPES)), np.arange(len(SIZES)), np.arange(len(POSITIONS)),
                             indexing="ij")
     every = np.stack([g.ravel() for g in grids], axis=1)

@@ -234,7 +234,7 @@ class FinetuneConfig:
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0
     guidance_scale: float = 4.0
-    invert_steps: int = 300
+    invert_steps: int = 500
     data_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -489,7 +489,7 @@ class LoRAFinetuneTask(_FinetuneTask):
     name = "finetune-lora"
     method = "lora"
     description = "LoRA adapters on the frozen U-Net's attention learn a new concept from a few images"
-    train_defaults = dict(steps=600, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
+    train_defaults = dict(steps=900, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
                           checkpoint_every=100, sample_every=0)
 
 

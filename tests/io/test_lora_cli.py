@@ -121,4 +121,5 @@ def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_pa
     plain = load_pipeline(TINY_SD, sampler="ddim")(PIPELINE_PROMPT, guidance_scale=PIPELINE_GUIDANCE,
                                                    num_inference_steps=PIPELINE_STEPS, noise=latents, progress=False)
     assert np.abs(out.images - plain.images).max() > 1e-2  # the LoRA changes the image ...
-    assert np.abs((out.images + 1.0) / 2.0 - np.asarray(ref)).max() <= 1e-4  # ... as diffusers changes it
+    diff = float(np.abs((out.images + 1.0) / 2.0 - np.asarray(ref)).max())
+    assert diff <= 1e-4, diff  # ... as diffusers changes it (measured: 1.4e-6)
