@@ -116,9 +116,10 @@ TASKS: dict[str, str | None] = {
     "shapes": "diffusion_np.training.tasks:ShapesTask",
     "shapes-controlnet": "diffusion_np.training.controlnet:ShapesControlNetTask",
     "lcm": "diffusion_np.training.distill:LCMDistillTask",
+    "progressive": "diffusion_np.training.progressive:ProgressiveDistillTask",
 }
 #: the tasks that distil a trained teacher: ``diffusion-np distill NAME`` rather than ``train NAME``
-DISTILL_TASKS = ("lcm",)
+DISTILL_TASKS = ("lcm", "progressive")
 
 
 class TrainingTask(Protocol):
