@@ -35,20 +35,22 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from diffusion_np.backend import asnumpy, get_xp, to_device
 from diffusion_np.diffusion import broadcast_like, q_sample, x0_and_eps
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
-from diffusion_np.models.unet import UNet2DConditionModel
 from diffusion_np.nn.losses import mse_loss_backward, mse_loss_forward
-from diffusion_np.nn.module import Module
 from diffusion_np.pretrained import PREFIX as PRETRAINED_PREFIX
 from diffusion_np.training.argtypes import at_least_one, field_defaults, nonnegative_int, positive_int
-from diffusion_np.training.distill import TEACHER_TASKS, x0_output_coefficient
-from diffusion_np.training.model import TextToImageModel
+from diffusion_np.training.distill import (
+    TEACHER_TASKS,
+    DistilledStudent,
+    check_distill_config,
+    student_of,
+    x0_output_coefficient,
+)
 from diffusion_np.training.presets import PRESETS, get_preset
 from diffusion_np.training.trainer import task_from_checkpoint
 
@@ -90,27 +92,15 @@ class ProgressiveConfig:
     task = "progressive"
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS[self.task]:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS[self.task])}")
+        check_distill_config(self)
         if not (isinstance(self.student_steps, int) and self.student_steps >= 1):
             raise ValueError(f"student_steps must be an integer >= 1, got {self.student_steps!r}")
-        for name in ("teacher_guidance_scale", "guidance_scale"):
-            if not getattr(self, name) >= 1.0:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prediction_type not in ("v_prediction", "epsilon", "sample"):
             raise ValueError(f"prediction_type must be 'v_prediction', 'epsilon' or 'sample', "
                              f"got {self.prediction_type!r}")
-        if self.latent_pool is None:
-            self.latent_pool = get_preset(self.task, self.preset)["latent_pool"]
-        if not (isinstance(self.latent_pool, int) and self.latent_pool >= 1):
-            raise ValueError(f"latent_pool must be an integer >= 1, got {self.latent_pool!r}")
-        if self.teacher_task is not None and self.teacher_task not in TEACHER_TASKS:
-            raise ValueError(f"teacher_task must be one of {TEACHER_TASKS}, got {self.teacher_task!r}")
-        if not str(self.teacher).startswith(PRETRAINED_PREFIX):
-            self.teacher = str(Path(self.teacher).resolve())
 
 
-class ProgressiveDistillTask:
+class ProgressiveDistillTask(DistilledStudent):
     """One round of progressive distillation: a student with N steps from a teacher with 2N (module docstring)."""
 
     name = "progressive"
@@ -118,6 +108,7 @@ class ProgressiveDistillTask:
                    "student of --teacher (pretrained:shapes, or the previous round's run)")
     Config = ProgressiveConfig
     train_defaults = PRESETS["progressive"]["full"]["train"]
+    default_sampler = "ddim"  # on the trailing grid it was distilled on (STUDENT_DDIM)
 
     def __init__(self, config: ProgressiveConfig, rng: np.random.Generator) -> None:
         self.config = config
@@ -148,14 +139,8 @@ class ProgressiveDistillTask:
         teacher.unet.freeze().inference(True)
         teacher.text_encoder.freeze().inference(True)
         self.teacher = teacher
-        student = UNet2DConditionModel.from_config(teacher.unet.config, rng=rng)
-        student.load_state_dict(teacher.unet.state_dict())  # Salimans & Ho: the student starts as the teacher
-        schedule = dict(teacher.schedule_config, prediction_type=config.prediction_type)
-        self.model = TextToImageModel(student, teacher.text_encoder, teacher.tokenizer, schedule, teacher.vae)
+        self.model = student_of(teacher, config.prediction_type, rng)  # Salimans & Ho: it starts as the teacher
         self.model.sampler_options["ddim"] = dict(STUDENT_DDIM)
-
-    def modules(self) -> dict[str, Module]:
-        return self.model.modules()
 
     def _teacher_ddim(self, z, t, t_next, context_u, context_c):
         """One deterministic DDIM step of the teacher from z at t to t_next (per-sample arrays; -1: clean),
@@ -208,30 +193,15 @@ class ProgressiveDistillTask:
         unet.backward(dx * broadcast_like(x0_output_coefficient(ab[t], self.config.prediction_type), dx))
         return float(asnumpy(loss))  # the one deliberate device -> host copy of a step
 
-    # ------------------------------------------------------------------ sampling and pictures
-    def make_sampler(self, name: str = "ddim"):
-        return self.model.make_sampler(name)
-
-    def preview_prompts(self, n: int) -> list[str]:
-        return self.data_task.preview_prompts(n)
-
-    def sample(self, sampler: str, steps: int, n: int, seed: int, progress: bool = False) -> np.ndarray:
-        return self.model.generate(self.preview_prompts(n), sampler, steps, self.config.guidance_scale, seed,
-                                   progress)
-
-    def save_png(self, samples, path, title: str = "") -> None:
-        self.data_task.save_png(samples, path, title)
-
+    # ------------------------------------------------------------------ pictures
     def save_preview(self, path, seed: int, title: str) -> None:
         preview = get_preset(self.name, self.config.preset)["preview"]
         steps = self.config.student_steps
         self.save_png(self.sample("ddim", steps, preview["n"], seed), path, f"{title}, ddim {steps} steps")
 
     def to(self, device: str) -> ProgressiveDistillTask:
-        for module in (self.model, self.teacher.unet):
-            module.to(device)
-        if self.model.vae is not None:
-            self.model.vae.to(device)
+        """The student, the teacher's U-Net (and the shared text encoder and VAE) to ``device``."""
+        self._move(device, self.teacher.unet)
         return self
 
     @classmethod
