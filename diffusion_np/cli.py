@@ -12,7 +12,8 @@
                              shapes prompt accuracy, 2-D distances), as a table and JSON
 
 A checkpoint argument is a run directory, its ``checkpoint/``, or ``pretrained:digits`` /
-``pretrained:shapes``: the weights shipped with the package (:mod:`diffusion_np.pretrained`).
+``pretrained:shapes`` / ``pretrained:shapes-lcm``: the weights shipped with the package
+(:mod:`diffusion_np.pretrained`).
 
 Bad arguments print one line and exit with status 2; ``--help`` on every command.
 A task's own ``train`` options come from its class (``add_arguments``), the shared
@@ -146,7 +147,11 @@ What is scored (sizes are the defaults):
   shapes  320 images of the 162 training prompts and 144 of the 18 held-out ones:
           the share with colour, shape, size and position all right, and each alone
   toy2d   10000 points: sliced Wasserstein distance and MMD to fresh data, beside
-          the same distances between two draws of the data (the floor)"""
+          the same distances between two draws of the data (the floor)
+  lcm, progressive  distilled students: scored as their teacher (shapes or digits)
+
+Shipped weights: pretrained:digits, pretrained:shapes, pretrained:shapes-controlnet,
+pretrained:shapes-lcm (the shapes model distilled to 1-8 LCM steps: --sampler lcm --steps 4)."""
 
 
 def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:

@@ -1,12 +1,14 @@
 """Weights trained by this project and shipped inside the package.
 
-Three models, each trained with the project's own ``diffusion-np train`` commands and
+Four models, each trained with the project's own ``diffusion-np train`` (or ``distill``) commands and
 exported with ``diffusion-np export`` (EMA weights, float16, no training state):
 
     pretrained:digits              text-conditioned pixel-space U-Net on 8x8 digits ("the digit seven")
     pretrained:shapes              latent text-to-image on 32x32 shapes: VAE + U-Net + text encoder
     pretrained:shapes-controlnet   a ControlNet for pretrained:shapes: a 32x32 mask places the shape
                                    (the ControlNet only; pretrained:shapes loads with it)
+    pretrained:shapes-lcm          pretrained:shapes distilled to 1-8 steps (latent consistency distillation,
+                                   ``diffusion-np distill lcm``): sample with ``--sampler lcm --steps 4``
 
 Wherever a checkpoint directory is accepted (``diffusion-np sample --checkpoint``,
 ``diffusion-np evaluate --checkpoint``, :func:`~diffusion_np.io.load_checkpoint`,
