@@ -194,7 +194,8 @@ def _steps_list(text: str) -> list[int]:
 def _add_sampler_options(parser: argparse.ArgumentParser, model_default: bool = False, sweep: bool = False) -> None:
     """--sampler and --steps, shared by sample and evaluate (``model_default``: None means the model's own;
     ``sweep``: --steps takes a comma-separated list)."""
-    help_text = "sampling method (default ddim" + ("; --model: the model's own scheduler)" if model_default else ")")
+    help_text = "sampling method (default ddim" + ("; a distilled student: its own, lcm for an lcm run; --model: the "
+                                                  "model's own scheduler)" if model_default else ")")
     parser.add_argument("--sampler", choices=list(SAMPLERS), default=None if model_default else "ddim", help=help_text)
     if sweep:
         parser.add_argument("--steps", type=_steps_list, default=[50], metavar="N[,N...]",
@@ -406,7 +407,6 @@ def _sample(args) -> int:
         if args.checkpoint is not None:
             raise _UsageError("give either --checkpoint or --model, not both")
         return sample_from_model(args)
-    args.sampler = args.sampler or "ddim"
     if args.checkpoint is None:
         raise _UsageError("sample needs --checkpoint DIR (a trained run) or --model PATH (Stable Diffusion weights)")
     try:
@@ -423,6 +423,7 @@ def _sample(args) -> int:
         task = task_from_checkpoint(checkpoint, use_ema=not args.raw_weights)
     except (CheckpointError, LookupError) as err:
         raise _UsageError(str(err)) from None
+    args.sampler = args.sampler or getattr(task, "default_sampler", "ddim")  # a distilled student: its own
     state = checkpoint.training_state
     exported = checkpoint.config.get("exported_from", {})  # diffusion-np export: EMA weights, no state
     step = state["step"] if state is not None else exported.get("step", "?")

@@ -135,6 +135,9 @@ def test_checkpoint_samples_on_its_own_with_the_lcm_sampler(run, tmp_path, capsy
     assert main(["sample", "--checkpoint", str(run), "--sampler", "lcm", "--steps", "2", "--prompt",
                  "a small red circle in the center", "-n", "2", "-o", str(out), "--quiet"]) == 0
     assert out.stat().st_size > 0
+    default = tmp_path / "d.png"  # no --sampler: the student's own, LCM
+    assert main(["sample", "--checkpoint", str(run), "--steps", "2", "-n", "2", "-o", str(default), "--quiet"]) == 0
+    assert "lcm, 2 steps" in capsys.readouterr().out
 
 
 def test_evaluate_sweeps_steps_beside_a_baseline(run, tmp_path, capsys):
