@@ -185,6 +185,11 @@ class DistilledStudent:
     def save_png(self, samples, path, title: str = "") -> None:
         self.data_task.save_png(samples, path, title)
 
+    @classmethod
+    def train_defaults_for(cls, config) -> dict:
+        """TrainConfig defaults of ``config.preset``."""
+        return get_preset(cls.name, config.preset)["train"]
+
     def _move(self, device: str, *frozen: Module) -> None:
         """The student (with the shared text encoder), the VAE and the ``frozen`` networks to ``device``."""
         for module in (self.model, *frozen):
@@ -334,10 +339,6 @@ class LCMDistillTask(DistilledStudent):
         """The student, the target network, the teacher's U-Net (and the shared text encoder and VAE) to ``device``."""
         self._move(device, self.target, self.teacher.unet)
         return self
-
-    @classmethod
-    def train_defaults_for(cls, config) -> dict:
-        return get_preset(cls.name, config.preset)["train"]
 
     @staticmethod
     def add_arguments(parser) -> None:

@@ -204,10 +204,6 @@ class ProgressiveDistillTask(DistilledStudent):
         self._move(device, self.teacher.unet)
         return self
 
-    @classmethod
-    def train_defaults_for(cls, config) -> dict:
-        return get_preset(cls.name, config.preset)["train"]
-
     @staticmethod
     def add_arguments(parser) -> None:
         s = argparse.SUPPRESS
