@@ -151,7 +151,7 @@ What is scored (sizes are the defaults):
   lcm, progressive  distilled students: scored as their teacher (shapes or digits)
 
 Shipped weights: pretrained:digits, pretrained:shapes, pretrained:shapes-controlnet,
-pretrained:shapes-lcm (the shapes model distilled to 1-8 LCM steps: --sampler lcm --steps 4)."""
+pretrained:shapes-lcm and pretrained:digits-lcm (distilled to 1-8 LCM steps: --sampler lcm --steps 4)."""
 
 
 def _add_train_options(parser: argparse.ArgumentParser, defaults: dict) -> None:

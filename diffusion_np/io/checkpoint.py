@@ -384,6 +384,7 @@ PRETRAINED = {
     "shapes": "latent text-to-image on 32x32 shapes (VAE + U-Net + text encoder)",
     "shapes-controlnet": "a ControlNet for pretrained:shapes: a 32x32 mask places the shape (the base loads with it)",
     "shapes-lcm": "pretrained:shapes distilled by latent consistency distillation: 1-8 steps with --sampler lcm",
+    "digits-lcm": "pretrained:digits distilled by latent consistency distillation: 1-8 steps with --sampler lcm",
 }
 _PRETRAINED_ROOT = Path(__file__).resolve().parent.parent / "pretrained"
 

@@ -287,7 +287,8 @@ def evaluate_checkpoint(
         if scored == "digits":
             prompts, labels = digits_prompts(n)
             images = generate_images(task.model, prompts, stream=0, desc="digits", **gen)
-            result["metrics"] = score_digits(images, labels, data_seed=task.config.data_seed, seed=seed)
+            data_config = getattr(task, "data_task", task).config  # a distilled student: its teacher's data
+            result["metrics"] = score_digits(images, labels, data_seed=data_config.data_seed, seed=seed)
         else:
             result["heldout_samples"] = n_held
             prompts, held = seen_shapes_prompts(n, seed), heldout_shapes_prompts(n_held)

@@ -1,6 +1,6 @@
 """Weights trained by this project and shipped inside the package.
 
-Four models, each trained with the project's own ``diffusion-np train`` (or ``distill``) commands and
+Five models, each trained with the project's own ``diffusion-np train`` (or ``distill``) commands and
 exported with ``diffusion-np export`` (EMA weights, float16, no training state):
 
     pretrained:digits              text-conditioned pixel-space U-Net on 8x8 digits ("the digit seven")
@@ -9,6 +9,7 @@ exported with ``diffusion-np export`` (EMA weights, float16, no training state):
                                    (the ControlNet only; pretrained:shapes loads with it)
     pretrained:shapes-lcm          pretrained:shapes distilled to 1-8 steps (latent consistency distillation,
                                    ``diffusion-np distill lcm``): sample with ``--sampler lcm --steps 4``
+    pretrained:digits-lcm          pretrained:digits distilled the same way (a shorter run)
 
 Wherever a checkpoint directory is accepted (``diffusion-np sample --checkpoint``,
 ``diffusion-np evaluate --checkpoint``, :func:`~diffusion_np.io.load_checkpoint`,
