@@ -16,7 +16,8 @@
                              posterior sampling (and the classical baseline beside it)
 
 A checkpoint argument is a run directory, its ``checkpoint/``, or ``pretrained:digits`` /
-``pretrained:shapes``: the weights shipped with the package (:mod:`diffusion_np.pretrained`).
+``pretrained:shapes`` / ``pretrained:shapes-lcm``: the weights shipped with the package
+(:mod:`diffusion_np.pretrained`).
 
 Bad arguments print one line and exit with status 2; ``--help`` on every command.
 A task's own ``train`` options come from its class (``add_arguments``), the shared
@@ -176,7 +177,11 @@ What is scored (sizes are the defaults):
           the same distances between two draws of the data (the floor)
   personalised (a finetune run, or --lora / --embedding): the concept on its 8 trained
           prompts (4 images each) and in 64 combinations never shown with it, and the
-          180 base prompts with the personalised and with the base model (retention)"""
+          180 base prompts with the personalised and with the base model (retention)
+  lcm, progressive  distilled students: scored as their teacher (shapes or digits)
+
+Shipped weights: pretrained:digits, pretrained:shapes, pretrained:shapes-controlnet,
+pretrained:shapes-lcm and pretrained:digits-lcm (distilled to 1-8 LCM steps: --sampler lcm --steps 4)."""
 
 
 _RESTORE_EPILOG = """examples:
@@ -230,7 +235,8 @@ def _steps_list(text: str) -> list[int]:
 def _add_sampler_options(parser: argparse.ArgumentParser, model_default: bool = False, sweep: bool = False) -> None:
     """--sampler and --steps, shared by sample and evaluate (``model_default``: None means the model's own;
     ``sweep``: --steps takes a comma-separated list)."""
-    help_text = "sampling method (default ddim" + ("; --model: the model's own scheduler)" if model_default else ")")
+    help_text = "sampling method (default ddim" + ("; a distilled student: its own, lcm for an lcm run; --model: the "
+                                                  "model's own scheduler)" if model_default else ")")
     parser.add_argument("--sampler", choices=list(SAMPLERS), default=None if model_default else "ddim", help=help_text)
     if sweep:
         parser.add_argument("--steps", type=_steps_list, default=[50], metavar="N[,N...]",
@@ -536,6 +542,7 @@ def _sample(args) -> int:
         task = task_from_checkpoint(checkpoint, use_ema=not args.raw_weights)
     except (CheckpointError, LookupError) as err:
         raise _UsageError(str(err)) from None
+    args.sampler = args.sampler or getattr(task, "default_sampler", "ddim")  # a distilled student: its own
     state = checkpoint.training_state
     exported = checkpoint.config.get("exported_from", {})  # diffusion-np export: EMA weights, no state
     step = state["step"] if state is not None else exported.get("step", "?")

@@ -10,6 +10,8 @@
    Then image repair (``<out>/repair.png``): four blurred test digits, their Wiener
    deconvolution and their diffusion posterior sampling restoration with ``pretrained:digits``
    as the prior, each with its PSNR and the digit the classifier reads.
+   And ``pretrained:shapes-lcm`` draws eight prompts in 4 steps beside the teacher's 50 guided DDIM steps,
+   with both times (``<out>/few_step.png``).
 3. A diffusion model trained on the 2-D swiss roll (DDPM Algorithm 1, Adam, EMA),
    sampled with DDPM (1000 steps), DDIM (50) and DPM-Solver++ (20), and judged by
    :func:`~diffusion_np.metrics.distances.toy2d_verdict`: a squared MMD with a kernel
@@ -19,10 +21,9 @@
    smear the arms together, and a visibly off spiral scored 0.75x one floor draw.
 
 Writes ``<out>/demo.png`` (the prompts and their images), ``<out>/controlnet.png``, ``<out>/repair.png``,
-``<out>/toy2d_samplers.png``
-(data and the three samplers side by side) and ``<out>/toy2d_loss.png``, and prints
-where they are. ``make demo-train`` retrains the shipped models from scratch (an hour
-or more on 2 cores).
+``<out>/few_step.png``, ``<out>/toy2d_samplers.png`` (data and the three samplers side by side) and
+``<out>/toy2d_loss.png``, and prints where they are. ``make demo-train`` retrains the shipped models from
+scratch (an hour or more on 2 cores).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def run_demo(out_dir="demo", steps: int = 6000, n: int = 10_000, progress: bool 
     result = text_to_image_demo(out_dir / "demo.png", progress=progress, out=out)
     control = controlnet_panel(out_dir / "controlnet.png", progress=progress, out=out)  # a mask -> its image
     repair = repair_panel(out_dir / "repair.png", progress=progress, out=out)  # blurred digits -> Wiener, DPS
+    few = few_step_panel(out_dir / "few_step.png", progress=progress, out=out)  # 4 LCM steps vs 50 guided DDIM
 
     # 3. a 2-D diffusion model, trained and sampled three ways
     print(f"\nTraining a diffusion model on the 2-D swiss roll ({steps} steps)...", file=out)
@@ -105,14 +107,15 @@ def run_demo(out_dir="demo", steps: int = 6000, n: int = 10_000, progress: bool 
         verdict = "within the floor band" if v["within_floor"] else f"ABOVE the floor band ({ratio:.1f}x the floor)"
         print(f"  {label:28s} {v['distance']:.5f}  {verdict:40s} SW {distances[label]:.4f}", file=out)
 
-    files = [result["file"], control["file"], repair["file"],
+    files = [result["file"], control["file"], repair["file"], few["file"],
              _save_panels(samples, verdicts, out_dir / "toy2d_samplers.png"),
              save_loss_plot(run.losses, out_dir / "toy2d_loss.png")]
     print("\nwrote " + ", ".join(str(f) for f in files), file=out)
     return {"worst_gradcheck_error": worst, "sliced_wasserstein": distances, "toy2d_verdict": verdicts, "files": files,
             "text_to_image": {k: v for k, v in result.items() if k != "file"},
             "controlnet": {k: v for k, v in control.items() if k != "file"},
-            "repair": {k: v for k, v in repair.items() if k != "file"}}
+            "repair": {k: v for k, v in repair.items() if k != "file"},
+            "few_step": {k: v for k, v in few.items() if k != "file"}}
 
 
 def text_to_image_demo(path, steps: int = 25, guidance_scale: float = 4.0, seed: int = 0,
@@ -238,6 +241,52 @@ def repair_panel(path, steps: int = 100, zeta: float = 0.5, seed: int = 0, progr
     return {"psnr": {k: float(v.mean()) for k, v in psnr.items()},
             "correct": {k: int((v == labels).sum()) for k, v in read.items()}, "seconds": seconds,
             "file": Path(path)}
+
+
+def few_step_panel(path, steps: int = 4, teacher_steps: int = 50, guidance_scale: float = 4.0, seed: int = 0,
+                   progress: bool = True, out=None) -> dict:
+    """``make demo``'s few-step panel: eight shapes prompts (two held out) from the teacher, ``pretrained:shapes``
+    with ``teacher_steps`` guided DDIM steps, and from its consistency-distilled student ``pretrained:shapes-lcm``
+    with ``steps`` LCM steps (no guidance), same seed, each timed; writes a PNG to ``path``.
+
+    Returns ``{"teacher_seconds", "student_seconds", "speedup", "teacher_correct", "student_correct", "total",
+    "file"}`` (seconds for the eight images; "correct": every attribute read as prompted).
+    """
+    # matplotlib on first use, as in text_to_image_demo
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = out if out is not None else sys.stdout
+    prompts = SHAPES_PROMPTS[:6] + HELDOUT_PROMPTS[:2]
+    teacher, student = TextToImageModel.load("pretrained:shapes"), TextToImageModel.load("pretrained:shapes-lcm")
+    start = time.perf_counter()
+    slow = teacher.generate(prompts, "ddim", teacher_steps, guidance_scale, seed=seed, progress=progress)
+    teacher_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    fast = student.generate(prompts, "lcm", steps, 1.0, seed=seed, progress=progress)
+    student_seconds = time.perf_counter() - start
+    truth = parse_caption(prompts)
+    ok_slow, ok_fast = ((analyse_shapes(x) == truth).all(axis=1) for x in (slow, fast))
+    result = {"teacher_seconds": teacher_seconds, "student_seconds": student_seconds,
+              "speedup": teacher_seconds / student_seconds, "teacher_correct": int(ok_slow.sum()),
+              "student_correct": int(ok_fast.sum()), "total": len(prompts)}
+    print(f"\nFew-step generation: pretrained:shapes-lcm, {steps} LCM steps without guidance, "
+          f"{student_seconds:.2f} s for {len(prompts)} images; its teacher pretrained:shapes, {teacher_steps} DDIM "
+          f"steps with guidance {guidance_scale:g}, {teacher_seconds:.2f} s ({result['speedup']:.0f}x slower);\n"
+          f"  every attribute as prompted: student {result['student_correct']}/{len(prompts)}, teacher "
+          f"{result['teacher_correct']}/{len(prompts)}", file=out)
+    fig = Figure(figsize=(9, 3.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subfigures(2, 1)
+    titles = [p.removeprefix("a ") for p in prompts]
+    draw_image_grid(top, slow, [t + ("" if ok else " (x)") for t, ok in zip(titles, ok_slow)], ncols=8)
+    top.suptitle(f"teacher pretrained:shapes: DDIM {teacher_steps} steps, guidance {guidance_scale:g} "
+                 f"({2 * teacher_steps} U-Net evaluations), {teacher_seconds:.2f} s", fontsize=9)
+    draw_image_grid(bottom, fast, [t + ("" if ok else " (x)") for t, ok in zip(titles, ok_fast)], ncols=8)
+    bottom.suptitle(f"student pretrained:shapes-lcm: LCM {steps} steps, no guidance ({steps} evaluations), "
+                    f"{student_seconds:.2f} s", fontsize=9)
+    fig.savefig(path, format="png")
+    return {**result, "file": Path(path)}
 
 
 def _save_panels(samples: dict, verdicts: dict, path: Path) -> Path:

@@ -19,8 +19,18 @@ def test_demo_trains_samples_and_writes_pngs(tmp_path, capsys):
     assert "shapes, every attribute as prompted:" in out and "held-out ones" in out and "digits, the digit" in out
     assert "ControlNet" in out and "IoU of each shape with its mask" in out
     assert "Image repair" in out and "wiener" in out and "dps" in out
-    for name in ("demo.png", "controlnet.png", "repair.png", "toy2d_samplers.png", "toy2d_loss.png"):
+    assert "Few-step generation: pretrained:shapes-lcm, 4 LCM steps" in out and "x slower" in out
+    for name in ("demo.png", "controlnet.png", "repair.png", "few_step.png", "toy2d_samplers.png", "toy2d_loss.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_few_step_panel_times_the_student_beside_its_teacher(tmp_path):
+    from diffusion_np.demo import few_step_panel
+
+    result = few_step_panel(tmp_path / "few.png", teacher_steps=8, progress=False, out=io.StringIO())
+    assert result["total"] == 8 and result["student_correct"] >= 7  # 4 LCM steps, no guidance
+    assert result["teacher_seconds"] > result["student_seconds"] > 0  # 16 guided evaluations against 4
+    assert (tmp_path / "few.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_arguments_give_one_line_and_status_2():

@@ -385,6 +385,8 @@ PRETRAINED = {
     "shapes-controlnet": "a ControlNet for pretrained:shapes: a 32x32 mask places the shape (the base loads with it)",
     "shapes-lora-star": "LoRA for pretrained:shapes that teaches it the word 'star' (--lora, or --checkpoint alone)",
     "shapes-embedding-orange": "textual inversion for pretrained:shapes: the word 'orange' (--embedding)",
+    "shapes-lcm": "pretrained:shapes distilled by latent consistency distillation: 1-8 steps with --sampler lcm",
+    "digits-lcm": "pretrained:digits distilled by latent consistency distillation: 1-8 steps with --sampler lcm",
 }
 _PRETRAINED_ROOT = Path(__file__).resolve().parent.parent / "pretrained"
 

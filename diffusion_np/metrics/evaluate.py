@@ -25,8 +25,9 @@ draws samples with any sampler and scores them with the metrics beside this file
   :func:`~diffusion_np.metrics.control.score_control`: the IoU of each shape's mask with
   the control's (``control_iou``), beside what the caption's words alone would give, and the
   prompt accuracy on colour and shape.
-* ``lcm`` (a consistency-distilled student, :mod:`~diffusion_np.training.distill`): scored as its
-  teacher's task (``digits`` or ``shapes``), usually with ``sampler="lcm"`` and 1-8 steps.
+* ``lcm`` and ``progressive`` (distilled students, :mod:`~diffusion_np.training.distill`,
+  :mod:`~diffusion_np.training.progressive`): scored as their teacher's task (``digits`` or ``shapes``),
+  with ``sampler="lcm"`` and 1-8 steps, or ``"ddim"`` and the round's steps.
 * ``toy2d``: :func:`~diffusion_np.training.toy2d.evaluate_toy2d` gives the sliced
   Wasserstein distance to fresh data and the data-vs-data floor; the squared MMD
   with a Gaussian kernel (:func:`~diffusion_np.metrics.distances.mmd_rbf`) is added
@@ -89,9 +90,9 @@ __all__ = [
 ]
 
 #: the tasks :func:`evaluate_checkpoint` scores
-EVALUATED_TASKS = ("digits", "shapes", "toy2d", "shapes-controlnet", "lcm")
+EVALUATED_TASKS = ("digits", "shapes", "toy2d", "shapes-controlnet", "lcm", "progressive")
 #: distilled students: scored as their teacher's task (``task_config["teacher_task"]``)
-DISTILLED_TASKS = ("lcm",)
+DISTILLED_TASKS = ("lcm", "progressive")
 #: samples per task when ``num_samples`` is None (for shapes: images of seen prompts)
 DEFAULT_NUM_SAMPLES = {"digits": 500, "shapes": 320, "toy2d": 10_000, "shapes-controlnet": 128}
 #: images of the 18 held-out shapes prompts when ``heldout_samples`` is None: 8 per prompt
@@ -286,7 +287,8 @@ def evaluate_checkpoint(
         if scored == "digits":
             prompts, labels = digits_prompts(n)
             images = generate_images(task.model, prompts, stream=0, desc="digits", **gen)
-            result["metrics"] = score_digits(images, labels, data_seed=task.config.data_seed, seed=seed)
+            data_config = getattr(task, "data_task", task).config  # a distilled student: its teacher's data
+            result["metrics"] = score_digits(images, labels, data_seed=data_config.data_seed, seed=seed)
         else:
             result["heldout_samples"] = n_held
             prompts, held = seen_shapes_prompts(n, seed), heldout_shapes_prompts(n_held)

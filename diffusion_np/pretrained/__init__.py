@@ -1,6 +1,6 @@
 """Weights trained by this project and shipped inside the package.
 
-Five results, each trained with the project's own ``diffusion-np train`` (or ``finetune``) commands and
+Seven results, each trained with the project's own ``diffusion-np train`` (or ``finetune``, ``distill``) commands and
 exported with ``diffusion-np export`` (EMA weights, float16, no training state):
 
     pretrained:digits              text-conditioned pixel-space U-Net on 8x8 digits ("the digit seven")
@@ -11,6 +11,9 @@ exported with ``diffusion-np export`` (EMA weights, float16, no training state):
                                    (``diffusion-np finetune lora``; ``--lora pretrained:shapes-lora-star``)
     pretrained:shapes-embedding-orange   the learned embedding of the new word "orange"
                                    (``diffusion-np finetune textual-inversion``; ``--embedding ...``)
+    pretrained:shapes-lcm          pretrained:shapes distilled to 1-8 steps (latent consistency distillation,
+                                   ``diffusion-np distill lcm``): sample with ``--sampler lcm --steps 4``
+    pretrained:digits-lcm          pretrained:digits distilled the same way (a shorter run)
 
 Wherever a checkpoint directory is accepted (``diffusion-np sample --checkpoint``,
 ``diffusion-np evaluate --checkpoint``, :func:`~diffusion_np.io.load_checkpoint`,

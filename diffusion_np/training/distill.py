@@ -75,7 +75,15 @@ from diffusion_np.training.model import TextToImageModel
 from diffusion_np.training.presets import PRESETS, get_preset
 from diffusion_np.training.trainer import task_from_checkpoint
 
-__all__ = ["DISTILL_LOSSES", "LCMDistillConfig", "LCMDistillTask", "x0_output_coefficient"]
+__all__ = [
+    "DISTILL_LOSSES",
+    "DistilledStudent",
+    "LCMDistillConfig",
+    "LCMDistillTask",
+    "check_distill_config",
+    "student_of",
+    "x0_output_coefficient",
+]
 
 #: the distance of step 6
 DISTILL_LOSSES = ("huber", "l2")
@@ -112,11 +120,7 @@ class LCMDistillConfig:
     task = "lcm"
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS[self.task]:
-            raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS[self.task])}")
-        for name in ("teacher_guidance_scale", "guidance_scale"):
-            if not getattr(self, name) >= 1.0:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_distill_config(self)
         if self.loss not in DISTILL_LOSSES:
             raise ValueError(f"loss must be one of {DISTILL_LOSSES}, got {self.loss!r}")
         if not self.huber_c > 0:
@@ -127,14 +131,71 @@ class LCMDistillConfig:
             raise ValueError(f"timestep_scaling must be > 0, got {self.timestep_scaling}")
         if not (isinstance(self.original_inference_steps, int) and self.original_inference_steps >= 1):
             raise ValueError(f"original_inference_steps must be an integer >= 1, got {self.original_inference_steps!r}")
-        if self.latent_pool is None:
-            self.latent_pool = get_preset(self.task, self.preset)["latent_pool"]
-        if not (isinstance(self.latent_pool, int) and self.latent_pool >= 1):
-            raise ValueError(f"latent_pool must be an integer >= 1, got {self.latent_pool!r}")
-        if self.teacher_task is not None and self.teacher_task not in TEACHER_TASKS:
-            raise ValueError(f"teacher_task must be one of {TEACHER_TASKS}, got {self.teacher_task!r}")
-        if not str(self.teacher).startswith(PRETRAINED_PREFIX):
-            self.teacher = str(Path(self.teacher).resolve())
+
+
+def check_distill_config(config) -> None:
+    """The fields every distillation config shares, checked (a ValueError naming the field) and filled in place:
+    ``preset``, ``teacher_guidance_scale`` and ``guidance_scale`` (>= 1), ``latent_pool`` (the preset's when
+    None), ``teacher_task``, and ``teacher`` (made absolute unless a ``pretrained:`` name)."""
+    if config.preset not in PRESETS[config.task]:
+        raise ValueError(f"unknown preset {config.preset!r}; choose one of {', '.join(PRESETS[config.task])}")
+    for name in ("teacher_guidance_scale", "guidance_scale"):
+        if not getattr(config, name) >= 1.0:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if config.latent_pool is None:
+        config.latent_pool = get_preset(config.task, config.preset)["latent_pool"]
+    if not (isinstance(config.latent_pool, int) and config.latent_pool >= 1):
+        raise ValueError(f"latent_pool must be an integer >= 1, got {config.latent_pool!r}")
+    if config.teacher_task is not None and config.teacher_task not in TEACHER_TASKS:
+        raise ValueError(f"teacher_task must be one of {TEACHER_TASKS}, got {config.teacher_task!r}")
+    if not str(config.teacher).startswith(PRETRAINED_PREFIX):
+        config.teacher = str(Path(config.teacher).resolve())
+
+
+def student_of(teacher: TextToImageModel, prediction_type: str, rng: np.random.Generator) -> TextToImageModel:
+    """A student: a trainable copy of the teacher's U-Net (both methods start the student as the teacher), with
+    the teacher's frozen text encoder, tokenizer, schedule and VAE, predicting ``prediction_type``."""
+    unet = UNet2DConditionModel.from_config(teacher.unet.config, rng=rng)
+    unet.load_state_dict(teacher.unet.state_dict())
+    schedule = dict(teacher.schedule_config, prediction_type=prediction_type)
+    return TextToImageModel(unet, teacher.text_encoder, teacher.tokenizer, schedule, teacher.vae)
+
+
+class DistilledStudent:
+    """What the distillation tasks share: the student samples and draws the prompts of its data task
+    (``self.data_task``: the teacher's ``shapes`` or ``digits`` task), with ``config.guidance_scale``."""
+
+    #: the sampler of previews and of ``make_sampler()`` without a name
+    default_sampler = "lcm"
+
+    def modules(self) -> dict[str, Module]:
+        return self.model.modules()  # the student U-Net, the teacher's text encoder [and VAE]: samples on its own
+
+    def make_sampler(self, name: str | None = None):
+        return self.model.make_sampler(name or self.default_sampler)
+
+    def preview_prompts(self, n: int) -> list[str]:
+        return self.data_task.preview_prompts(n)
+
+    def sample(self, sampler: str, steps: int, n: int, seed: int, progress: bool = False) -> np.ndarray:
+        """``n`` images of the teacher's preview prompts, guided with ``config.guidance_scale`` (1: none)."""
+        return self.model.generate(self.preview_prompts(n), sampler, steps, self.config.guidance_scale, seed,
+                                   progress)
+
+    def save_png(self, samples, path, title: str = "") -> None:
+        self.data_task.save_png(samples, path, title)
+
+    @classmethod
+    def train_defaults_for(cls, config) -> dict:
+        """TrainConfig defaults of ``config.preset``."""
+        return get_preset(cls.name, config.preset)["train"]
+
+    def _move(self, device: str, *frozen: Module) -> None:
+        """The student (with the shared text encoder), the VAE and the ``frozen`` networks to ``device``."""
+        for module in (self.model, *frozen):
+            module.to(device)
+        if self.model.vae is not None:
+            self.model.vae.to(device)
 
 
 def x0_output_coefficient(alpha_bar_t, prediction_type: str):
@@ -153,7 +214,7 @@ def x0_output_coefficient(alpha_bar_t, prediction_type: str):
     raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
 
 
-class LCMDistillTask:
+class LCMDistillTask(DistilledStudent):
     """Latent consistency distillation of a frozen text-to-image teacher (module docstring)."""
 
     name = "lcm"
@@ -176,7 +237,7 @@ class LCMDistillTask:
             raise CheckpointError(f"the teacher {config.teacher} is a {kind} model, the config says "
                                   f"{config.teacher_task}")
         config.teacher_task = kind
-        self.teacher_task = task_from_checkpoint(checkpoint)  # the teacher's EMA weights and its data
+        self.teacher_task = self.data_task = task_from_checkpoint(checkpoint)  # the teacher's EMA weights, its data
         if kind == "shapes":
             self.teacher_task.config.latent_pool = config.latent_pool
         teacher = self.teacher_task.model
@@ -187,11 +248,8 @@ class LCMDistillTask:
             raise ValueError(f"original_inference_steps must be <= the teacher's {T} timesteps, "
                              f"got {config.original_inference_steps}")
         self.teacher = teacher
-        # the student: the teacher's U-Net copied (LCM Sec. 4.2), with the teacher's frozen text encoder and VAE
-        student = UNet2DConditionModel.from_config(teacher.unet.config, rng=rng)
-        student.load_state_dict(teacher.unet.state_dict())
-        schedule = dict(teacher.schedule_config, prediction_type=teacher.prediction_type)
-        self.model = TextToImageModel(student, teacher.text_encoder, teacher.tokenizer, schedule, teacher.vae)
+        self.model = student_of(teacher, teacher.prediction_type, rng)  # the teacher's U-Net copied (LCM Sec. 4.2)
+        student = self.model.unet
         self.model.sampler_options["lcm"] = {"original_inference_steps": config.original_inference_steps,
                                              "timestep_scaling": config.timestep_scaling}
         # the EMA target network theta^-, starting at theta (step 8)
@@ -199,9 +257,6 @@ class LCMDistillTask:
         self.target.load_state_dict(student.state_dict())
         self.target.freeze().inference(True)
         self._target_synced = True  # theta^- is current for the student's weights
-
-    def modules(self) -> dict[str, Module]:
-        return self.model.modules()  # student U-Net, the teacher's text encoder [and VAE]: samples on its own
 
     # ------------------------------------------------------------------ the target network
     def update_target(self) -> None:
@@ -274,36 +329,16 @@ class LCMDistillTask:
         unet.backward(dpred * broadcast_like(scale, dpred))
         return float(asnumpy(loss))  # the one deliberate device -> host copy of a step
 
-    # ------------------------------------------------------------------ sampling and pictures
-    def make_sampler(self, name: str = "lcm"):
-        return self.model.make_sampler(name)
-
-    def preview_prompts(self, n: int) -> list[str]:
-        return self.teacher_task.preview_prompts(n)
-
-    def sample(self, sampler: str, steps: int, n: int, seed: int, progress: bool = False) -> np.ndarray:
-        """``n`` images of the teacher's preview prompts, guided with ``config.guidance_scale`` (1: none)."""
-        return self.model.generate(self.preview_prompts(n), sampler, steps, self.config.guidance_scale, seed,
-                                   progress)
-
-    def save_png(self, samples, path, title: str = "") -> None:
-        self.teacher_task.save_png(samples, path, title)
-
+    # ------------------------------------------------------------------ pictures
     def save_preview(self, path, seed: int, title: str) -> None:
         preview = get_preset(self.name, self.config.preset)["preview"]
         samples = self.sample("lcm", preview["steps"], preview["n"], seed)
         self.save_png(samples, path, f"{title}, lcm {preview['steps']} steps")
 
     def to(self, device: str) -> LCMDistillTask:
-        for module in (self.model, self.target, self.teacher.unet):
-            module.to(device)
-        if self.model.vae is not None:
-            self.model.vae.to(device)
+        """The student, the target network, the teacher's U-Net (and the shared text encoder and VAE) to ``device``."""
+        self._move(device, self.target, self.teacher.unet)
         return self
-
-    @classmethod
-    def train_defaults_for(cls, config) -> dict:
-        return get_preset(cls.name, config.preset)["train"]
 
     @staticmethod
     def add_arguments(parser) -> None:

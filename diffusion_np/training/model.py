@@ -186,14 +186,16 @@ class TextToImageModel(Module):
 
     @classmethod
     def load(cls, directory, use_ema: bool = True) -> TextToImageModel:
-        """Read :meth:`save`'s output, or a ``digits``/``shapes`` training checkpoint (its EMA
-        weights by default). ``directory`` may also be a run directory holding ``checkpoint/``
-        or the name of shipped weights: ``TextToImageModel.load("pretrained:shapes")``."""
+        """Read :meth:`save`'s output, or a ``digits``/``shapes`` training checkpoint or a distilled student
+        (``lcm``, ``progressive``; its EMA weights by default, with the sampler options it was distilled for).
+        ``directory`` may also be a run directory holding ``checkpoint/`` or the name of shipped weights:
+        ``TextToImageModel.load("pretrained:shapes")``."""
         checkpoint = load_checkpoint(directory)  # also a run directory or "pretrained:NAME"
         if checkpoint.config.get("kind") == BUNDLE_FORMAT:
             model = cls.from_config(checkpoint.config)
             checkpoint.load_weights(model.modules())
             return model
-        if checkpoint.config.get("task") in ("digits", "shapes"):
+        if checkpoint.config.get("task") in ("digits", "shapes", "lcm", "progressive"):  # or a distilled student
             return task_from_checkpoint(checkpoint, use_ema=use_ema).model
-        raise CheckpointError(f"{directory} holds neither a text-to-image model nor a digits/shapes training run")
+        raise CheckpointError(f"{directory} holds neither a text-to-image model nor a digits/shapes (or distilled) "
+                              "training run")

@@ -102,6 +102,13 @@ PRESETS: dict[str, dict[str, dict]] = {
         "full": dict(latent_pool=8192, train=_train(2500, 32, 1e-4, 0.995, 250, 500, warmup=100),
                      preview=dict(n=32, steps=4)),
     },
+    # progressive distillation, one round (halving the steps); the preview samples at the student's steps
+    "progressive": {
+        "tiny": dict(latent_pool=16, train=_train(4, 4, 1e-4, 0.9, 0, 0), preview=dict(n=4)),
+        "demo": dict(latent_pool=2048, train=_train(200, 32, 1e-4, 0.99, 100, 100), preview=dict(n=16)),
+        "full": dict(latent_pool=8192, train=_train(500, 32, 1e-4, 0.99, 250, 250, warmup=25),
+                     preview=dict(n=32)),
+    },
 }
 
 

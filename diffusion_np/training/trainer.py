@@ -120,9 +120,10 @@ TASKS: dict[str, str | None] = {
     "finetune-lora": "diffusion_np.training.personalise:LoRAFinetuneTask",
     "finetune-textual-inversion": "diffusion_np.training.personalise:TextualInversionTask",
     "finetune-dreambooth": "diffusion_np.training.personalise:DreamBoothTask",
+    "progressive": "diffusion_np.training.progressive:ProgressiveDistillTask",
 }
 #: the tasks that distil a trained teacher: ``diffusion-np distill NAME`` rather than ``train NAME``
-DISTILL_TASKS = ("lcm",)
+DISTILL_TASKS = ("lcm", "progressive")
 
 
 class TrainingTask(Protocol):

@@ -56,15 +56,17 @@ def test_shipped_weights_are_there_and_small(name):
     assert checkpoint.training_state is None
     # a personalisation result is a fine-tuning run's export: its task is the method's
     personal = {"shapes-lora-star": "finetune-lora", "shapes-embedding-orange": "finetune-textual-inversion"}
-    assert checkpoint.config["task"] == personal.get(name, name)
+    assert checkpoint.config["task"] == personal.get(name, "lcm" if name.endswith("-lcm") else name)
     assert checkpoint.config["exported_from"]["weights"] == "ema"
     assert all(w.dtype == np.float16 for module in checkpoint.weights.values() for w in module.values()
                if w.dtype.kind == "f")
     card = (path / "MODEL_CARD.md").read_text()
-    made = "diffusion-np finetune" if name in personal else "diffusion-np train"
+    made = ("diffusion-np finetune" if name in personal else "diffusion-np distill" if name.endswith("-lcm")
+            else "diffusion-np train")
     assert made in card and "diffusion-np evaluate" in card  # how it was made and measured
     total = sum(f.stat().st_size for n in PRETRAINED for f in pretrained_path(n).iterdir())
-    assert total < 24 * 2**20  # digits 8.2, shapes 9.6, shapes-controlnet 3.9 MiB, the LoRA and embedding < 1
+    # digits 8.2, shapes 9.6, shapes-controlnet 3.9, shapes-lcm 9.6, digits-lcm 8.2 MiB; the LoRA and embedding < 1
+    assert total < 42 * 2**20
 
 
 def test_pretrained_models_load_as_float32_and_run():

@@ -12,6 +12,7 @@ from diffusion_np.cli import main
 from diffusion_np.diffusion import consistency_scalings, x0_and_eps
 from diffusion_np.gradcheck import check_op
 from diffusion_np.io import load_checkpoint
+from diffusion_np.metrics.evaluate import evaluate_checkpoint
 from diffusion_np.nn.losses import pseudo_huber_loss_backward, pseudo_huber_loss_forward
 from diffusion_np.samplers import DDIMSampler, LCMSampler
 from diffusion_np.training.distill import LCMDistillConfig, LCMDistillTask, x0_output_coefficient
@@ -135,6 +136,9 @@ def test_checkpoint_samples_on_its_own_with_the_lcm_sampler(run, tmp_path, capsy
     assert main(["sample", "--checkpoint", str(run), "--sampler", "lcm", "--steps", "2", "--prompt",
                  "a small red circle in the center", "-n", "2", "-o", str(out), "--quiet"]) == 0
     assert out.stat().st_size > 0
+    default = tmp_path / "d.png"  # no --sampler: the student's own, LCM
+    assert main(["sample", "--checkpoint", str(run), "--steps", "2", "-n", "2", "-o", str(default), "--quiet"]) == 0
+    assert "lcm, 2 steps" in capsys.readouterr().out
 
 
 def test_evaluate_sweeps_steps_beside_a_baseline(run, tmp_path, capsys):
@@ -150,6 +154,14 @@ def test_evaluate_sweeps_steps_beside_a_baseline(run, tmp_path, capsys):
                                                                                ("ddim", 2, 4.0)]
     assert runs[0]["task"] == "lcm" and runs[0]["scored_as"] == "shapes"
     assert all(r["seconds_per_image"] > 0 for r in runs)
+
+
+def test_a_digits_student_is_scored_as_digits(tmp_path):
+    out = tmp_path / "digits"
+    assert main(["distill", "lcm", *TINY, "--teacher", "pretrained:digits", "--out", str(out)]) == 0
+    result = evaluate_checkpoint(out, sampler="lcm", steps=2, num_samples=10)
+    assert result["task"] == "lcm" and result["scored_as"] == "digits"
+    assert 0.0 <= result["metrics"]["conditional_accuracy"] <= 1.0 and result["seconds_per_image"] > 0
 
 
 @pytest.mark.parametrize("argv, fragment", [
