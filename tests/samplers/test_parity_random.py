@@ -32,7 +32,7 @@ from fixtures.cases_samplers_random import (
     supports_zero_snr,
 )
 from helpers import load_golden
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 GOLDEN = load_golden("samplers_random")
@@ -95,4 +95,8 @@ def random_cases(draw):
 def test_every_sampler_matches_diffusers_on_random_configs(case, seed):
     kind, config, N, step_kwargs = case
     x_init = np.random.default_rng(seed).standard_normal(SHAPE)
-    check_against(kind, config, N, step_kwargs, x_init, diffusers_loop(kind, config, N, step_kwargs, x_init, seed))
+    record = diffusers_loop(kind, config, N, step_kwargs, x_init, seed)
+    # DDIM with eta = 1 from alpha_bar = 0 (zero terminal SNR): diffusers' float32 1 - alpha_bar_prev - sigma^2 can
+    # round below 0 and its square root is NaN (seen: v-prediction, linspace, N = 41); nothing to compare there
+    assume(np.isfinite(record["final"]).all())
+    check_against(kind, config, N, step_kwargs, x_init, record)
