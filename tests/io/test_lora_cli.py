@@ -84,16 +84,13 @@ def test_a_bad_lora_file_is_one_error_and_nothing_is_applied(lora_file, tmp_path
     one_error_line(capsys, "--embedding goes with a shapes --checkpoint")
 
 
-@pytest.mark.crosscheck
-def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_path):
-    """A LoRA made with peft on the tiny SD fixture's U-Net attention, saved by diffusers, applied by diffusers'
-    ``pipe.load_lora_weights`` and by ours at scale 0.8: the same images (<= 1e-4). (The text encoder's
-    adapters go through transformers' peft integration, which needs peft >= 0.22; the crosscheck extra has
-    0.21. Text-encoder files are read by tests/io/test_lora_files.py.)"""
+def _peft_lora_folder(folder):
+    """A LoRA made with peft on the tiny SD fixture's U-Net attention (r 4, alpha 8, B moved off zero), saved
+    by diffusers' ``save_lora_weights`` into ``folder`` (the diffusers layout of LCM-LoRA's files): the folder."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     peft = pytest.importorskip("peft")
-    from fixtures.make_tiny_sd import PIPELINE_GUIDANCE, PIPELINE_PROMPT, PIPELINE_STEPS, load_reference_pipeline
+    from fixtures.make_tiny_sd import load_reference_pipeline
     from peft.utils import get_peft_model_state_dict
 
     maker = load_reference_pipeline(TINY_SD, "ddim")
@@ -104,9 +101,21 @@ def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_pa
             if "lora_B" in name:
                 p.normal_(0.0, 0.3)
     diffusers.StableDiffusionPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=get_peft_model_state_dict(maker.unet),
+        folder, unet_lora_layers=get_peft_model_state_dict(maker.unet),
         unet_lora_adapter_metadata=maker.unet.peft_config["default"].to_dict())
+    return folder
 
+
+@pytest.mark.crosscheck
+def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_path):
+    """A LoRA made with peft on the tiny SD fixture's U-Net attention, saved by diffusers, applied by diffusers'
+    ``pipe.load_lora_weights`` and by ours at scale 0.8: the same images (<= 1e-4). (The text encoder's
+    adapters go through transformers' peft integration, which needs peft >= 0.22; the crosscheck extra has
+    0.21. Text-encoder files are read by tests/io/test_lora_files.py.)"""
+    torch = pytest.importorskip("torch")
+    from fixtures.make_tiny_sd import PIPELINE_GUIDANCE, PIPELINE_PROMPT, PIPELINE_STEPS, load_reference_pipeline
+
+    _peft_lora_folder(tmp_path)
     latents = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
     theirs = load_reference_pipeline(TINY_SD, "ddim")
     theirs.load_lora_weights(str(tmp_path), adapter_name="star")
@@ -123,3 +132,43 @@ def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_pa
     assert np.abs(out.images - plain.images).max() > 1e-2  # the LoRA changes the image ...
     diff = float(np.abs((out.images + 1.0) / 2.0 - np.asarray(ref)).max())
     assert diff <= 1e-4, diff  # ... as diffusers changes it (measured: 1.4e-6)
+
+
+@pytest.mark.crosscheck
+def test_lcm_lora_sampling_matches_diffusers(tmp_path, monkeypatch):
+    """LCM-LoRA sampling as diffusers documents it: a diffusers-layout LoRA put on a StableDiffusionPipeline by
+    ``pipe.load_lora_weights``, the scheduler swapped for ``LCMScheduler``, 4 steps at guidance 1; ours: the
+    same file through our ``load_lora_weights`` and ``LCMSampler``, the same initial latents and the re-noising
+    draws diffusers made (recorded from its LCMScheduler): the same images (<= 1e-4)."""
+    torch = pytest.importorskip("torch")
+    from diffusers.schedulers import scheduling_lcm
+    from fixtures.make_tiny_sd import PIPELINE_PROMPT, load_reference_pipeline
+
+    _peft_lora_folder(tmp_path)
+    draws, randn_tensor = [], scheduling_lcm.randn_tensor
+
+    def recorded(*args, **kwargs):  # LCMScheduler.step's z of the re-noising, kept to be replayed by ours
+        draws.append(randn_tensor(*args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", recorded)
+    latents = np.random.default_rng(4).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    theirs = load_reference_pipeline(TINY_SD, "lcm")
+    theirs.load_lora_weights(str(tmp_path))
+    ref = theirs(PIPELINE_PROMPT, num_inference_steps=4, guidance_scale=1.0, num_images_per_prompt=2,
+                 latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert len(draws) == 3  # no re-noising after the last step
+    step_noise = [z.numpy().transpose(0, 2, 3, 1) for z in draws] + [np.zeros_like(latents)]
+
+    ours = load_pipeline(TINY_SD, sampler="lcm")
+    load_lora_weights(ours, tmp_path)
+    out = ours(PIPELINE_PROMPT, guidance_scale=1.0, num_inference_steps=4, num_images_per_prompt=2, noise=latents,
+               step_noise=step_noise, progress=False)
+    assert ours.sampler.timesteps.tolist() == theirs.scheduler.timesteps.tolist() == [999, 759, 499, 259]
+    plain = load_pipeline(TINY_SD, sampler="lcm")(PIPELINE_PROMPT, guidance_scale=1.0, num_inference_steps=4,
+                                                  num_images_per_prompt=2, noise=latents, step_noise=step_noise,
+                                                  progress=False)
+    assert np.abs(out.images - plain.images).max() > 1e-2  # the LoRA changes the image ...
+    diff = float(np.abs((out.images + 1.0) / 2.0 - np.asarray(ref)).max())
+    assert diff <= 1e-4, diff  # ... as diffusers changes it (measured: 6.6e-7)
