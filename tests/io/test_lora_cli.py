@@ -33,12 +33,11 @@ def lora_file(tmp_path_factory):
                      text_encoder=pipe.text_encoder)
 
 
-def _ours(lora_file, scale):
-    pipe = load_pipeline(TINY_SD, sampler="ddim")
+def _ours(lora_file, scale, sampler="ddim", steps=2, guidance=7.5):  # 7.5: the CLI's default with --model
+    pipe = load_pipeline(TINY_SD, sampler=sampler)
     if scale is not None:
         load_lora_weights(pipe, lora_file, scale=scale)
-    guidance = 7.5  # the CLI's default with --model
-    return pipe("a red circle", height=32, width=32, num_inference_steps=2, seed=0, guidance_scale=guidance).images
+    return pipe("a red circle", height=32, width=32, num_inference_steps=steps, seed=0, guidance_scale=guidance).images
 
 
 def test_sample_model_with_a_lora_file_and_its_scale(lora_file, tmp_path):
@@ -51,6 +50,20 @@ def test_sample_model_with_a_lora_file_and_its_scale(lora_file, tmp_path):
     np.testing.assert_allclose(load_image(out), expected, atol=1 / 127.5)
     assert parse_lora_spec(f"{lora_file}:0.8") == (str(lora_file), 0.8)
     assert parse_lora_spec(str(lora_file)) == (str(lora_file), 1.0)
+
+
+def test_lcm_lora_from_the_command_line(lora_file, tmp_path, capsys):
+    """LCM-LoRA's command line (docs/real-weights.md): --lora FILE --sampler lcm --steps 4 --guidance-scale 1
+    writes our pipeline's image with the LoRA and LCMSampler, no guidance (one U-Net batch per step)."""
+    lcm = _ours(lora_file, 1.0, sampler="lcm", steps=4, guidance=1.0)
+    assert not np.allclose(lcm, _ours(lora_file, None, sampler="lcm", steps=4, guidance=1.0), atol=1e-3)
+    out = tmp_path / "lcm.png"
+    args = ["--prompt", "a red circle", "--height", "32", "--width", "32", "--quiet", "-o", str(out)]
+    assert main(["sample", "--model", str(TINY_SD), "--lora", str(lora_file), "--sampler", "lcm", "--steps", "4",
+                 "--guidance-scale", "1", *args]) == 0
+    assert "4 LCMSampler steps, guidance 1.0" in capsys.readouterr().out
+    expected = np.round((np.clip(lcm[0], -1, 1) + 1) * 127.5) / 127.5 - 1  # as the PNG stores it
+    np.testing.assert_allclose(load_image(out), expected, atol=1 / 127.5)
 
 
 def test_a_bad_lora_file_is_one_error_and_nothing_is_applied(lora_file, tmp_path, capsys):
