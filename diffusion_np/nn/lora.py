@@ -59,7 +59,6 @@ from diffusion_np.nn.activation import Dropout
 from diffusion_np.nn.conv import Conv2d, _col2im_dx, conv2d_forward
 from diffusion_np.nn.linear import Linear, linear_forward
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.resample import Upsample2D
 from diffusion_np.nn.validate import check_features, check_finite, check_image
 
 __all__ = [
@@ -365,10 +364,6 @@ class LoRAConv2d(_LoRALayer):
 
 
 # ============================================================================ a whole model
-#: layers whose parent reads the child's weight directly (a fused fast path), so a wrapped
-#: child would be bypassed: refused as targets
-_READS_CHILD_WEIGHT = (Upsample2D,)
-
 
 def _matches(path: str, patterns: tuple[str, ...]) -> bool:
     """A dotted module path matches a pattern that equals its tail (``to_q`` matches
@@ -422,9 +417,6 @@ def add_lora(model: Module, target: Iterable[str] | str = ATTENTION_TARGETS, ran
         _freeze_base(model)
     done = []
     for i, (path, parent, name, child) in enumerate(found):
-        if isinstance(parent, _READS_CHILD_WEIGHT):
-            raise ValueError(f"add_lora: {path} is read directly by its {type(parent).__name__} (a fused path) "
-                             "and cannot take an adapter; leave it out of target")
         if isinstance(child, _LoRALayer):
             layer = child
         elif isinstance(child, Linear):

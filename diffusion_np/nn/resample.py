@@ -100,6 +100,8 @@ class Upsample2D(Module):
     :func:`diffusion_np.nn.fast.resample.upsample_conv_forward` (four 2x2 convs of
     the small image; ``self.conv`` holds the parameters and receives the gradients)
     unless reference mode is on; "fused" always so; "reference" always one after the other.
+    A ``conv`` that is not a plain Conv2d (LoRA's wrapper: LCM-LoRA adapts ``upsamplers.0.conv``)
+    runs one after the other, so what it adds to the convolution counts.
     """
 
     def __init__(
@@ -128,7 +130,7 @@ class Upsample2D(Module):
     def forward(self, x):
         check_image(self, x, self.channels)
         check_finite(self, x)
-        if self.use_conv and fast.runs_fused(self.method):
+        if self.use_conv and type(self.conv) is Conv2d and fast.runs_fused(self.method):
             y, cache = upsample_conv_forward(x, self.conv.weight, self.conv.params.get("bias"))
             self._set_cache(cache)
             return y  # (B, 2H, 2W, C_out)

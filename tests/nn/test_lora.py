@@ -216,6 +216,22 @@ def test_merge_lora_on_a_model(rng):
         assert v.tobytes() == before[k].tobytes(), k
 
 
+def test_an_upsampler_conv_takes_an_adapter(rng):
+    """LCM-LoRA adapts ``up_blocks.*.upsamplers.0.conv``, which Upsample2D otherwise runs fused with the upsampling:
+    wrapped, it runs unfused, so the adapter changes the output, and merged (a plain conv's weight again) the
+    fused path gives the same output."""
+    model = UNet2DConditionModel(**TINY_UNET, rng=rng, dtype=np.float64)
+    sample, context = rng.standard_normal((B, 4, 4, 3)), rng.standard_normal((B, L, D))
+    base = model(sample, 10, context)
+    paths = add_lora(model, target="upsamplers.0.conv", rank=2, rng=rng)
+    assert paths and all(isinstance(lora_layers(model)[p], LoRAConv2d) for p in paths)
+    _randomize_adapters(model, rng, 0.3)
+    y = model(sample, 10, context)
+    assert np.abs(y - base).max() > 1e-3
+    merge_lora(model)
+    np.testing.assert_allclose(model(sample, 10, context), y, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------- several adapters
 def test_adapters_add_up_with_their_scales(rng):
     layer = _lora_linear(rng).eval()
@@ -274,8 +290,6 @@ def test_errors(rng):
         add_lora(model, target="to_qq")
     with pytest.raises(ValueError, match="is a GroupNorm; LoRA wraps Linear and Conv2d"):
         add_lora(model, target="norm1")
-    with pytest.raises(ValueError, match="read directly by its Upsample2D"):
-        add_lora(model, target="upsamplers.0.conv")
     with pytest.raises(ValueError, match="has no LoRA layers"):
         merge_lora(model)
     layer = LoRALinear.wrap(nn.Linear(4, 3, rng=rng))
