@@ -218,16 +218,28 @@ def test_merge_lora_on_a_model(rng):
 
 def test_an_upsampler_conv_takes_an_adapter(rng):
     """LCM-LoRA adapts ``up_blocks.*.upsamplers.0.conv``, which Upsample2D otherwise runs fused with the upsampling:
-    wrapped, it runs unfused, so the adapter changes the output, and merged (a plain conv's weight again) the
-    fused path gives the same output."""
+    wrapped, it runs unfused, so the adapter changes the output and gets its gradient (finite differences), and
+    merged (a plain conv's weight again) the fused path gives the same output."""
     model = UNet2DConditionModel(**TINY_UNET, rng=rng, dtype=np.float64)
     sample, context = rng.standard_normal((B, 4, 4, 3)), rng.standard_normal((B, L, D))
     base = model(sample, 10, context)
     paths = add_lora(model, target="upsamplers.0.conv", rank=2, rng=rng)
     assert paths and all(isinstance(lora_layers(model)[p], LoRAConv2d) for p in paths)
     _randomize_adapters(model, rng, 0.3)
+    model.zero_grad()
     y = model(sample, 10, context)
     assert np.abs(y - base).max() > 1e-3
+    drng = np.random.default_rng(12)
+    dout = drng.standard_normal(y.shape)
+    dsample = model.backward(dout).dx
+
+    def loss():
+        return float((model(sample, 10, context) * dout).sum())
+
+    errors = {"sample": sampled_grad_error(loss, sample, dsample, 4, drng)}
+    for name, p, g in model.parameters_and_grads():
+        errors[name] = sampled_grad_error(loss, p, g.copy(), 4, drng)
+    assert len(errors) == 1 + 2 * len(paths) and max(errors.values()) < 1e-6, errors
     merge_lora(model)
     np.testing.assert_allclose(model(sample, 10, context), y, rtol=1e-10, atol=1e-12)
 
@@ -416,8 +428,10 @@ def test_lora_layers_match_peft(rng):
 
 
 @pytest.mark.crosscheck
-def test_tiny_unet_with_lora_matches_diffusers_add_adapter():
-    """diffusers' UNet2DConditionModel.add_adapter(LoraConfig) against add_lora, float64, every adapter gradient."""
+@pytest.mark.parametrize("targets", [ATTENTION_TARGETS, ("upsamplers.0.conv", "conv1", "time_emb_proj")])
+def test_tiny_unet_with_lora_matches_diffusers_add_adapter(targets):
+    """diffusers' UNet2DConditionModel.add_adapter(LoraConfig) against add_lora, float64, every adapter gradient;
+    on attention, and on convolutions (LCM-LoRA's upsampler conv among them) and time embeddings."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     peft = pytest.importorskip("peft")
@@ -428,9 +442,9 @@ def test_tiny_unet_with_lora_matches_diffusers_add_adapter():
     theirs = diffusers.UNet2DConditionModel(**DIFFUSERS_TINY).double().eval()
     ours = UNet2DConditionModel(**DIFFUSERS_TINY, dtype=np.float64)
     ours.load_state_dict(weights_for({k: tuple(v.shape) for k, v in ours.state_dict().items()}))
-    paths = add_lora(ours, target=ATTENTION_TARGETS, rank=4, alpha=8.0, rng=rng)
+    paths = add_lora(ours, target=targets, rank=4, alpha=8.0, rng=rng)
     _randomize_adapters(ours, rng, 0.2)
-    theirs.add_adapter(peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=list(ATTENTION_TARGETS)))
+    theirs.add_adapter(peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=list(targets)))
     _copy_into_torch(torch, ours, theirs)
 
     x = rng.standard_normal((2, 8, 8, 4))
