@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 from diffusion_np.cli import main
 from diffusion_np.io import load_lora_weights, load_pipeline
 from diffusion_np.io.lora import parse_lora_spec, save_lora
-from diffusion_np.nn.lora import add_lora, lora_layers
+from diffusion_np.nn.lora import ATTENTION_TARGETS, add_lora, lora_layers
 from diffusion_np.pipelines.image_io import load_image
 
 TINY_SD = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_sd"
@@ -97,13 +97,12 @@ def test_a_bad_lora_file_is_one_error_and_nothing_is_applied(lora_file, tmp_path
     one_error_line(capsys, "--embedding goes with a shapes --checkpoint")
 
 
-ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 #: the U-Net modules LCM-LoRA adapts (diffusers' train_lcm_distill_lora_sd_wds.py): 3x3 convs and time embeddings too
-LCM_LORA_TARGETS = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
-                    "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+LCM_LORA_TARGETS = [*ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                    "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
-def _peft_lora_folder(folder, targets=ATTENTION):
+def _peft_lora_folder(folder, targets=ATTENTION_TARGETS):
     """A LoRA made with peft on the tiny SD fixture's U-Net modules ``targets`` (r 4, alpha 8, B moved off zero),
     saved by diffusers' ``save_lora_weights`` into ``folder`` (diffusers' layout): the folder."""
     torch = pytest.importorskip("torch")
@@ -166,8 +165,7 @@ def test_lcm_lora_sampling_matches_diffusers(tmp_path, monkeypatch, layout):
     from diffusers.schedulers import scheduling_lcm
     from fixtures.make_tiny_sd import PIPELINE_PROMPT, load_reference_pipeline
 
-    _peft_lora_folder(tmp_path / "peft", LCM_LORA_TARGETS)
-    lora = tmp_path / "peft"
+    lora = _peft_lora_folder(tmp_path / "peft", LCM_LORA_TARGETS)
     if layout == "kohya":
         pipe = load_pipeline(TINY_SD, sampler="lcm")
         load_lora_weights(pipe, lora)

@@ -219,7 +219,7 @@ def test_merge_lora_on_a_model(rng):
 def test_an_upsampler_conv_takes_an_adapter(rng):
     """LCM-LoRA adapts ``up_blocks.*.upsamplers.0.conv``, which Upsample2D otherwise runs fused with the upsampling:
     wrapped, it runs unfused, so the adapter changes the output and gets its gradient (finite differences), and
-    merged (a plain conv's weight again) the fused path gives the same output."""
+    merging it into the conv's weight gives the same output."""
     model = UNet2DConditionModel(**TINY_UNET, rng=rng, dtype=np.float64)
     sample, context = rng.standard_normal((B, 4, 4, 3)), rng.standard_normal((B, L, D))
     base = model(sample, 10, context)
