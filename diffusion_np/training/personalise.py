@@ -488,7 +488,7 @@ class _FinetuneTask:
 class LoRAFinetuneTask(_FinetuneTask):
     name = "finetune-lora"
     method = "lora"
-    description = "LoRA adapters on the frozen U-Net's attention learn a new concept from a few images"
+    description = "LoRA adapters on the frozen U-Net's attention and ResNet convs learn a new concept from a few images"
     train_defaults = dict(steps=900, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
                           checkpoint_every=100, sample_every=0)
 
