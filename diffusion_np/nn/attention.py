@@ -278,7 +278,6 @@ class Attention(Module):
         a chunked forward keeps no cache, and ``backward`` after it raises. Change it any
         time (``layer.chunk_size = 1024``) or model-wide with :func:`set_attention_chunk_size`.
 
-
     Notes
     -----
     Shapes: x (B, N, query_dim), context (B, L, cross_attention_dim) -> (B, N, query_dim).
