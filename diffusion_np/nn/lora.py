@@ -50,7 +50,8 @@ embedding layers.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -67,6 +68,7 @@ __all__ = [
     "LoRAConv2d",
     "LoRALinear",
     "add_lora",
+    "disable_lora",
     "lora_layers",
     "lora_state_dict",
     "merge_lora",
@@ -488,6 +490,21 @@ def set_lora_adapter(model: Module, names) -> None:
             hits += 1
     if not hits:
         raise ValueError(f"set_lora_adapter: no LoRA layer has the adapters {wanted}")
+
+
+@contextmanager
+def disable_lora(model: Module) -> Iterator[Module]:
+    """Inside ``with disable_lora(model):`` every LoRA layer of ``model`` runs its base alone (peft's
+    ``disable_adapter()``): the frozen model's outputs, bit for bit, whatever the adapters hold."""
+    layers = list(_layers_or_raise(model, "disable_lora").values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
 
 
 def set_lora_scale(model: Module, name: str, scale: float) -> None:

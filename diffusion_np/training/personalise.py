@@ -26,8 +26,9 @@ DreamBooth             random, fixed (an identifier)     the whole U-Net        
 One training step, for all three (the ``shapes`` task's step with a frozen base)::
 
     1. B_c images of the concept, B_p class images (B_c + B_p = B, B_p = round(prior_share B));
-       x_0 = scaling_factor * z: class images z ~ q(z | image) (the frozen VAE), concept images
-       z = their inverted latent + the encoder's std * noise (:func:`invert_decoder`), found once
+       x_0 = scaling_factor * z, z ~ q(z | image) (the frozen VAE's encoder); with ``invert_steps``
+       (textual inversion's default) the concept images' means are replaced by latents the frozen
+       decoder turns into them (:func:`invert_decoder`), found once
        captions: the concept's own; "" with probability p (classifier-free guidance)
     2. c = text_encoder(tokenizer(captions))              (TI: with the trainable row in the table)
     3. t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps
@@ -35,6 +36,18 @@ One training step, for all three (the ``shapes`` task's step with a frozen base)
                                                                       (DreamBooth Eq. 2)
     5. backward: U-Net -> (LoRA: the adapters' dA, dB | DreamBooth: every U-Net weight)
                  -> (TI, LoRA's trained row: d context -> the text encoder's hand-written backward -> the row)
+
+LoRA and DreamBooth also adapt the VAE's decoder (rank-``vae_rank`` adapters on its convolutions,
+:data:`VAE_TARGETS`), in the same optimizer step, by a second, independent loss::
+
+    6. concept images, flipped and shifted by up to 3 pixels (:func:`augment_flip_shift`), and base images;
+       z ~ q(z | image) (the frozen encoder)
+       loss_vae = mean_c ||D(z) - image||^2 + mean_b ||D(z') - D_0(z')||^2    (D_0: the frozen decoder)
+
+The first term teaches the decoder to draw the concept from the latents the encoder gives it (which
+the U-Net then learns to make: step 1's concept latents are the encoder's); the second keeps every base
+image as the frozen decoder drew it. Without it the star stays out of reach: the U-Net can only learn
+latents the decoder turns into a star, and the shipped decoder turns almost none of them into one.
 
 The second term of step 4 is DreamBooth's prior preservation: the class images were generated
 by the frozen base model *before* training (128 images of the base prompts, DPM-Solver++ 20
@@ -50,13 +63,14 @@ layout); for DreamBooth ``unet.<every U-Net parameter>``. :func:`apply_personali
 LoRA or an embedding checkpoint onto any loaded model (``sample``/``evaluate`` ``--lora``,
 ``--embedding``).
 
-Left out: training the text encoder with LoRA or DreamBooth, several tokens per concept,
-pivotal tuning (token and LoRA together), and LoRA on the VAE.
+Left out: training the text encoder with LoRA or DreamBooth, several tokens per concept, and
+adapting the VAE's encoder.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import time
@@ -67,7 +81,16 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from diffusion_np.backend import asnumpy, get_xp, to_device
-from diffusion_np.data.shapes import CONCEPTS, all_prompts, caption, concept_images, concept_split, parse_caption
+from diffusion_np.data.shapes import (
+    CONCEPTS,
+    all_prompts,
+    caption,
+    combos,
+    concept_images,
+    concept_split,
+    parse_caption,
+    render,
+)
 from diffusion_np.diffusion import min_snr_weights, q_sample, training_target
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint
 from diffusion_np.io.diffusers import read_safetensors
@@ -75,7 +98,7 @@ from diffusion_np.io.lora import load_lora, parse_lora_spec
 from diffusion_np.metrics.evaluate import generate_images
 from diffusion_np.metrics.shapes import prompt_accuracy
 from diffusion_np.models.tokenizer import SPECIAL_TOKENS, WordTokenizer
-from diffusion_np.nn.lora import ATTENTION_TARGETS, add_lora, lora_layers, set_lora_scale
+from diffusion_np.nn.lora import ATTENTION_TARGETS, add_lora, disable_lora, lora_layers, set_lora_scale
 from diffusion_np.nn.losses import mse_loss_backward, mse_loss_forward
 from diffusion_np.nn.module import Module, inference_mode
 from diffusion_np.pretrained import PREFIX as PRETRAINED_PREFIX
@@ -118,6 +141,13 @@ WEIGHTS = "personal"
 #: attention alone (rank 4, 43k numbers) the star was not learned: the U-Net must draw a new *shape*,
 #: which its convolutions do, not only read a new word
 LORA_TARGETS = (*ATTENTION_TARGETS, "conv1", "conv2")
+#: the VAE decoder's layers that LoRA and DreamBooth adapt (``vae_rank``): its 3x3 convolutions but the two
+#: upsamplers' (an adapted upsampler runs its nearest-neighbour upsampling and convolution one after the other,
+#: which rounds differently from the fused path, and at scale 0 the images must be the base model's bit for bit).
+#: The shipped VAE never saw a star or orange: its encoder keeps them apart from the base shapes and colours
+#: (a star's latent is further from the circle's than a square's is), but its decoder draws them as those
+#: (2% of star reconstructions read as stars); adapters here teach it to draw what the encoder keeps apart
+VAE_TARGETS = ("decoder.conv_in", "decoder.*conv1", "decoder.*conv2", "decoder.conv_out")
 #: the word a textual inversion's row starts from, per concept (diffusers' ``--initializer_token``)
 INIT_WORDS = {"star": "triangle", "orange": "red"}
 
@@ -188,11 +218,12 @@ class PersonalWeights(Module):
         if method == "dreambooth":
             self._modules["unet"] = model.unet
 
-    def add_lora_children(self, adapter_name: str = "default") -> None:
-        """Hold the A and B of every adapted U-Net layer as ``unet.<path>.lora_A`` / ``lora_B``."""
-        for path, layer in lora_layers(self._model.unet).items():
-            self._modules[f"unet.{path}.lora_A"] = layer.lora_A[adapter_name]
-            self._modules[f"unet.{path}.lora_B"] = layer.lora_B[adapter_name]
+    def add_lora_children(self, component: str = "unet", adapter_name: str = "default") -> None:
+        """Hold the A and B of every adapted layer of ``component`` (``"unet"`` or ``"vae"``) as
+        ``<component>.<path>.lora_A`` / ``lora_B``."""
+        for path, layer in lora_layers(getattr(self._model, component)).items():
+            self._modules[f"{component}.{path}.lora_A"] = layer.lora_A[adapter_name]
+            self._modules[f"{component}.{path}.lora_B"] = layer.lora_B[adapter_name]
 
     def sync(self) -> None:
         """Copy ``token_row`` into the text encoder's table (after an optimizer step, a load, an EMA swap)."""
@@ -214,7 +245,11 @@ class FinetuneConfig:
     ``concept``: ``star`` or ``orange``; ``base``: ``pretrained:shapes`` or a ``shapes`` run.
     ``num_images``: concept images (4..16). ``rank``, ``alpha`` (None: = rank), ``targets``: the
     LoRA adapters. ``init_word``: textual inversion's starting row (None: :data:`INIT_WORDS`).
-    ``invert_steps``: :func:`invert_decoder`'s steps for the concept latents.
+    ``vae_rank``: rank of the decoder's adapters (0: the VAE stays as shipped; None: 8 for LoRA and
+    DreamBooth, 0 for textual inversion, which learns its row alone), ``vae_batch``: images per step
+    of the decoder's loss (half concept, half base).
+    ``invert_steps``: :func:`invert_decoder`'s steps for the concept latents (None: 0 when the
+    decoder is adapted, 500 when it is not).
     ``prior_weight`` (lambda of DreamBooth Eq. 2; 0: no class images; None: 0 for textual
     inversion, 1 otherwise), ``prior_share`` (share of
     each batch from the class images), ``class_images`` (how many the frozen base generates).
@@ -234,7 +269,9 @@ class FinetuneConfig:
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0
     guidance_scale: float = 4.0
-    invert_steps: int = 500
+    vae_rank: int | None = None
+    vae_batch: int = 8
+    invert_steps: int | None = None
     data_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -248,8 +285,12 @@ class FinetuneConfig:
             raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
         if not 0.0 <= self.prior_share < 1.0:
             raise ValueError(f"prior_share must be in [0, 1), got {self.prior_share}")
-        if not (isinstance(self.invert_steps, int) and self.invert_steps >= 0):
+        if self.invert_steps is not None and not (isinstance(self.invert_steps, int) and self.invert_steps >= 0):
             raise ValueError(f"invert_steps must be an integer >= 0, got {self.invert_steps!r}")
+        if self.vae_rank is not None and not (isinstance(self.vae_rank, int) and self.vae_rank >= 0):
+            raise ValueError(f"vae_rank must be an integer >= 0, got {self.vae_rank!r}")
+        if not (isinstance(self.vae_batch, int) and self.vae_batch >= 2):
+            raise ValueError(f"vae_batch must be an integer >= 2, got {self.vae_batch!r}")
         if not (isinstance(self.class_images, int) and self.class_images >= 1):
             raise ValueError(f"class_images must be a positive integer, got {self.class_images!r}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -272,7 +313,9 @@ def invert_decoder(vae, images, latent, steps: int = 300, lr: float = 0.05):
     as stars 92% of the time and as orange 100% (24 images each). A diffusion model can only
     learn to make latents the decoder turns into the concept, so these are its training data.
     (Stable Diffusion's VAE, trained on billions of images, encodes new concepts well enough;
-    a VAE trained on a toy world does not.)
+    a VAE trained on a toy world does not.) LoRA and DreamBooth adapt the decoder instead
+    (``vae_rank``, the module docstring's step 6), which leaves the diffusion model the encoder's
+    latents to learn; textual inversion, which trains one row and nothing else, uses these.
     """
     z = latent.copy()
     xp = get_xp(z)
@@ -285,6 +328,32 @@ def invert_decoder(vae, images, latent, steps: int = 300, lr: float = 0.05):
         v = b2 * v + (1 - b2) * dz * dz
         z -= lr * (m / (1 - b1**k)) / (xp.sqrt(v / (1 - b2**k)) + 1e-8)
     return z
+
+
+def _vae_rank(method: str, config: dict) -> int:
+    """The decoder adapters' rank of a run: its ``vae_rank``, or the method's default when it is None
+    (8; 0 for textual inversion); 0 for a run saved before the decoder was adapted (no such field)."""
+    if "vae_rank" not in config:
+        return 0
+    return config["vae_rank"] if config["vae_rank"] is not None else (0 if method == "textual-inversion" else 8)
+
+
+def augment_flip_shift(images, n: int, rng: np.random.Generator, max_shift: int = 3, fill: float = -1.0):
+    """``n`` copies (n, H, W, C) of random ``images`` (B, H, W, C), each flipped left-right with
+    probability 1/2 and shifted by up to ``max_shift`` pixels along each axis (``fill`` where
+    the shift uncovers the border: the shapes' black background). The decoder's training images.
+
+    One gather: the output pixel (i, j) of copy k is the padded source's (i + dy_k, j') with
+    j' = j + dx_k, or W - 1 - j + dx_k when copy k is flipped.
+    """
+    source = rng.integers(0, len(images), n)  # (n,)
+    h, w = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), constant_values=fill)
+    dy, dx = (rng.integers(0, 2 * max_shift + 1, (2, n)))  # (n,) each, offsets into the padded image
+    flip = rng.random(n) < 0.5  # (n,)
+    cols = np.where(flip[:, None], np.arange(w)[::-1], np.arange(w)) + dx[:, None]  # (n, W)
+    rows = np.arange(h) + dy[:, None]  # (n, H)
+    return padded[source[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, H, W, C)
 
 
 class _FinetuneTask:
@@ -320,11 +389,16 @@ class _FinetuneTask:
         self.model = PersonalWeights(base, config.concept, row, self.method, self.train_token)
         if self.method == "lora":
             add_lora(base.unet, target=config.targets, rank=config.rank, alpha=config.alpha, rng=rng)
-            self.model.add_lora_children()
+            self.model.add_lora_children("unet")
         elif self.method == "dreambooth":
             for _, module in base.unet.named_modules():  # unfreeze the U-Net: every weight trains
                 for name, value in module.params.items():
                     module.grads[name] = value * 0
+        self.vae_rank = _vae_rank(self.method, dataclasses.asdict(config))
+        self.invert_steps = config.invert_steps if config.invert_steps is not None else (0 if self.vae_rank else 500)
+        if self.vae_rank:  # step 6: the decoder's adapters
+            add_lora(base.vae, target=VAE_TARGETS, rank=self.vae_rank, rng=rng)
+            self.model.add_lora_children("vae")
         if self.train_token:
             table = _token_table(base)
             table.grads["weight"] = table.weight * 0  # the table's gradient, of which one row is kept
@@ -332,6 +406,8 @@ class _FinetuneTask:
             base.text_encoder.inference(True)  # forward only
         self._data = None
         self._prior = None
+        self._prior_latents = None
+        self._decoder_data = None
 
     name = ""
     description = ""
@@ -363,15 +439,71 @@ class _FinetuneTask:
         return np.concatenate(means), np.concatenate(stds).astype(np.float32)
 
     def concept_data(self):
-        """(latent, std, captions) of the concept's ``num_images`` images, once: the latents found by
-        :func:`invert_decoder` from the encoder's means, the encoder's standard deviations."""
+        """(mean, std, captions) of the concept's ``num_images`` images under the encoder, once; with
+        ``invert_steps``, the means replaced by the latents :func:`invert_decoder` finds from them."""
         if self._data is None:
             images, captions, _ = concept_images(self.config.concept, self.config.num_images, self.config.data_seed)
             mean, std = self._encode(images)
-            latent = invert_decoder(self.base.vae, to_device(images, self.base.device),
-                                    to_device(mean, self.base.device), self.config.invert_steps)
-            self._data = (asnumpy(latent), std, captions)
+            if self.invert_steps:  # through the decoder as shipped, whatever its adapters hold by now
+                with self._frozen_decoder() as vae:
+                    mean = asnumpy(invert_decoder(vae, to_device(images, self.base.device),
+                                                  to_device(mean, self.base.device), self.invert_steps))
+            self._data = (mean, std, captions)
         return self._data
+
+    def share_data(self, other: _FinetuneTask) -> _FinetuneTask:
+        """Use ``other``'s concept latents, class images and decoder data (made once, for runs that differ in
+        what they train, not in their data: a rank sweep); returns self."""
+        self._data, self._prior, self._prior_latents = other.concept_data(), other.prior_data(), other._prior_latents
+        self._decoder_data = other.decoder_data() if self.vae_rank and other.vae_rank else None
+        return self
+
+    def _frozen_decoder(self):
+        """``with self._frozen_decoder() as vae:`` the VAE as shipped (its adapters, if any, switched off)."""
+        return disable_lora(self.base.vae) if self.vae_rank else contextlib.nullcontext(self.base.vae)
+
+    def decoder_data(self):
+        """Step 6's data, once: ``(concept, base)``, each ``(mean, std, target)`` on the host.
+
+        concept: the ``num_images`` images and 248 flipped/shifted copies (:func:`augment_flip_shift`),
+        the target the image itself. base: the encoder's latents of 256 renders of the base training
+        prompts and the latents the frozen U-Net made for the class images (:meth:`prior_data`, std 0),
+        the target the frozen decoder's drawing of each (the adapters switched off while it is made, so a
+        resumed run finds the same targets): the decoder must keep drawing what the base model makes.
+        """
+        if self._decoder_data is None:
+            c = self.config
+            rng = np.random.default_rng([c.data_seed, 6])
+            images, _, _ = concept_images(c.concept, c.num_images, c.data_seed)
+            images = np.concatenate([images, augment_flip_shift(images, 256 - len(images), rng)])
+            base_labels = combos("train")
+            base_images = render(base_labels[rng.integers(0, len(base_labels), 256)], rng)
+            (c_mean, c_std), (b_mean, b_std) = self._encode(images), self._encode(base_images)
+            self.prior_data()
+            b_mean = np.concatenate([b_mean, self._prior_latents.astype(np.float32)])
+            b_std = np.concatenate([b_std, np.zeros_like(self._prior_latents, dtype=np.float32)])
+            with self._frozen_decoder() as vae, inference_mode(vae):
+                frozen = np.concatenate([asnumpy(vae.decode(to_device(b_mean[i:i + 64], self.base.device)))
+                                         for i in range(0, len(b_mean), 64)])
+            self._decoder_data = ((c_mean, c_std, images.astype(np.float32)), (b_mean, b_std, frozen))
+        return self._decoder_data
+
+    def decoder_loss_and_backward(self, rng: np.random.Generator) -> float:
+        """Step 6 of the module docstring: the decoder's adapters' loss, their gradients accumulated."""
+        vae, device, n = self.base.vae, self.base.device, self.config.vae_batch
+        parts = self.decoder_data()
+        sizes = (n - n // 2, n // 2)  # concept, base
+        picks = [rng.integers(0, len(mean), k) for (mean, _, _), k in zip(parts, sizes)]
+        mean = np.concatenate([part[0][i] for part, i in zip(parts, picks)])  # (n, h, w, 4)
+        std = np.concatenate([part[1][i] for part, i in zip(parts, picks)])
+        target = np.concatenate([part[2][i] for part, i in zip(parts, picks)])  # (n, H, W, 3)
+        z = mean + std * rng.standard_normal(mean.shape).astype(np.float32)
+        # each half's mean: per-sample weights n / n_half under the batch mean
+        weights = np.concatenate([np.full(k, n / k, dtype=np.float32) for k in sizes])
+        loss, cache = mse_loss_forward(vae.decode(to_device(z, device)), to_device(target, device),
+                                       to_device(weights, device))
+        vae.decode_backward(mse_loss_backward(cache))
+        return float(asnumpy(loss))
 
     def prior_data(self):
         """(mean, std, captions) of the class images the frozen base draws for base prompts (module docstring)."""
@@ -379,12 +511,14 @@ class _FinetuneTask:
             c = self.config
             prompts = class_prompts(c.class_images, c.data_seed)
             frozen = TextToImageModel.load(c.base)  # the base as shipped, whatever this run has learned since
-            images = frozen.generate(prompts, "dpm++", 20, 4.0, seed=c.data_seed + 1)
-            self._prior = (*self._encode(images), prompts)
+            out = frozen.pipeline("dpm++")(prompts, guidance_scale=4.0, num_inference_steps=20, seed=c.data_seed + 1)
+            self._prior = (*self._encode(out.images), prompts)
+            # the latents the frozen U-Net made, in the VAE's units (decode_latents' input before its scaling)
+            self._prior_latents = asnumpy(out.latents) / frozen.vae.scaling_factor + (frozen.vae.shift_factor or 0.0)
         return self._prior
 
     def loss_and_backward(self, batch_size: int, rng: np.random.Generator) -> float:
-        """Steps 1-5 of the module docstring."""
+        """Steps 1-5 of the module docstring, and 6 when the decoder is adapted."""
         base, c, schedule, vae = self.base, self.config, self.base.noise_schedule, self.base.vae
         device = base.device
         self.model.sync()
@@ -427,7 +561,11 @@ class _FinetuneTask:
         if self.train_token:
             base.text_encoder.backward(g.dcontext)
             self.model.pull_grad()
-        return float(asnumpy(loss))
+        loss = float(asnumpy(loss))
+        # 6. the decoder's adapters (their own loss; the sum is what the optimizer minimises)
+        if self.vae_rank:
+            loss += self.decoder_loss_and_backward(rng)
+        return loss
 
     # ------------------------------------------------------------------ sampling
     def preview_prompts(self, n: int) -> list[str]:
@@ -478,9 +616,16 @@ class _FinetuneTask:
                             help=f"class images the frozen model generates first (default {d.class_images})")
         parser.add_argument("--guidance-scale", type=at_least_one, default=s, metavar="W",
                             help=f"classifier-free guidance of previews and evaluation (default {d.guidance_scale})")
+        parser.add_argument("--vae-rank", type=nonnegative_int, default=s, metavar="R",
+                            help="rank of the adapters on the VAE decoder's convolutions, trained beside the rest "
+                                 "to draw the concept from the encoder's latents (default: 8; 0 for "
+                                 "textual inversion; 0: the VAE as shipped)")
+        parser.add_argument("--vae-batch", type=positive_int, default=s, metavar="N",
+                            help=f"images per step of the decoder's loss, half concept, half base (default "
+                                 f"{d.vae_batch})")
         parser.add_argument("--invert-steps", type=nonnegative_int, default=s, metavar="N",
-                            help=f"Adam steps that find the concept images' latents through the frozen decoder "
-                                 f"(default {d.invert_steps}; 0: the encoder's means)")
+                            help="Adam steps that find the concept images' latents through the frozen decoder "
+                                 "(default: 0 when the decoder is adapted, 500 otherwise; 0: the encoder's means)")
         parser.add_argument("--data-seed", type=int, default=s, metavar="N",
                             help=f"seed of the concept images and class images (default {d.data_seed})")
 
@@ -565,14 +710,21 @@ def apply_personalisation(model: TextToImageModel, loras=(), embedding=None, use
                                   "is a whole model: pass it as --checkpoint)")
         _check_lora_fits(model, path, config, weights)
         add_concept_token(model, config["concept"], weights["token_row"])
-        adapted = add_lora(model.unet, target=config["targets"], rank=config["rank"], alpha=config["alpha"],
-                           adapter_name=name)
-        layers = lora_layers(model.unet)
-        for layer_path in adapted:
-            layers[layer_path].lora_A[name].load_state_dict({"weight": weights[f"unet.{layer_path}.lora_A.weight"]})
-            layers[layer_path].lora_B[name].load_state_dict({"weight": weights[f"unet.{layer_path}.lora_B.weight"]})
-        set_lora_scale(model.unet, name, float(scale))
-        done.append(f"LoRA {path} (scale {scale:g}): the word {config['concept']!r}, {len(adapted)} U-Net layers")
+        vae_rank = _vae_rank("lora", config)
+        parts = [("unet", config["targets"], config["rank"], config["alpha"])] + \
+            ([("vae", VAE_TARGETS, vae_rank, None)] if vae_rank else [])
+        counts = []
+        for component, targets, rank, alpha in parts:
+            module = getattr(model, component)
+            adapted = add_lora(module, target=targets, rank=rank, alpha=alpha, adapter_name=name)
+            layers = lora_layers(module)
+            for layer_path in adapted:
+                for half in ("A", "B"):
+                    getattr(layers[layer_path], f"lora_{half}")[name].load_state_dict(
+                        {"weight": weights[f"{component}.{layer_path}.lora_{half}.weight"]})
+            set_lora_scale(module, name, float(scale))
+            counts.append(f"{len(adapted)} {'U-Net' if component == 'unet' else 'VAE decoder'} layers")
+        done.append(f"LoRA {path} (scale {scale:g}): the word {config['concept']!r}, " + ", ".join(counts))
     if embedding is not None:
         word, row = _read_embedding(embedding, use_ema)
         add_concept_token(model, word, row)
@@ -597,22 +749,26 @@ def _check_lora_fits(model: TextToImageModel, path, config: dict, weights: dict)
     width = _token_table(model).weight.shape[1]
     if tuple(weights["token_row"].shape) != (1, width):
         problems.append(f"token_row is {tuple(weights['token_row'].shape)}, the model's rows are (1, {width})")
-    modules = dict(model.unet.named_modules())
+    ranks = {"unet": config["rank"], "vae": _vae_rank("lora", config)}
+    if ranks["vae"] and model.vae is None:
+        problems.append("the run adapts a VAE decoder and the model has no VAE (a pixel-space model)")
+    modules = {c: dict(getattr(model, c).named_modules()) for c in ranks if getattr(model, c) is not None}
     for key, value in weights.items():
-        m = re.fullmatch(r"unet\.(.+)\.lora_([AB])\.weight", key)
-        if m is None:
+        m = re.fullmatch(r"(unet|vae)\.(.+)\.lora_([AB])\.weight", key)
+        if m is None or m[1] not in modules:
             continue
-        layer = modules.get(m[1] + ".")
-        weight = getattr(layer, "params", {}).get("weight")
+        component, layer_path, half = m.groups()
+        weight = getattr(modules[component].get(layer_path + "."), "params", {}).get("weight")
         if weight is None or weight.ndim not in (2, 4):
-            problems.append(f"{key}: the U-Net has no Linear or Conv2d layer {m[1]}")
+            name = "U-Net" if component == "unet" else "VAE"
+            problems.append(f"{key}: the {name} has no Linear or Conv2d layer {layer_path}")
             continue
-        r = config["rank"]
+        r = ranks[component]
         if weight.ndim == 2:  # Linear (out, in): A (r, in), B (out, r)
-            want = (r, weight.shape[1]) if m[2] == "A" else (weight.shape[0], r)
+            want = (r, weight.shape[1]) if half == "A" else (weight.shape[0], r)
         else:  # Conv2d (kh, kw, C_in, C_out): A (kh, kw, C_in, r), B (1, 1, r, C_out)
             kh, kw, c_in, c_out = weight.shape
-            want = (kh, kw, c_in, r) if m[2] == "A" else (1, 1, r, c_out)
+            want = (kh, kw, c_in, r) if half == "A" else (1, 1, r, c_out)
         if tuple(value.shape) != want:
             problems.append(f"{key}: shape {tuple(value.shape)}, the layer needs {want}")
     if problems:

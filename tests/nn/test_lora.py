@@ -15,6 +15,7 @@ from diffusion_np.nn.lora import (
     LoRAConv2d,
     LoRALinear,
     add_lora,
+    disable_lora,
     lora_layers,
     lora_state_dict,
     merge_lora,
@@ -282,6 +283,23 @@ def test_model_wide_adapter_and_scale_switches(rng):
     np.testing.assert_allclose(model(sample, 10, context), only_default, rtol=1e-12, atol=1e-12)
     assert not np.allclose(both, only_default)
     assert len(lora_state_dict(model, "ctx")) == 4 * 2 * 2  # four cross-attentions x to_k, to_v x A, B
+
+
+def test_disable_lora_gives_the_base_model_bit_for_bit_and_restores(rng):
+    model = UNet2DConditionModel(**TINY_UNET, rng=rng)
+    sample, context = rng.standard_normal((B, 4, 4, 3)).astype(np.float32), rng.standard_normal((B, L, D))
+    base = model(sample, 10, context.astype(np.float32))
+    add_lora(model, rank=2, rng=rng)
+    _randomize_adapters(model, rng)
+    adapted = model(sample, 10, context.astype(np.float32))
+    with disable_lora(model) as inside:
+        assert inside is model
+        np.testing.assert_array_equal(model(sample, 10, context.astype(np.float32)), base)
+    np.testing.assert_array_equal(model(sample, 10, context.astype(np.float32)), adapted)
+    assert not np.allclose(adapted, base)
+    with pytest.raises(ValueError, match="disable_lora"):
+        with disable_lora(UNet2DConditionModel(**TINY_UNET, rng=rng)):
+            pass
 
 
 def test_text_encoder_projections_and_glob_targets(rng):

@@ -18,8 +18,10 @@ from diffusion_np.training.personalise import (
     TextualInversionTask,
     _check_lora_fits,
     _stored,
+    _vae_rank,
     add_concept_token,
     apply_personalisation,
+    augment_flip_shift,
     evaluate_personalised,
     load_personalised,
     parse_lora_spec,
@@ -48,7 +50,9 @@ def _nonzero_b(run_dir):
     task = LoRAFinetuneTask(FinetuneConfig(**checkpoint.config["task_config"]), np.random.default_rng(0))
     checkpoint.load_weights(task.modules())
     rng = np.random.default_rng(1)
-    for layer in lora_layers(task.base.unet).values():
+    layers = [*lora_layers(task.base.unet).values(), *lora_layers(task.base.vae).values()]
+    assert len(layers) == 7 * 2 * 4 + 8 * 2 + len(lora_layers(task.base.vae)) and lora_layers(task.base.vae)
+    for layer in layers:
         layer.lora_B["default"].weight[...] = 0.05 * rng.standard_normal(layer.lora_B["default"].weight.shape)
     return task
 
@@ -84,8 +88,10 @@ def test_only_the_learned_part_trains_and_is_saved(runs):
     lora = load_checkpoint(runs["lora"] / "checkpoint")
     keys = set(lora.weights["personal"])
     assert "token_row" in keys and all(k == "token_row" or ".lora_" in k for k in keys)
-    # 7 transformer blocks x (attn1, attn2) x 4 projections + 8 ResNet blocks x (conv1, conv2), each A and B
-    assert len(keys) == 1 + 2 * (7 * 2 * 4 + 8 * 2)
+    # U-Net: 7 transformer blocks x (attn1, attn2) x 4 projections + 8 ResNet blocks x (conv1, conv2);
+    # VAE decoder: conv_in, 8 ResNet blocks (2 in the mid block, 6 up) x (conv1, conv2), conv_out; each A and B
+    assert len(keys) == 1 + 2 * (7 * 2 * 4 + 8 * 2) + 2 * (1 + 8 * 2 + 1)
+    assert sum(k.startswith("vae.decoder.") for k in keys) == 2 * 18
     ti = load_checkpoint(runs["textual-inversion"] / "checkpoint")
     assert set(ti.weights["personal"]) == {"token_row"}
     db = load_checkpoint(runs["dreambooth"] / "checkpoint")
@@ -100,6 +106,7 @@ def test_training_changes_only_what_the_method_trains():
     for cls, concept in ((LoRAFinetuneTask, "star"), (TextualInversionTask, "orange"), (DreamBoothTask, "star")):
         task = cls(FinetuneConfig(concept=concept, class_images=4, invert_steps=2), np.random.default_rng(0))
         unet_before = {k: v.copy() for k, v in task.base.unet.state_dict().items()}
+        vae_before = {k: v.copy() for k, v in task.base.vae.state_dict().items()}
         text_before = {k: v.copy() for k, v in task.base.text_encoder.state_dict().items()}
         row_before = task.model.token_row.copy()
         Trainer(task, TrainConfig(steps=2, batch_size=4, warmup_steps=0, lr=1e-2, ema_decay=0.0),
@@ -108,6 +115,11 @@ def test_training_changes_only_what_the_method_trains():
         text_changed = {k for k, v in task.base.text_encoder.state_dict().items()
                         if not np.array_equal(v, text_before[k])}
         row_changed = not np.array_equal(task.model.token_row, row_before)
+        vae_changed = {k for k, v in task.base.vae.state_dict().items() if not np.array_equal(v, vae_before[k])}
+        if cls is TextualInversionTask:  # the VAE as shipped; LoRA and DreamBooth adapt its decoder
+            assert not vae_changed and not lora_layers(task.base.vae)
+        else:
+            assert vae_changed and all(k.startswith("decoder.") and ".lora_" in k for k in vae_changed)
         if cls is LoRAFinetuneTask:  # the adapters and (train_token, the default) the new word's row
             assert unet_changed and all(".lora_" in k for k in unet_changed) and row_changed
         elif cls is TextualInversionTask:
@@ -241,15 +253,76 @@ def test_a_lora_run_that_does_not_fit_lists_every_problem(runs):
     config, weights = _stored(load_checkpoint(runs["lora"] / "checkpoint"), use_ema=True)
     a_key = next(k for k in weights if k.endswith("to_q.lora_A.weight"))
     conv_key = next(k for k in weights if k.endswith("conv1.lora_B.weight"))
+    vae_key = next(k for k in weights if k.startswith("vae.") and k.endswith("conv_out.lora_A.weight"))
     weights = {**weights, a_key: np.zeros((3, 5), np.float32), conv_key: np.zeros((1, 1, 2, 2), np.float32),
+               vae_key: np.zeros((3, 3, 32, 2), np.float32),
+               "vae.decoder.nowhere.lora_B.weight": np.zeros((1, 1, 8, 3), np.float32),
                "unet.nowhere.lora_A.weight": np.zeros((8, 4), np.float32), "token_row": np.zeros((1, 7))}
     model = TextToImageModel.load("pretrained:shapes")
     add_concept_token(model, "star")
     with pytest.raises(CheckpointError) as info:
         _check_lora_fits(model, "x", config, weights)
     message = str(info.value)
-    expected = ("already has the word 'star'", "token_row is (1, 7)", a_key, conv_key,
-                "no Linear or Conv2d layer nowhere")
+    expected = ("already has the word 'star'", "token_row is (1, 7)", a_key, conv_key, vae_key,
+                "the U-Net has no Linear or Conv2d layer nowhere",
+                "the VAE has no Linear or Conv2d layer decoder.nowhere")
     for fragment in expected:
         assert fragment in message, (fragment, message)
-    assert lora_layers(model.unet) == {}  # nothing applied
+    assert lora_layers(model.unet) == {} and lora_layers(model.vae) == {}  # nothing applied
+
+
+def test_augment_flip_shift_against_a_loop():
+    """The one-gather augmentation equals padding, cropping and flipping each copy in turn."""
+    images = np.random.default_rng(0).standard_normal((3, 6, 5, 2))
+    out = augment_flip_shift(images, 20, np.random.default_rng(1), max_shift=2, fill=-1.0)
+    rng = np.random.default_rng(1)  # the same draws, in the function's order
+    source = rng.integers(0, 3, 20)
+    dy, dx = rng.integers(0, 5, (2, 20))
+    flip = rng.random(20) < 0.5
+    for k in range(20):  # shift (pad, crop), then flip
+        padded = np.pad(images[source[k]], ((2, 2), (2, 2), (0, 0)), constant_values=-1.0)
+        crop = padded[dy[k]:dy[k] + 6, dx[k]:dx[k] + 5]
+        np.testing.assert_array_equal(out[k], crop[:, ::-1] if flip[k] else crop, err_msg=str(k))
+    assert (out == -1.0).any() and not (out == -1.0).all()
+
+
+def test_decoder_adapters_gradient_finite_differences():
+    """Step 6: d loss_vae / d (the decoder's adapters) through the VAE decoder's hand-written backward, float64."""
+    task = LoRAFinetuneTask(FinetuneConfig(concept="star", class_images=4, vae_batch=2), np.random.default_rng(0))
+    vae = task.base.vae
+    vae.to("numpy", np.float64)
+    rng = np.random.default_rng(0)
+    for layer in lora_layers(vae).values():  # B off zero, so that every A gets a gradient too
+        layer.lora_B["default"].weight[...] = 0.05 * rng.standard_normal(layer.lora_B["default"].weight.shape)
+    z = rng.standard_normal((2, 8, 8, 4))
+    report = check_subset(lambda x: vae.decode(x), lambda d: (vae.decode_backward(d),), [z], vae, k=4)
+    assert len(report) == 1 + 2 * len(lora_layers(vae))  # the input and every A and B
+    assert max(report.values()) < 1e-6, report
+    # the loss itself: each half's mean, the frozen decoder's drawings as the base half's targets
+    vae.to("numpy", np.float32)
+    (c_mean, _, c_target), (b_mean, _, b_target) = task.decoder_data()
+    assert c_target.shape == (256, 32, 32, 3) and b_target.shape == (256 + 4, 32, 32, 3)  # renders + class images
+    vae.zero_grad()
+    loss = task.decoder_loss_and_backward(np.random.default_rng(1))
+    assert np.isfinite(loss) and loss > 0
+    grads = [g for name, _, g in vae.parameters_and_grads() if g is not None]
+    assert grads and all(np.isfinite(g).all() for g in grads) and any(np.abs(g).max() > 0 for g in grads)
+
+
+def test_vae_rank_of_a_run():
+    assert _vae_rank("lora", {"vae_rank": None}) == 8 and _vae_rank("dreambooth", {"vae_rank": None}) == 8
+    assert _vae_rank("textual-inversion", {"vae_rank": None}) == 0 and _vae_rank("lora", {"vae_rank": 4}) == 4
+    assert _vae_rank("lora", {}) == 0  # a run saved before the decoder was adapted
+    with pytest.raises(ValueError, match="vae_rank"):
+        FinetuneConfig(vae_rank=-1)
+    with pytest.raises(ValueError, match="vae_batch"):
+        FinetuneConfig(vae_batch=1)
+
+
+def test_share_data_reuses_the_other_runs_data():
+    config = dict(concept="star", class_images=4)
+    first = LoRAFinetuneTask(FinetuneConfig(**config), np.random.default_rng(0))
+    second = LoRAFinetuneTask(FinetuneConfig(**config, rank=2), np.random.default_rng(0)).share_data(first)
+    assert second.concept_data() is first.concept_data() and second.prior_data() is first.prior_data()
+    assert second.decoder_data() is first.decoder_data()
+    Trainer(second, TrainConfig(steps=1, batch_size=4, warmup_steps=0, ema_decay=0.0), progress=False).train()
