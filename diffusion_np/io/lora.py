@@ -15,7 +15,10 @@ Two layouts are in circulation for Stable Diffusion 1.x, both safetensors files:
   diffusers files name the pair ``...to_q.lora.down.weight`` / ``lora.up.weight``, or
   ``...attn1.processor.to_q_lora.down.weight`` (attention processors, diffusers < 0.20),
   ``...q_proj.lora_linear_layer.down.weight`` for the text encoder; keys without a
-  ``unet.`` / ``text_encoder.`` prefix are the U-Net's.
+  ``unet.`` / ``text_encoder.`` prefix are the U-Net's. Files saved from transformers 5's
+  ``CLIPTextModel`` (which has no ``text_model`` submodule) name the text encoder's layers
+  ``text_encoder.encoder.layers.0.self_attn.q_proj...``: read as the ``text_model.`` paths, as
+  the weights loader reads such text encoders.
 
 * **kohya / A1111** (sd-scripts, the web UIs, most files on model sites)::
 
@@ -149,6 +152,13 @@ def read_lora(path) -> tuple[dict[str, dict[str, LoRATensors]], str]:
     return out, "kohya" if kohya else "diffusers"
 
 
+def _text_model_path(component: str, path: str, sep: str = ".") -> str:
+    """A text-encoder layer path with CLIPTextModel's ``text_model`` prefix (``sep``: "." or kohya's "_"):
+    transformers 5 flattened the model, so its LoRA files name ``encoder.layers.0...``; ours keeps the prefix."""
+    prefix = "text_model" + sep
+    return path if component != "text_encoder" or path.startswith(prefix) else prefix + path
+
+
 def _parse_diffusers(key: str):
     """``(component, module path, "down"|"up"|"alpha")`` of a diffusers-layout key, or None."""
     component = "unet"
@@ -157,7 +167,7 @@ def _parse_diffusers(key: str):
             component, key = prefix, key[len(prefix) + 1:]
             break
     if key.endswith(".alpha"):  # some converted files keep kohya's alphas beside diffusers names
-        return component, key[: -len(".alpha")], "alpha"
+        return component, _text_model_path(component, key[: -len(".alpha")]), "alpha"
     for pattern, kind in _DIFFUSERS_PATTERNS:
         m = pattern.match(key)
         if m is None:
@@ -166,7 +176,7 @@ def _parse_diffusers(key: str):
         if kind == "processor":  # attn1.processor.to_out_lora -> attn1.to_out.0
             proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
             return component, f"{m['parent']}.{proj}", field
-        return component, m["path"], field
+        return component, _text_model_path(component, m["path"]), field
     return None
 
 
@@ -178,7 +188,7 @@ def _parse_kohya(key: str):
     for prefix, component in _KOHYA_PREFIXES.items():
         if flat.startswith(prefix):
             field = "alpha" if m["alpha"] else ("down" if m["ab"] == "lora_down" else "up")
-            return component, flat[len(prefix):], field
+            return component, _text_model_path(component, flat[len(prefix):], "_"), field
     return None  # pragma: no cover - the regex admits only these prefixes
 
 

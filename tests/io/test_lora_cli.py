@@ -9,8 +9,8 @@ from safetensors.numpy import load_file, save_file
 
 from diffusion_np.cli import main
 from diffusion_np.io import load_lora_weights, load_pipeline
-from diffusion_np.io.lora import parse_lora_spec, save_lora
-from diffusion_np.nn.lora import ATTENTION_TARGETS, add_lora, lora_layers
+from diffusion_np.io.lora import LORA_WEIGHT_NAME, parse_lora_spec, save_lora
+from diffusion_np.nn.lora import ATTENTION_TARGETS, TEXT_ENCODER_TARGETS, add_lora, lora_layers
 from diffusion_np.pipelines.image_io import load_image
 
 TINY_SD = Path(__file__).resolve().parent.parent / "fixtures" / "tiny_sd"
@@ -102,9 +102,11 @@ LCM_LORA_TARGETS = [*ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", 
                     "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
-def _peft_lora_folder(folder, targets=ATTENTION_TARGETS):
+def _peft_lora_folder(folder, targets=ATTENTION_TARGETS, text_encoder=False):
     """A LoRA made with peft on the tiny SD fixture's U-Net modules ``targets`` (r 4, alpha 8, B moved off zero),
-    saved by diffusers' ``save_lora_weights`` into ``folder`` (diffusers' layout): the folder."""
+    and with ``text_encoder`` on CLIP's ``TEXT_ENCODER_TARGETS`` too (r 4, alpha 8), saved by diffusers'
+    ``save_lora_weights`` into ``folder`` (diffusers' layout): the folder. The text encoder's adapters are put
+    on by ``peft.inject_adapter_in_model``: transformers' ``add_adapter`` refuses peft < 0.22."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     peft = pytest.importorskip("peft")
@@ -112,24 +114,32 @@ def _peft_lora_folder(folder, targets=ATTENTION_TARGETS):
     from peft.utils import get_peft_model_state_dict
 
     maker = load_reference_pipeline(TINY_SD, "ddim")
+    torch.manual_seed(0)  # peft draws A (kaiming_uniform_) from torch's global generator
     maker.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=list(targets)))
-    torch.manual_seed(0)
+    layers = {"unet_lora_layers": None, "unet_lora_adapter_metadata": maker.unet.peft_config["default"].to_dict()}
+    models = [maker.unet]
+    if text_encoder:
+        config = peft.LoraConfig(r=4, lora_alpha=8.0, target_modules=list(TEXT_ENCODER_TARGETS))
+        peft.inject_adapter_in_model(config, maker.text_encoder)
+        layers["text_encoder_lora_adapter_metadata"] = config.to_dict()
+        models.append(maker.text_encoder)
     with torch.no_grad():
-        for name, p in maker.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    diffusers.StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=get_peft_model_state_dict(maker.unet),
-        unet_lora_adapter_metadata=maker.unet.peft_config["default"].to_dict())
+        for model in models:
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.3)
+    layers["unet_lora_layers"] = get_peft_model_state_dict(maker.unet)
+    if text_encoder:
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(maker.text_encoder)
+    diffusers.StableDiffusionPipeline.save_lora_weights(folder, **layers)
     return folder
 
 
 @pytest.mark.crosscheck
 def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_path):
     """A LoRA made with peft on the tiny SD fixture's U-Net attention, saved by diffusers, applied by diffusers'
-    ``pipe.load_lora_weights`` and by ours at scale 0.8: the same images (<= 1e-4). (The text encoder's
-    adapters go through transformers' peft integration, which needs peft >= 0.22; the crosscheck extra has
-    0.21. Text-encoder files are read by tests/io/test_lora_files.py.)"""
+    ``pipe.load_lora_weights`` and by ours at scale 0.8: the same images (<= 1e-4). (A LoRA with text-encoder
+    adapters too: the next test.)"""
     torch = pytest.importorskip("torch")
     from fixtures.make_tiny_sd import PIPELINE_GUIDANCE, PIPELINE_PROMPT, PIPELINE_STEPS, load_reference_pipeline
 
@@ -149,7 +159,104 @@ def test_a_peft_lora_through_diffusers_load_lora_weights_gives_our_images(tmp_pa
                                                    num_inference_steps=PIPELINE_STEPS, noise=latents, progress=False)
     assert np.abs(out.images - plain.images).max() > 1e-2  # the LoRA changes the image ...
     diff = float(np.abs((out.images + 1.0) / 2.0 - np.asarray(ref)).max())
-    assert diff <= 1e-4, diff  # ... as diffusers changes it (measured: 1.4e-6)
+    assert diff <= 1e-4, diff  # ... as diffusers changes it (measured: 1.3e-6)
+
+
+def _transformers_takes_this_peft() -> bool:
+    """Whether transformers' peft integration (``CLIPTextModel.load_adapter``, which diffusers'
+    ``load_lora_weights`` calls for the text encoder) accepts the installed peft: transformers 5.24 and later
+    want peft >= 0.22, 5.20 to 5.23 peft >= 0.20."""
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+    from transformers.utils.peft_utils import check_peft_version
+
+    try:
+        check_peft_version(min_version=MIN_PEFT_VERSION)
+    except ValueError:
+        return False
+    return True
+
+
+def _reference_with_text_encoder_lora(lora, peft_folder, scale):
+    """diffusers' pipeline with the LoRA at ``scale`` (``set_adapters``): (images in [0, 1], the text encoder's
+    last hidden state of [prompt, ""]). Through ``pipe.load_lora_weights(lora)`` where transformers takes the
+    installed peft; otherwise ``load_lora_into_unet`` (the U-Net half of ``load_lora_weights``) and, for the text
+    encoder, what the other half does, with peft directly: a ``LoraConfig`` from the file's ``text_encoder.*``
+    metadata, ``peft.inject_adapter_in_model`` and ``set_peft_model_state_dict`` on the ``text_encoder.*``
+    tensors of ``peft_folder`` (diffusers' layout)."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from fixtures.make_tiny_sd import PIPELINE_GUIDANCE, PIPELINE_PROMPT, PIPELINE_STEPS, load_reference_pipeline
+    from peft.utils import set_peft_model_state_dict
+
+    theirs = load_reference_pipeline(TINY_SD, "ddim")
+    if _transformers_takes_this_peft():
+        theirs.load_lora_weights(str(lora), adapter_name="star")
+    else:
+        state_dict, _, metadata = theirs.lora_state_dict(str(peft_folder), return_lora_metadata=True)
+        theirs.load_lora_into_unet(state_dict, network_alphas=None, unet=theirs.unet, adapter_name="star",
+                                   metadata=metadata, _pipeline=theirs)
+        prefix = "text_encoder."
+        config = peft.LoraConfig(**{k[len(prefix):]: v for k, v in metadata.items() if k.startswith(prefix)})
+        peft.inject_adapter_in_model(config, theirs.text_encoder, adapter_name="star")
+        loaded = set_peft_model_state_dict(theirs.text_encoder, {k[len(prefix):]: v for k, v in state_dict.items()
+                                                                 if k.startswith(prefix)}, adapter_name="star")
+        assert not loaded.unexpected_keys and not [k for k in loaded.missing_keys if "lora_" in k]
+    theirs.set_adapters(["star"], adapter_weights=[scale])
+    latents = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    images = theirs(PIPELINE_PROMPT, num_inference_steps=PIPELINE_STEPS, guidance_scale=PIPELINE_GUIDANCE,
+                    latents=torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()), output_type="np").images
+    ids = theirs.tokenizer([PIPELINE_PROMPT, ""], padding="max_length", max_length=77, truncation=True,
+                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = theirs.text_encoder(ids).last_hidden_state.numpy()
+    return np.asarray(images), hidden
+
+
+@pytest.mark.crosscheck
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_a_peft_lora_with_text_encoder_adapters_gives_our_images(tmp_path, layout):
+    """A LoRA made with peft on the tiny SD fixture's U-Net attention and CLIP's q/k/v/out projections (r 4,
+    alpha 8), saved by diffusers' ``save_lora_weights`` (diffusers' layout; with transformers 5 the text
+    encoder's layers are ``text_encoder.encoder.layers.0.self_attn.q_proj...``, without ``text_model.``), or re-saved
+    by our ``save_lora`` in kohya's layout (``lora_te_text_model_encoder_layers_0_self_attn_q_proj...``), at scale
+    0.8 on both sides: our prompt embeddings and images are diffusers' (<= 1e-4), and differ from the base's.
+
+    The reference is diffusers' ``pipe.load_lora_weights`` of the same file when transformers' peft integration
+    takes the installed peft (transformers up to 5.23 with peft 0.21). transformers 5.24 and later refuse peft < 0.22
+    in ``CLIPTextModel.load_adapter``, which ``load_lora_weights`` calls for the text encoder, and the package
+    registry has peft 0.21.2: then the U-Net's adapters go through diffusers' ``load_lora_into_unet`` and the
+    text encoder's through peft directly (:func:`_reference_with_text_encoder_lora`), both from the file in
+    diffusers' layout (the kohya file holds the same adapters)."""
+    from fixtures.make_tiny_sd import PIPELINE_GUIDANCE, PIPELINE_PROMPT, PIPELINE_STEPS
+
+    peft_folder = _peft_lora_folder(tmp_path / "peft", text_encoder=True)
+    assert sum(k.startswith("text_encoder.") for k in load_file(str(peft_folder / LORA_WEIGHT_NAME))) == 2 * 4 * 2
+    lora = peft_folder
+    if layout == "kohya":
+        pipe = load_pipeline(TINY_SD, sampler="ddim")
+        load_lora_weights(pipe, peft_folder)
+        lora = save_lora(tmp_path / "kohya.safetensors", unet=pipe.unet, text_encoder=pipe.text_encoder,
+                         layout="kohya")
+    ref_images, ref_hidden = _reference_with_text_encoder_lora(lora, peft_folder, 0.8)
+
+    ours = load_pipeline(TINY_SD, sampler="ddim")
+    done = load_lora_weights(ours, lora, scale=0.8)
+    assert len(done["text_encoder"]) == 4 * 2  # q, k, v, out in each of CLIP's 2 layers
+    assert len(done["unet"]) == 4 * len([k for k in done["unet"] if k.endswith("to_q")])
+    plain = load_pipeline(TINY_SD, sampler="ddim")
+    ids = ours.tokenizer.encode([PIPELINE_PROMPT, ""])[0]
+    hidden = ours.text_encoder(ids)
+    assert np.abs(hidden - plain.text_encoder(ids)).max() > 1e-2  # the LoRA changes the prompt embeddings ...
+    hidden_diff = float(np.abs(hidden - ref_hidden).max())
+    assert hidden_diff <= 1e-4, hidden_diff  # ... as diffusers changes them (measured: 1.1e-6)
+    latents = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    out = ours(PIPELINE_PROMPT, guidance_scale=PIPELINE_GUIDANCE, num_inference_steps=PIPELINE_STEPS,
+               noise=latents, progress=False)
+    base = plain(PIPELINE_PROMPT, guidance_scale=PIPELINE_GUIDANCE, num_inference_steps=PIPELINE_STEPS,
+                 noise=latents, progress=False)
+    assert np.abs(out.images - base.images).max() > 1e-2  # ... and the images
+    diff = float(np.abs((out.images + 1.0) / 2.0 - ref_images).max())
+    assert diff <= 1e-4, diff  # measured: 1.4e-6, both layouts, either reference route
 
 
 @pytest.mark.crosscheck
@@ -198,4 +305,4 @@ def test_lcm_lora_sampling_matches_diffusers(tmp_path, monkeypatch, layout):
                                                   progress=False)
     assert np.abs(out.images - plain.images).max() > 1e-2  # the LoRA changes the image ...
     diff = float(np.abs((out.images + 1.0) / 2.0 - np.asarray(ref)).max())
-    assert diff <= 1e-4, diff  # ... as diffusers changes it (measured: 5.4e-7 diffusers' layout, 7.2e-7 kohya's)
+    assert diff <= 1e-4, diff  # ... as diffusers changes it (measured: 6.3e-7 diffusers' layout, 7.7e-7 kohya's)

@@ -117,6 +117,31 @@ def test_older_diffusers_names_and_float16(tmp_path):
         np.testing.assert_allclose(ours, theirs, rtol=2e-2, atol=2e-3)  # float16 adapters
 
 
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_text_encoder_names_without_text_model_load_as_with_it(tmp_path, layout):
+    """transformers 5's CLIPTextModel has no ``text_model`` submodule, so diffusers' ``save_lora_weights`` writes
+    ``text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight``: the same layers as the ``text_model.``
+    names (kohya's ``lora_te_encoder_layers_0_...`` too), with the metadata's alphas."""
+    unet, text = _trained(np.random.default_rng(5))
+    expected = _outputs(unet, text)
+    file = save_lora(tmp_path / "ours.safetensors", unet=unet, text_encoder=text, layout=layout)
+    with open(file, "rb") as f:
+        metadata = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__")
+    old = "text_encoder.text_model." if layout == "diffusers" else "lora_te_text_model_"
+    new = "text_encoder." if layout == "diffusers" else "lora_te_"
+    flat = {k.replace(old, new): v for k, v in load_file(str(file)).items()}
+    assert sum(k.startswith(new + ("encoder." if layout == "diffusers" else "encoder_")) for k in flat) >= 16
+    save_file(flat, str(tmp_path / "flat.safetensors"), metadata=metadata)
+    paths = sorted(p if layout == "diffusers" else p.replace(".", "_") for p in lora_layers(text))  # kohya's: flat
+    assert sorted(read_lora(tmp_path / "flat.safetensors")[0]["text_encoder"]) == paths
+    fresh = _models()
+    done = load_lora(tmp_path / "flat.safetensors", unet=fresh[0], text_encoder=fresh[1])
+    assert sorted(done["text_encoder"]) == sorted(lora_layers(text))
+    assert {layer.alphas["default"] for layer in lora_layers(fresh[1]).values()} == {0.5}
+    for ours, theirs in zip(_outputs(*fresh), expected):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_two_files_as_two_adapters_with_scales(tmp_path):
     unet, text = _trained(np.random.default_rng(4))
     save_lora(tmp_path / "a.safetensors", unet=unet)
