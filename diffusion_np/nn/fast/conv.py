@@ -39,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_np.backend import get_xp
+from diffusion_np.nn import fast
 from diffusion_np.nn.conv import (
     Conv2dCache,
     _im2col,
@@ -129,7 +130,7 @@ def conv2d_fast_forward(x, w, b, stride: int, padding: tuple, method: str):
     if method == "matmul":
         if (kh, kw, stride, padding) != (1, 1, 1, (0, 0, 0, 0)):
             raise ValueError("method 'matmul' is for 1x1 convolutions with stride 1 and no padding")
-        y = x.reshape(-1, C_in) @ w.reshape(C_in, C_out)  # (B*H*W, C_in) @ (C_in, C_out)
+        y = fast.matmul(x.reshape(-1, C_in), w.reshape(C_in, C_out))  # (B*H*W, C_in) @ (C_in, C_out)
         saved = x
     elif method in ("rows", "rows_stacked"):
         if stride != 1:
@@ -142,7 +143,7 @@ def conv2d_fast_forward(x, w, b, stride: int, padding: tuple, method: str):
     else:  # "im2col": the reference forward; what it keeps and its backward differ
         x_pad = _pad_hw(x, *padding)
         cols = _im2col(x_pad, kh, kw, stride, Ho, Wo)  # (B*Ho*Wo, kh*kw*C_in)
-        y = cols @ w.reshape(kh * kw * C_in, C_out)  # (B*Ho*Wo, K) @ (K, C_out)
+        y = fast.matmul(cols, w.reshape(kh * kw * C_in, C_out))  # (B*Ho*Wo, K) @ (K, C_out)
         # keep the columns for dw while they are small, else x itself (kh*kw times smaller)
         saved = cols if cols.nbytes <= _MAX_SAVED_COLUMNS_BYTES else x
     y = y.reshape(B, Ho, Wo, C_out)
@@ -166,8 +167,8 @@ def conv2d_fast_backward(dout, cache: Conv2dCache):
     db = _sum_rows(dout2) if has_bias else None
     if method == "matmul":
         x2 = saved.reshape(-1, C_in)  # (B*H*W, C_in)
-        dw = (x2.T @ dout2).reshape(w.shape)  # (C_in, N) @ (N, C_out)
-        dx = (dout2 @ w.reshape(C_in, C_out).T).reshape(x_shape)  # (N, C_out) @ (C_out, C_in)
+        dw = fast.matmul_tn(x2, dout2).reshape(w.shape)  # (C_in, N) @ (N, C_out)
+        dx = fast.matmul(dout2, w.reshape(C_in, C_out).T).reshape(x_shape)  # (N, C_out) @ (C_out, C_in)
         return dx, dw, db
     if stride == 1:  # dx is a stride-1 convolution of dout (C_out -> C_in): its own formulation
         dx = _dx_gather(dout, w, stride, padding, H, W, _dx_method(dout.shape, w.shape, H, W))
@@ -178,7 +179,7 @@ def conv2d_fast_backward(dout, cache: Conv2dCache):
         dw = _dw_rows_blocked(saved, dout, w.shape, padding, method)  # the forward's columns, rebuilt
     else:
         cols = saved if saved.ndim == 2 else _im2col(_pad_hw(saved, *padding), kh, kw, stride, Ho, Wo)  # rebuilt
-        dw = (cols.T @ dout2).reshape(w.shape)  # (K, B*Ho*Wo) @ (B*Ho*Wo, C_out) -> (K, C_out)
+        dw = fast.matmul_tn(cols, dout2).reshape(w.shape)  # (K, B*Ho*Wo) @ (B*Ho*Wo, C_out) -> (K, C_out)
     return dx, dw, db
 
 
@@ -203,7 +204,7 @@ def _dx_gather(dout, w, stride: int, padding: tuple, H: int, W: int, method: str
         return _rows_blocked(dout, w_flip, pads, method, W, stride)  # (B, H, W, C_in)
     dout_pad = _pad_hw(dout, *pads, stride=stride)  # (B, H + kh - 1, W + kw - 1, C_out)
     cols = _im2col(dout_pad, kh, kw, 1, H, W)  # (B*H*W, kh*kw*C_out)
-    dx = cols @ w_flip.reshape(kh * kw * C_out, C_in)  # (B*H*W, K') @ (K', C_in)
+    dx = fast.matmul(cols, w_flip.reshape(kh * kw * C_out, C_in))  # (B*H*W, K') @ (K', C_in)
     return dx.reshape(B, H, W, C_in)
 
 
@@ -270,7 +271,8 @@ def _rows_blocked(x, w, pads: tuple, method: str, Wo: int, dilation: int = 1):
         xw = _width_columns(_pad_hw(x[lo:hi], *pads, stride=dilation), kw, Wo)  # (hi - lo, Hp, Wo, kw*C_in)
         conv(xw, w, out=y[lo:hi])
 
-    parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * y.itemsize))
+    macs = B * (Hp - kh + 1) * Wo * kh * kw * C_in * C_out  # below a minimum, the blocks run on this thread
+    parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * y.itemsize), macs)
     return y
 
 
@@ -289,7 +291,8 @@ def _dw_rows_blocked(x, dout, w_shape: tuple, padding: tuple, method: str):
     def block(lo: int, hi: int):
         return dw_rows(_width_columns(_pad_hw(x[lo:hi], *padding), kw, Wo), dout[lo:hi], w_shape)
 
-    parts = parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * x.itemsize))
+    macs = B * dout.shape[1] * Wo * kh * kw * C_in * w_shape[3]
+    parts = parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * x.itemsize), macs)
     dw = parts[0]
     for part in parts[1:]:  # a sum over the batch: the blocks' partial sums
         dw += part
