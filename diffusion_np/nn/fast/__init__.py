@@ -44,6 +44,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+import numpy as np
+
 from diffusion_np.nn.fast import parallel
 from diffusion_np.nn.fast.parallel import get_threads, threads
 
@@ -66,6 +68,14 @@ def splits_batch(*arrays, nbytes: int | None = None) -> bool:
     NumPy arrays with a batch of two or more, and enough work for every thread (``nbytes``
     of the op's largest array, the first array's where not given)."""
     return not _reference and parallel.splits(arrays, nbytes=nbytes)
+
+
+def splits_list(arrays: list) -> bool:
+    """Whether independent work on each of these arrays (an optimizer's parameters) is shared
+    among the threads now: not in reference mode, two threads or more, NumPy arrays, and
+    enough bytes in all for every thread (:data:`diffusion_np.nn.fast.parallel.MIN_SPLIT_BYTES`)."""
+    return (not _reference and len(arrays) > 1 and all(isinstance(a, np.ndarray) for a in arrays)
+            and parallel.worth_splitting(sum(a.nbytes for a in arrays), parallel.MIN_SPLIT_BYTES))
 
 
 def matmul(a, b):
@@ -93,4 +103,4 @@ def reference_mode(on: bool = True):
 
 
 __all__ = ["get_threads", "matmul", "matmul_tn", "reference_mode", "reference_on", "runs_fused", "splits_batch",
-           "threads"]
+           "splits_list", "threads"]

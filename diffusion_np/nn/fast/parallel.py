@@ -79,7 +79,9 @@ def _find_blas_local_setter():
     libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*"))
     for path in libs:
         try:
-            setter = ctypes.CDLL(path).openblas_set_num_threads_local
+            # PyDLL: called with the GIL held; CDLL would release it, and taking it back while
+            # a helper thread runs Python code cost up to a switch interval (0.5 ms a call, measured)
+            setter = ctypes.PyDLL(path).openblas_set_num_threads_local
         except (OSError, AttributeError):
             continue
         setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
