@@ -155,7 +155,7 @@ def _helpers(n: int) -> list[queue.SimpleQueue]:
 #: sampling U-Net's (16, 8, 8, 64) activations (docs/performance.md, fifth round).
 MIN_SPLIT_BYTES = 256 * 2**10
 #: A product with fewer multiply-adds than this per thread runs in one call.
-MIN_SPLIT_MACS = 2**21
+MIN_SPLIT_MACS = 2**22
 
 
 def worth_splitting(work: int, per_thread_minimum: int) -> bool:
