@@ -21,6 +21,21 @@ thread and written to its own slice of the output, so the result does not depend
 the number of threads; sums over the batch (weight gradients) add the blocks' partial
 sums in block order. Only NumPy arrays are split: on a GPU, one kernel already uses
 the whole device.
+
+Two rules keep the threads from costing more than they give (docs/performance.md,
+fifth round):
+
+* The calling thread takes blocks too, beside ``threads - 1`` helper threads that
+  sleep between calls, and work below a minimum per thread (:data:`MIN_SPLIT_BYTES`
+  for an op pair, :data:`MIN_SPLIT_MACS` for a product) is not split at all: the
+  sampling U-Net's small activations cost less than waking a helper.
+* One set of threads at a time. OpenBLAS's own threads busy-wait (no yield) for
+  about 0.1 s after every call they share; beside the helpers they took the cores
+  the helpers needed. So while a :class:`~diffusion_np.nn.module.Module` call or
+  backward runs on two threads or more, OpenBLAS runs every product on the thread
+  that calls it (:data:`one_blas_thread`), and the layers split the large products
+  themselves (:func:`matmul`, :func:`matmul_tn`). OpenBLAS's count comes back after
+  the outermost call.
 """
 
 from __future__ import annotations
@@ -303,29 +318,38 @@ def forward_in_blocks(forward: Callable, arrays: tuple, out_shape: tuple, *args)
 def backward_in_blocks(backward: Callable, dout, cache: BlockCaches, n_batch_grads: int = 1):
     """The gradients of :func:`forward_in_blocks`: ``backward(dout[lo:hi], cache)`` per block.
 
-    The first ``n_batch_grads`` gradients are batch-first (the inputs') and are assembled;
-    the others (parameters: gamma, beta) are sums over the batch, so the blocks' parts are
-    added in block order. None stays None."""
-    results = [None] * len(cache.spans)
+    The first ``n_batch_grads`` gradients are batch-first (the inputs'): each block writes
+    its part into them on its own thread (the arrays are made by the first block to
+    finish). The others (parameters: gamma, beta) are sums over the batch, so the blocks'
+    parts are added in block order. None stays None."""
+    B = dout.shape[0]
+    batch_grads: list = []
+    made = threading.Lock()
 
     def block(i: int, _):
         lo, hi = cache.spans[i]
-        results[i] = backward(dout[lo:hi], cache.caches[i])
+        grads = backward(dout[lo:hi], cache.caches[i])
+        with made:
+            if not batch_grads:
+                batch_grads.extend(None if g is None else np.empty((B, *g.shape[1:]), dtype=g.dtype)
+                                   for g in grads[:n_batch_grads])
+        for out, g in zip(batch_grads, grads[:n_batch_grads]):
+            if out is not None:
+                out[lo:hi] = g
+        return grads[n_batch_grads:]
 
-    run_blocks(block, len(cache.spans), 1)
-    grads = []
+    results = run_blocks(block, len(cache.spans), 1)
+    sums = []
     for k in range(len(results[0])):
         parts = [r[k] for r in results]
         if parts[0] is None:
-            grads.append(None)
-        elif k < n_batch_grads:
-            grads.append(np.concatenate(parts, axis=0))
-        else:
-            total = parts[0].copy()
-            for part in parts[1:]:
-                total += part
-            grads.append(total)
-    return tuple(grads)
+            sums.append(None)
+            continue
+        total = parts[0].copy()
+        for part in parts[1:]:
+            total += part
+        sums.append(total)
+    return (*batch_grads, *sums)
 
 
 __all__ = ["MIN_SPLIT_BYTES", "MIN_SPLIT_MACS", "BlockCaches", "backward_in_blocks", "block_size",
