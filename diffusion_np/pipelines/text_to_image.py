@@ -54,8 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from diffusion_np.backend import asnumpy, get_xp
-from diffusion_np.nn import fast
-from diffusion_np.nn.module import Module, inference_mode
+from diffusion_np.nn.module import inference_mode
 from diffusion_np.pipelines.image_io import to_uint8
 from diffusion_np.samplers.base import Sampler
 from diffusion_np.samplers.loop import Trajectory, sample
@@ -83,13 +82,6 @@ class GuidedDenoiser:
     -----
     The guidance is applied to whatever the U-Net predicts (eps, v or x_0): the combination is
     linear, so it means the same for each.
-
-    On two threads or more (:mod:`diffusion_np.nn.fast.parallel`), a U-Net in inference mode
-    on NumPy arrays runs its two conditions side by side, one whole forward on each thread,
-    instead of one forward at batch 2B whose small layers are not worth splitting
-    (docs/performance.md, fifth round). Each image's numbers are those of the batched
-    forward. Not in reference mode, nor with an attention edit (it may record the maps
-    of each call in order).
     """
 
     def __init__(self, unet, cond, uncond=None, guidance_scale: float = 1.0) -> None:
@@ -112,24 +104,11 @@ class GuidedDenoiser:
             raise ValueError(f"GuidedDenoiser: x has batch {B} but there are {self.cond.shape[0]} text embeddings")
         if self.uncond is None:
             return self.unet(x, t, self.cond)  # (B, h, w, C)
-        if self._conditions_on_threads(x):
-            contexts = (self.uncond, self.cond)
-            out_uncond, out_cond = fast.parallel.run_blocks(lambda i, _: self.unet(x, t, contexts[i]), 2, 1)
-        else:
-            xp = get_xp(x)
-            x_in = xp.concatenate([x, x], axis=0)  # (2B, h, w, C): the same x_t for both conditions
-            out = self.unet(x_in, t, self._context)  # (2B, h, w, C)
-            out_uncond, out_cond = out[:B], out[B:]  # (B, h, w, C) each
+        xp = get_xp(x)
+        x_in = xp.concatenate([x, x], axis=0)  # (2B, h, w, C): the same x_t for both conditions
+        out = self.unet(x_in, t, self._context)  # (2B, h, w, C)
+        out_uncond, out_cond = out[:B], out[B:]  # (B, h, w, C) each
         return out_uncond + self.guidance_scale * (out_cond - out_uncond)
-
-    def _conditions_on_threads(self, x) -> bool:
-        """Whether the two conditions run side by side on the threads (see the class notes)."""
-        unet = self.unet
-        if fast.reference_on() or fast.get_threads() < 2 or not isinstance(x, np.ndarray):
-            return False
-        if not isinstance(unet, Module) or unet._keep_cache:  # training keeps caches: one forward only
-            return False
-        return all(getattr(m, "attention_edit", None) is None for _, m in unet.named_modules())
 
 
 def check_guidance_scale(guidance_scale: float) -> float:

@@ -149,33 +149,6 @@ def test_guidance_is_linear_in_w(models):
     assert out[7.5].dtype == np.float32
 
 
-def test_on_two_threads_the_conditions_run_side_by_side_with_the_batched_numbers(models):
-    """A U-Net in inference mode on two threads: one forward per condition, one on each thread,
-    giving the guided prediction of the one forward at batch 2B (float64); in training mode, with
-    caches to keep, it stays one forward."""
-    from diffusion_np.nn.fast import parallel
-    from diffusion_np.nn.module import inference_mode
-
-    unet, cond, uncond, x = _denoiser_inputs(models)
-    unet64 = UNet2DConditionModel(**unet.config).to(dtype=np.float64)
-    unet64.load_state_dict({k: v.astype(np.float64) for k, v in unet.state_dict().items()})
-    cond, uncond, x = cond.astype(np.float64), uncond.astype(np.float64), x.astype(np.float64)
-    spy = Spy(unet64)
-    denoiser = GuidedDenoiser(spy, cond, uncond, 3.0)
-    with parallel.threads(1):
-        batched = denoiser(x, 400)
-    assert [c[0] for c in spy.calls] == [4]
-    with inference_mode(unet64):
-        with parallel.threads(2):
-            side_by_side = GuidedDenoiser(unet64, cond, uncond, 3.0)(x, 400)
-            assert GuidedDenoiser(unet64, cond, uncond, 3.0)._conditions_on_threads(x)
-        with parallel.threads(1):
-            assert not GuidedDenoiser(unet64, cond, uncond, 3.0)._conditions_on_threads(x)
-    with parallel.threads(2):
-        assert not GuidedDenoiser(unet64, cond, uncond, 3.0)._conditions_on_threads(x)  # training mode
-    np.testing.assert_allclose(side_by_side, batched, rtol=1e-12, atol=1e-12)
-
-
 def test_both_branches_run_in_one_batch_negatives_first(models):
     unet, text_encoder, tokenizer = models
     spy = Spy(unet)
