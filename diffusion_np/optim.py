@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from diffusion_np.backend import asnumpy, device_of, get_xp, to_device
+from diffusion_np.nn import fast
 from diffusion_np.nn.module import Module
 
 __all__ = [
@@ -137,10 +138,25 @@ class Optimizer:
         self.module.zero_grad()
 
     def step(self) -> None:
-        """Update every parameter in place from its current gradient."""
+        """Update every parameter in place from its current gradient.
+
+        Each parameter's update reads and writes only its own arrays, so on two threads or
+        more (:mod:`diffusion_np.nn.fast.parallel`, NumPy arrays, not in reference mode) the
+        parameters are shared among the threads, largest first; the numbers are the same.
+        """
         self.step_count += 1
-        for name, param, grad in self.module.parameters_and_grads():
-            self._update(param, grad, self.state.setdefault(name, {}))
+        work = [(p, g, self.state.setdefault(name, {})) for name, p, g in self.module.parameters_and_grads()]
+        if not fast.splits_list([p for p, _, _ in work]):
+            for param, grad, state in work:
+                self._update(param, grad, state)
+            return
+        work.sort(key=lambda item: -item[0].size)  # the largest first: the threads end together
+
+        def block(lo: int, hi: int) -> None:
+            for param, grad, state in work[lo:hi]:  # a loop over parameters
+                self._update(param, grad, state)
+
+        fast.parallel.run_blocks(block, len(work), 1)
 
     def _update(self, param, grad, state: dict) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

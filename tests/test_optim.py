@@ -325,6 +325,31 @@ def test_optimizer_trains_a_tiny_mlp(make):
     assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
 
 
+@pytest.mark.parametrize("make", [
+    lambda m: SGD(m, lr=0.3, momentum=0.9, weight_decay=1e-2),
+    lambda m: AdamW(m, lr=0.05, weight_decay=1e-3),
+], ids=["sgd", "adamw"])
+def test_a_step_on_three_threads_gives_the_one_thread_numbers(monkeypatch, make):
+    """The parameters shared among the threads (largest first): each one's update as on one thread."""
+    from diffusion_np.nn.fast import parallel
+
+    monkeypatch.setattr(parallel, "MIN_SPLIT_BYTES", 0)  # the tiny MLP splits too
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 5))
+    runs = []
+    for n in (1, 3):
+        model = TinyMLP().to(dtype=np.float64)
+        opt = make(model)
+        with parallel.threads(n):
+            for _ in range(3):
+                opt.zero_grad()
+                model.backward(model(x) - 1.0)
+                opt.step()
+        runs.append([p.copy() for _, p in model.named_parameters()])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 # ----------------------------------------------------------------------------- schedules
 def test_linear_warmup_cosine_shape():
     kw = {"base_lr": 1.0, "warmup_steps": 4, "total_steps": 12, "min_lr": 0.1}

@@ -213,6 +213,10 @@ def sdpa_chunked_forward(q, k, v, mask=None, scale: float | None = None, chunk_s
     same (each row goes through the same matmuls and softmax; at most a last-bit
     difference from BLAS blocking). Nothing is cached, so there is no backward: use
     it for sampling. The loop runs over ceil(N / chunk_size) blocks, not over pixels.
+    On two threads or more (NumPy arrays, not in reference mode) the chunks are
+    ``chunk_size / threads`` queries each, run on the threads of
+    :mod:`diffusion_np.nn.fast.parallel`: the scores in memory at once stay those of
+    ``chunk_size`` queries.
 
     Shapes and ``mask``/``scale`` as :func:`sdpa_forward`; returns ``out`` (B, heads, N, d_v).
     """
@@ -222,12 +226,18 @@ def sdpa_chunked_forward(q, k, v, mask=None, scale: float | None = None, chunk_s
     xp = get_xp(q, k, v)
     B, heads, N, _ = q.shape
     out = xp.empty((B, heads, N, v.shape[-1]), dtype=xp.result_type(q, v))
-    for start in range(0, N, chunk_size):
-        stop = min(start + chunk_size, N)
+
+    def chunk(start: int, stop: int) -> None:
         chunk_mask = mask
         if mask is not None and mask.ndim >= 2 and mask.shape[-2] != 1:
             chunk_mask = mask[..., start:stop, :]  # the mask's query axis, if it has one
         out[:, :, start:stop], _ = sdpa_forward(q[:, :, start:stop], k, v, mask=chunk_mask, scale=scale)
+
+    if xp is np and not fast.reference_on() and fast.get_threads() > 1:
+        fast.parallel.run_blocks(chunk, N, -(-chunk_size // fast.get_threads()))
+    else:
+        for start in range(0, N, chunk_size):
+            chunk(start, min(start + chunk_size, N))
     return out
 
 
@@ -350,7 +360,8 @@ class Attention(Module):
         elif self.chunk_size is not None and x.shape[1] > self.chunk_size:
             out = sdpa_chunked_forward(q, k, v, mask=mask, chunk_size=self.chunk_size)  # (B, heads, N, d)
             sdpa_cache = None  # forward only: the probabilities were never kept
-        elif fast.splits_batch(q, k, v):  # blocks of the batch on the threads (nn/fast/parallel.py)
+        elif fast.splits_batch(q, k, v, nbytes=q.nbytes // q.shape[3] * k.shape[2]):  # the (B, heads, N, L) scores
+            # blocks of the batch on the threads (nn/fast/parallel.py)
             out, sdpa_cache = fast.parallel.forward_in_blocks(sdpa_forward, (q, k, v), (*q.shape[:3], v.shape[3]), mask)
         else:
             out, sdpa_cache = sdpa_forward(q, k, v, mask=mask)  # (B, heads, N, d)

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE
+from diffusion_np.nn import fast
 from diffusion_np.nn.module import Module, init_uniform
 from diffusion_np.nn.validate import check_features, check_finite, check_size
 
@@ -31,8 +32,9 @@ def linear_forward(x, w, b=None):
     Shapes: x (..., in), w (out, in), b (out,) or None -> y (..., out).
     """
     # one (N, in) @ (in, out) product for all N rows: NumPy multiplies a stacked (B, L, in)
-    # array by a matrix as B separate small products, 1.5-3x slower at the U-Net's token counts
-    y = x.reshape(-1, x.shape[-1]) @ w.T  # (N, in) @ (in, out) -> (N, out)
+    # array by a matrix as B separate small products, 1.5-3x slower at the U-Net's token counts;
+    # on two threads or more, large products are split by rows (nn/fast/parallel.py)
+    y = fast.matmul(x.reshape(-1, x.shape[-1]), w.T)  # (N, in) @ (in, out) -> (N, out)
     y = y.reshape(*x.shape[:-1], w.shape[0])  # -> (..., out)
     if b is not None:
         y += b
@@ -49,8 +51,8 @@ def linear_backward(dout, cache: LinearCache):
     x, w, has_bias = cache
     n_in, n_out = x.shape[-1], dout.shape[-1]
     dout2 = dout.reshape(-1, n_out)  # (N, out) with N = product of leading dims
-    dx = (dout2 @ w).reshape(x.shape)  # (N, out) @ (out, in): one product, as in the forward
-    dw = dout2.T @ x.reshape(-1, n_in)  # (out, N) @ (N, in) -> (out, in)
+    dx = fast.matmul(dout2, w).reshape(x.shape)  # (N, out) @ (out, in): one product, as in the forward
+    dw = fast.matmul_tn(dout2, x.reshape(-1, n_in))  # (out, N) @ (N, in) -> (out, in)
     db = dout2.sum(axis=0) if has_bias else None
     return dx, dw, db
 
@@ -78,7 +80,8 @@ class Linear(Module):
     def backward(self, dout):
         cache = self._pop_cache()
         if not self.grads:  # frozen (Module.freeze, LoRA's base): dx = dout W only, no dW to form
-            return (dout.reshape(-1, self.out_features) @ cache.w).reshape(cache.x.shape)  # (N, out) @ (out, in)
+            dx = fast.matmul(dout.reshape(-1, self.out_features), cache.w)  # (N, out) @ (out, in)
+            return dx.reshape(cache.x.shape)
         dx, dw, db = linear_backward(dout, cache)
         self.add_grad("weight", dw)
         if db is not None:

@@ -24,6 +24,7 @@ composite modules that need that must handle it explicitly).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -31,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, asnumpy, device_of, to_device
+from diffusion_np.nn.fast import parallel
 
 
 class BlockGrads(NamedTuple):
@@ -52,8 +54,28 @@ class BlockGrads(NamedTuple):
     dcond: Any = None  # (B, H, W, C_cond): a ControlNet's control image
 
 
+def _one_blas_thread(method):
+    """``method`` run with OpenBLAS on one thread while the layers run on two threads or more
+    (:data:`diffusion_np.nn.fast.parallel.one_blas_thread`: the layers' own threads split
+    the large products, and OpenBLAS's threads would compete with them for the cores)."""
+
+    @functools.wraps(method)
+    def scoped(self, *args, **kwargs):
+        if parallel.get_threads() <= 1:
+            return method(self, *args, **kwargs)
+        with parallel.one_blas_thread:
+            return method(self, *args, **kwargs)
+
+    return scoped
+
+
 class Module:
     """Base class of every layer and model. See the module docstring."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "backward" in cls.__dict__:  # every backward, as every call (__call__ below)
+            cls.backward = _one_blas_thread(cls.__dict__["backward"])
 
     def __init__(self) -> None:
         # object.__setattr__ avoids our own __setattr__ before these exist
@@ -227,6 +249,7 @@ class Module:
         return self
 
     # ------------------------------------------------------------------ calling
+    @_one_blas_thread
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 

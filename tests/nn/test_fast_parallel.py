@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_the_environment_sets_the_thread_count():
     "x_shape,w_shape,padding",
     [((5, 9, 8, 4), (3, 3, 4, 6), 1), ((7, 8, 10, 3), (3, 2, 3, 5), (0, 2, 1, 0))],
 )
-def test_blocked_rows_equal_one_pass_in_float64(monkeypatch, method, x_shape, w_shape, padding):
+def test_blocked_rows_equal_one_pass_in_float64(monkeypatch, split_everything, method, x_shape, w_shape, padding):
     """Blocks of one or two images, on one and on three threads: forward, dx and dw as the reference."""
     rng = np.random.default_rng(0)
     x, w, b = rng.standard_normal(x_shape), rng.standard_normal(w_shape), rng.standard_normal(w_shape[3])
@@ -69,9 +70,17 @@ def test_blocked_rows_equal_one_pass_in_float64(monkeypatch, method, x_shape, w_
             np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_a_unet_on_three_threads_gives_the_one_thread_numbers_in_float64():
-    """GroupNorm (+ SiLU), LayerNorm, GEGLU and attention in blocks of the batch, and the blocked
-    convolutions: forward, input gradients and every parameter gradient as on one thread."""
+@pytest.fixture
+def split_everything(monkeypatch):
+    """No minimum of work per thread: the tiny test shapes run in blocks and split products."""
+    monkeypatch.setattr(parallel, "MIN_SPLIT_BYTES", 0)
+    monkeypatch.setattr(parallel, "MIN_SPLIT_MACS", 0)
+
+
+def test_a_unet_on_three_threads_gives_the_one_thread_numbers_in_float64(split_everything):
+    """GroupNorm (+ SiLU), LayerNorm, GEGLU and attention in blocks of the batch, the blocked
+    convolutions and the split products (Linear, 1x1 and im2col convolutions): forward, input
+    gradients and every parameter gradient as on one thread."""
     from diffusion_np.models import UNet2DConditionModel
 
     config = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -96,3 +105,65 @@ def test_a_unet_on_three_threads_gives_the_one_thread_numbers_in_float64():
     assert "BlockCaches" in kinds_3 and "BlockCaches" not in kinds_1
     for a, b in zip(one, three):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_split_products_equal_one_call_in_float64(split_everything):
+    rng = np.random.default_rng(0)
+    a, b, c = rng.standard_normal((37, 5)), rng.standard_normal((5, 7)), rng.standard_normal((37, 7))
+    for n in (1, 2, 3):
+        with parallel.threads(n):
+            np.testing.assert_allclose(parallel.matmul(a, b), a @ b, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(parallel.matmul_tn(a, c), a.T @ c, rtol=1e-12, atol=1e-12)
+
+
+def test_small_work_stays_on_the_calling_thread():
+    """Below the minimum of work per thread nothing is split: a helper's wake-up would cost more."""
+    x = np.zeros((16, 8, 8, 64), dtype=np.float32)  # 256 KiB: one GroupNorm of the sampling U-Net
+    with parallel.threads(2):
+        assert not parallel.splits((x,))
+        assert parallel.splits((np.zeros((16, 8, 8, 128), dtype=np.float32),))
+        assert not parallel.worth_splitting(parallel.MIN_SPLIT_MACS, parallel.MIN_SPLIT_MACS)
+        threads_seen = set()
+        parallel.run_blocks(lambda lo, hi: threads_seen.add(threading.get_ident()), 8, 1, macs=1000)
+        assert threads_seen == {threading.get_ident()}
+
+
+def test_an_error_in_a_block_reaches_the_caller_and_the_threads_keep_working():
+    def fail_on_block_two(lo, hi):
+        if lo == 2:
+            raise KeyError("block two")
+        return lo
+
+    with parallel.threads(2):
+        with pytest.raises(KeyError, match="block two"):
+            parallel.run_blocks(fail_on_block_two, 6, 1)
+        assert parallel.run_blocks(lambda lo, hi: lo, 6, 1) == [0, 1, 2, 3, 4, 5]
+
+
+def test_openblas_runs_on_one_thread_inside_a_layer_on_two_threads_and_is_restored_after():
+    """Inside a Module call (and backward) on two threads the layers' own threads do the parallel
+    work; OpenBLAS's count comes back afterwards (where NumPy's OpenBLAS has the setter)."""
+    from diffusion_np.nn.linear import Linear
+
+    if parallel._blas_local is None:
+        pytest.skip("NumPy's BLAS has no openblas_set_num_threads_local")
+    seen = []
+
+    class Probe(Linear):
+        def forward(self, x):
+            count = parallel._set_blas_threads_here(1)  # the count the layer runs under, read
+            parallel._set_blas_threads_here(count)  # and put back
+            seen.append(count)
+            return super().forward(x)
+
+    layer, x = Probe(3, 2), np.ones((4, 3))
+    before = parallel._set_blas_threads_here(2)
+    try:
+        with parallel.threads(2):
+            layer(x)
+        with parallel.threads(1):
+            layer(x)
+        assert seen == [1, 2]
+        assert parallel._set_blas_threads_here(2) == 2  # restored
+    finally:
+        parallel._set_blas_threads_here(before)

@@ -44,6 +44,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+import numpy as np
+
 from diffusion_np.nn.fast import parallel
 from diffusion_np.nn.fast.parallel import get_threads, threads
 
@@ -60,11 +62,32 @@ def runs_fused(method: str) -> bool:
     return method == "fused" or (method == "auto" and not _reference)
 
 
-def splits_batch(*arrays) -> bool:
+def splits_batch(*arrays, nbytes: int | None = None) -> bool:
     """Whether a layer runs its op pair in blocks of the batch on the threads now
     (:mod:`diffusion_np.nn.fast.parallel`): not in reference mode, two threads or more,
-    NumPy arrays with a batch of two or more."""
-    return not _reference and parallel.splits(arrays)
+    NumPy arrays with a batch of two or more, and enough work for every thread (``nbytes``
+    of the op's largest array, the first array's where not given)."""
+    return not _reference and parallel.splits(arrays, nbytes=nbytes)
+
+
+def splits_list(arrays: list) -> bool:
+    """Whether independent work on each of these arrays (an optimizer's parameters) is shared
+    among the threads now: not in reference mode, two threads or more, NumPy arrays, and
+    enough bytes in all for every thread (:data:`diffusion_np.nn.fast.parallel.MIN_SPLIT_BYTES`)."""
+    return (not _reference and len(arrays) > 1 and all(isinstance(a, np.ndarray) for a in arrays)
+            and parallel.worth_splitting(sum(a.nbytes for a in arrays), parallel.MIN_SPLIT_BYTES))
+
+
+def matmul(a, b):
+    """``a @ b`` of a 2-D ``a``, its rows split over the threads when large
+    (:func:`diffusion_np.nn.fast.parallel.matmul`); one call in reference mode."""
+    return a @ b if _reference else parallel.matmul(a, b)
+
+
+def matmul_tn(a, b):
+    """``a.T @ b``, a sum over the rows split over the threads when large
+    (:func:`diffusion_np.nn.fast.parallel.matmul_tn`); one call in reference mode."""
+    return a.T @ b if _reference else parallel.matmul_tn(a, b)
 
 
 @contextmanager
@@ -79,4 +102,5 @@ def reference_mode(on: bool = True):
         _reference = before
 
 
-__all__ = ["get_threads", "reference_mode", "reference_on", "runs_fused", "splits_batch", "threads"]
+__all__ = ["get_threads", "matmul", "matmul_tn", "reference_mode", "reference_on", "runs_fused", "splits_batch",
+           "splits_list", "threads"]

@@ -39,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_np.backend import get_xp
+from diffusion_np.nn import fast
 from diffusion_np.nn.conv import (
     Conv2dCache,
     _im2col,
@@ -129,12 +130,12 @@ def conv2d_fast_forward(x, w, b, stride: int, padding: tuple, method: str):
     if method == "matmul":
         if (kh, kw, stride, padding) != (1, 1, 1, (0, 0, 0, 0)):
             raise ValueError("method 'matmul' is for 1x1 convolutions with stride 1 and no padding")
-        y = x.reshape(-1, C_in) @ w.reshape(C_in, C_out)  # (B*H*W, C_in) @ (C_in, C_out)
+        y = fast.matmul(x.reshape(-1, C_in), w.reshape(C_in, C_out))  # (B*H*W, C_in) @ (C_in, C_out)
         saved = x
     elif method in ("rows", "rows_stacked"):
         if stride != 1:
             raise ValueError(f"method '{method}' needs stride 1")
-        y = _rows_blocked(x, w, padding, method, Wo)  # (B, Ho, Wo, C_out), a fresh array
+        y = _rows_blocked(x, w, padding, method, Wo, b=b)  # (B, Ho, Wo, C_out), a fresh array, bias added
         # keep x itself, not x_pad nor the kw times larger width-columns: the backward pads
         # and rebuilds them (two copies, a few % of that convolution), while keeping the
         # columns made the VAE's step page-fault and x_pad is 1.56x x at 8x8, 2.25x at 4x4
@@ -142,11 +143,11 @@ def conv2d_fast_forward(x, w, b, stride: int, padding: tuple, method: str):
     else:  # "im2col": the reference forward; what it keeps and its backward differ
         x_pad = _pad_hw(x, *padding)
         cols = _im2col(x_pad, kh, kw, stride, Ho, Wo)  # (B*Ho*Wo, kh*kw*C_in)
-        y = cols @ w.reshape(kh * kw * C_in, C_out)  # (B*Ho*Wo, K) @ (K, C_out)
+        y = fast.matmul(cols, w.reshape(kh * kw * C_in, C_out))  # (B*Ho*Wo, K) @ (K, C_out)
         # keep the columns for dw while they are small, else x itself (kh*kw times smaller)
         saved = cols if cols.nbytes <= _MAX_SAVED_COLUMNS_BYTES else x
     y = y.reshape(B, Ho, Wo, C_out)
-    if b is not None:
+    if b is not None and method not in ("rows", "rows_stacked"):  # the blocks of "rows" added it
         y += b  # y is a fresh matmul result: add in place, no second full-size array
     return y, Conv2dCache(method, saved, w, tuple(x.shape), stride, padding, b is not None)
 
@@ -163,11 +164,12 @@ def conv2d_fast_backward(dout, cache: Conv2dCache):
     kh, kw, C_in, C_out = w.shape
     _, H, W, _ = x_shape
     dout2 = dout.reshape(-1, C_out)  # (B*Ho*Wo, C_out)
-    db = _sum_rows(dout2) if has_bias else None
+    # "rows" sums db in the blocks of its weight gradient, while each block of dout is in the cache
+    db = _sum_rows(dout2) if has_bias and method not in ("rows", "rows_stacked") else None
     if method == "matmul":
         x2 = saved.reshape(-1, C_in)  # (B*H*W, C_in)
-        dw = (x2.T @ dout2).reshape(w.shape)  # (C_in, N) @ (N, C_out)
-        dx = (dout2 @ w.reshape(C_in, C_out).T).reshape(x_shape)  # (N, C_out) @ (C_out, C_in)
+        dw = fast.matmul_tn(x2, dout2).reshape(w.shape)  # (C_in, N) @ (N, C_out)
+        dx = fast.matmul(dout2, w.reshape(C_in, C_out).T).reshape(x_shape)  # (N, C_out) @ (C_out, C_in)
         return dx, dw, db
     if stride == 1:  # dx is a stride-1 convolution of dout (C_out -> C_in): its own formulation
         dx = _dx_gather(dout, w, stride, padding, H, W, _dx_method(dout.shape, w.shape, H, W))
@@ -175,10 +177,10 @@ def conv2d_fast_backward(dout, cache: Conv2dCache):
         dx = _dx_phases(dout, w, stride, padding, H, W)
     _, Ho, Wo, _ = dout.shape
     if method in ("rows", "rows_stacked"):
-        dw = _dw_rows_blocked(saved, dout, w.shape, padding, method)  # the forward's columns, rebuilt
+        dw, db = _dw_rows_blocked(saved, dout, w.shape, padding, method, has_bias)  # the forward's columns, rebuilt
     else:
         cols = saved if saved.ndim == 2 else _im2col(_pad_hw(saved, *padding), kh, kw, stride, Ho, Wo)  # rebuilt
-        dw = (cols.T @ dout2).reshape(w.shape)  # (K, B*Ho*Wo) @ (B*Ho*Wo, C_out) -> (K, C_out)
+        dw = fast.matmul_tn(cols, dout2).reshape(w.shape)  # (K, B*Ho*Wo) @ (B*Ho*Wo, C_out) -> (K, C_out)
     return dx, dw, db
 
 
@@ -203,7 +205,7 @@ def _dx_gather(dout, w, stride: int, padding: tuple, H: int, W: int, method: str
         return _rows_blocked(dout, w_flip, pads, method, W, stride)  # (B, H, W, C_in)
     dout_pad = _pad_hw(dout, *pads, stride=stride)  # (B, H + kh - 1, W + kw - 1, C_out)
     cols = _im2col(dout_pad, kh, kw, 1, H, W)  # (B*H*W, kh*kw*C_out)
-    dx = cols @ w_flip.reshape(kh * kw * C_out, C_in)  # (B*H*W, K') @ (K', C_in)
+    dx = fast.matmul(cols, w_flip.reshape(kh * kw * C_out, C_in))  # (B*H*W, K') @ (K', C_in)
     return dx.reshape(B, H, W, C_in)
 
 
@@ -244,9 +246,10 @@ def _dx_phases(dout, w, stride: int, padding: tuple, H: int, W: int):
     return xp.ascontiguousarray(dx_pad[:, top : top + H, left : left + W])  # drop the padding
 
 
-def _rows_blocked(x, w, pads: tuple, method: str, Wo: int, dilation: int = 1):
+def _rows_blocked(x, w, pads: tuple, method: str, Wo: int, dilation: int = 1, b=None):
     """conv_rows / conv_rows_stacked of x padded by ``pads`` (top, bottom, left, right; with
-    ``dilation - 1`` zeros between pixels first, see ``_pad_hw``), in blocks of images.
+    ``dilation - 1`` zeros between pixels first, see ``_pad_hw``), in blocks of images,
+    plus the bias ``b`` (C_out,) where given (each block adds it while its output is in the cache).
 
     Padding, width-columns and products run per block of the batch
     (:func:`diffusion_np.nn.fast.parallel.run_blocks`): a block's width-columns
@@ -259,7 +262,10 @@ def _rows_blocked(x, w, pads: tuple, method: str, Wo: int, dilation: int = 1):
     conv = _conv_rows if method == "rows" else _conv_rows_stacked
     xp = get_xp(x)
     if xp is not np:  # one pass over the batch on a GPU
-        return conv(_width_columns(_pad_hw(x, *pads, stride=dilation), kw=w.shape[1], Wo=Wo), w)
+        y = conv(_width_columns(_pad_hw(x, *pads, stride=dilation), kw=w.shape[1], Wo=Wo), w)
+        if b is not None:
+            y += b
+        return y
     kh, kw, C_in, C_out = w.shape
     w = np.ascontiguousarray(w)  # a flipped kernel is a view: reshape it once, not in every block
     B, H = x.shape[0], x.shape[1]
@@ -269,31 +275,40 @@ def _rows_blocked(x, w, pads: tuple, method: str, Wo: int, dilation: int = 1):
     def block(lo: int, hi: int) -> None:
         xw = _width_columns(_pad_hw(x[lo:hi], *pads, stride=dilation), kw, Wo)  # (hi - lo, Hp, Wo, kw*C_in)
         conv(xw, w, out=y[lo:hi])
+        if b is not None:
+            y[lo:hi] += b
 
-    parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * y.itemsize))
+    macs = B * (Hp - kh + 1) * Wo * kh * kw * C_in * C_out  # below a minimum, the blocks run on this thread
+    parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * y.itemsize), macs)
     return y
 
 
-def _dw_rows_blocked(x, dout, w_shape: tuple, padding: tuple, method: str):
+def _dw_rows_blocked(x, dout, w_shape: tuple, padding: tuple, method: str, with_bias: bool = False):
     """The weight gradient of "rows" / "rows_stacked" from the forward's input x, per block
     of images as :func:`_rows_blocked`: each block's (kh, kw, C_in, C_out) partial sum,
-    added in block order."""
+    added in block order; with ``with_bias``, the bias gradient (the sum of dout over
+    everything but C_out) the same way, else None. Returns (dw, db)."""
     dw_rows = _dw_rows if method == "rows" else _dw_rows_stacked
-    kh, kw, C_in, _ = w_shape
+    kh, kw, C_in, C_out = w_shape
     B, H, _, _ = x.shape
     Wo = dout.shape[2]
     if get_xp(x) is not np:
-        return dw_rows(_width_columns(_pad_hw(x, *padding), kw, Wo), dout, w_shape)
+        db = _sum_rows(dout.reshape(-1, C_out)) if with_bias else None
+        return dw_rows(_width_columns(_pad_hw(x, *padding), kw, Wo), dout, w_shape), db
     Hp = H + padding[0] + padding[1]
 
     def block(lo: int, hi: int):
-        return dw_rows(_width_columns(_pad_hw(x[lo:hi], *padding), kw, Wo), dout[lo:hi], w_shape)
+        dw = dw_rows(_width_columns(_pad_hw(x[lo:hi], *padding), kw, Wo), dout[lo:hi], w_shape)
+        return dw, (_sum_rows(dout[lo:hi].reshape(-1, C_out)) if with_bias else None)
 
-    parts = parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * x.itemsize))
-    dw = parts[0]
-    for part in parts[1:]:  # a sum over the batch: the blocks' partial sums
-        dw += part
-    return dw
+    macs = B * dout.shape[1] * Wo * kh * kw * C_in * C_out
+    parts = parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * x.itemsize), macs)
+    dw, db = parts[0]
+    for dw_part, db_part in parts[1:]:  # sums over the batch: the blocks' partial sums
+        dw += dw_part
+        if db is not None:
+            db += db_part
+    return dw, db
 
 
 def _conv_rows(xw, w, out=None):
