@@ -37,8 +37,9 @@ One training step, for all three (the ``shapes`` task's step with a frozen base)
     5. backward: U-Net -> (LoRA: the adapters' dA, dB | DreamBooth: every U-Net weight)
                  -> (TI, LoRA's trained row: d context -> the text encoder's hand-written backward -> the row)
 
-LoRA and DreamBooth also adapt the VAE's decoder (rank-``vae_rank`` adapters on its convolutions,
-:data:`VAE_TARGETS`), in the same optimizer step, by a second, independent loss::
+LoRA also adapts the VAE's decoder (rank-``vae_rank`` adapters on its convolutions,
+:data:`VAE_TARGETS`; DreamBooth with ``vae_rank``), in the same optimizer step, by a second,
+independent loss::
 
     6. concept images, flipped and shifted by up to 3 pixels (:func:`augment_flip_shift`), and base images;
        z ~ q(z | image) (the frozen encoder)
@@ -50,10 +51,11 @@ image as the frozen decoder drew it. Without it the star stays out of reach: the
 latents the decoder turns into a star, and the shipped decoder turns almost none of them into one.
 
 The second term of step 4 is DreamBooth's prior preservation: the class images were generated
-by the frozen base model *before* training (128 images of the base prompts, DPM-Solver++ 20
-steps, guidance 4), and keep the fine-tuned model drawing them as it did. It serves LoRA the
-same way (its adapters change every prompt's images, not only the concept's); textual
-inversion needs none (no base prompt reaches its row), so its ``prior_weight`` is 0.
+by the frozen base model *before* training (256 images of the base prompts, DPM-Solver++ 20
+steps, guidance 4), and keep the fine-tuned model drawing them as it did (lambda 1, the paper's).
+It serves LoRA the same way, with lambda 2 (its adapters change every prompt's images, not only
+the concept's); textual inversion needs none (no base prompt reaches its row), so its
+``prior_weight`` is 0.
 
 Checkpoints (the :class:`~diffusion_np.training.trainer.Trainer`'s, with resume and Ctrl-C):
 the config names the base (``pretrained:shapes`` or a ``shapes`` run) and one safetensors file,
@@ -141,7 +143,7 @@ WEIGHTS = "personal"
 #: attention alone (rank 4, 43k numbers) the star was not learned: the U-Net must draw a new *shape*,
 #: which its convolutions do, not only read a new word
 LORA_TARGETS = (*ATTENTION_TARGETS, "conv1", "conv2")
-#: the VAE decoder's layers that LoRA and DreamBooth adapt (``vae_rank``): its 3x3 convolutions but the two
+#: the VAE decoder's layers that LoRA adapts (``vae_rank``): its 3x3 convolutions but the two
 #: upsamplers' (an adapted upsampler runs its nearest-neighbour upsampling and convolution one after the other,
 #: which rounds differently from the fused path, and at scale 0 the images must be the base model's bit for bit).
 #: The shipped VAE never saw a star or orange: its encoder keeps them apart from the base shapes and colours
@@ -245,13 +247,16 @@ class FinetuneConfig:
     ``concept``: ``star`` or ``orange``; ``base``: ``pretrained:shapes`` or a ``shapes`` run.
     ``num_images``: concept images (4..16). ``rank``, ``alpha`` (None: = rank), ``targets``: the
     LoRA adapters. ``init_word``: textual inversion's starting row (None: :data:`INIT_WORDS`).
-    ``vae_rank``: rank of the decoder's adapters (0: the VAE stays as shipped; None: 8 for LoRA and
-    DreamBooth, 0 for textual inversion, which learns its row alone), ``vae_batch``: images per step
-    of the decoder's loss (half concept, half base).
+    ``vae_rank``: rank of the decoder's adapters (0: the VAE stays as shipped; None: 8 for LoRA, 0 for
+    textual inversion, which learns its row alone, and for DreamBooth, whose learning rate, right for
+    a whole U-Net, barely moves adapters: 300 steps at 1e-4 drew no star), ``vae_batch``: images per
+    step of the decoder's loss (half concept, half base).
     ``invert_steps``: :func:`invert_decoder`'s steps for the concept latents (None: 0 when the
     decoder is adapted, 500 when it is not).
     ``prior_weight`` (lambda of DreamBooth Eq. 2; 0: no class images; None: 0 for textual
-    inversion, 1 otherwise), ``prior_share`` (share of
+    inversion, 1 for DreamBooth, 2 for LoRA), ``prior_target`` (the class images' target: ``"noise"``,
+    DreamBooth's, or ``"frozen"``, the frozen base U-Net's own prediction at the same x_t; None:
+    ``"frozen"`` for LoRA, ``"noise"`` for DreamBooth), ``prior_share`` (share of
     each batch from the class images), ``class_images`` (how many the frozen base generates).
     """
 
@@ -265,12 +270,13 @@ class FinetuneConfig:
     train_token: bool = True
     prior_weight: float | None = None
     prior_share: float = 0.5
-    class_images: int = 128
+    prior_target: str | None = None
+    class_images: int = 256
     caption_dropout: float = 0.1
     min_snr_gamma: float | None = 5.0
     guidance_scale: float = 4.0
     vae_rank: int | None = None
-    vae_batch: int = 8
+    vae_batch: int = 12
     invert_steps: int | None = None
     data_seed: int = 0
 
@@ -283,6 +289,8 @@ class FinetuneConfig:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if self.prior_weight is not None and not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
+        if self.prior_target not in (None, "noise", "frozen"):
+            raise ValueError(f"prior_target must be 'noise' or 'frozen', got {self.prior_target!r}")
         if not 0.0 <= self.prior_share < 1.0:
             raise ValueError(f"prior_share must be in [0, 1), got {self.prior_share}")
         if self.invert_steps is not None and not (isinstance(self.invert_steps, int) and self.invert_steps >= 0):
@@ -313,9 +321,9 @@ def invert_decoder(vae, images, latent, steps: int = 300, lr: float = 0.05):
     as stars 92% of the time and as orange 100% (24 images each). A diffusion model can only
     learn to make latents the decoder turns into the concept, so these are its training data.
     (Stable Diffusion's VAE, trained on billions of images, encodes new concepts well enough;
-    a VAE trained on a toy world does not.) LoRA and DreamBooth adapt the decoder instead
-    (``vae_rank``, the module docstring's step 6), which leaves the diffusion model the encoder's
-    latents to learn; textual inversion, which trains one row and nothing else, uses these.
+    a VAE trained on a toy world does not.) LoRA adapts the decoder instead (``vae_rank``, the
+    module docstring's step 6), which leaves the diffusion model the encoder's latents to learn;
+    textual inversion, which trains one row and nothing else, and DreamBooth use these.
     """
     z = latent.copy()
     xp = get_xp(z)
@@ -332,10 +340,10 @@ def invert_decoder(vae, images, latent, steps: int = 300, lr: float = 0.05):
 
 def _vae_rank(method: str, config: dict) -> int:
     """The decoder adapters' rank of a run: its ``vae_rank``, or the method's default when it is None
-    (8; 0 for textual inversion); 0 for a run saved before the decoder was adapted (no such field)."""
+    (8 for LoRA, 0 otherwise); 0 for a run saved before the decoder was adapted (no such field)."""
     if "vae_rank" not in config:
         return 0
-    return config["vae_rank"] if config["vae_rank"] is not None else (0 if method == "textual-inversion" else 8)
+    return config["vae_rank"] if config["vae_rank"] is not None else (8 if method == "lora" else 0)
 
 
 def augment_flip_shift(images, n: int, rng: np.random.Generator, max_shift: int = 3, fill: float = -1.0):
@@ -375,9 +383,14 @@ class _FinetuneTask:
         base.freeze()
         base.vae.freeze()  # not a child of the bundle; invert_decoder runs its backward
         self.train_token = self.method == "textual-inversion" or (self.method == "lora" and config.train_token)
-        # lambda of Eq. 2: none for textual inversion (no base prompt reaches its row), 1 otherwise
+        # lambda of Eq. 2: none for textual inversion (no base prompt reaches its row), 1 for DreamBooth (the
+        # paper's), 2 for LoRA (its ResNet adapters touch every prompt: at 1 it drew 3% of the base prompts'
+        # small squares as stars; at 3 it learned the star less well)
         self.prior_weight = config.prior_weight if config.prior_weight is not None else \
-            (0.0 if self.method == "textual-inversion" else 1.0)
+            {"textual-inversion": 0.0, "dreambooth": 1.0, "lora": 2.0}[self.method]
+        # the class images' target: the frozen U-Net's prediction for LoRA (it halved the base prompts LoRA
+        # forgot, and the star composed better), the noise of DreamBooth's Eq. 2 for DreamBooth
+        self.prior_target = config.prior_target or ("frozen" if self.method == "lora" else "noise")
         if self.train_token:
             init = config.init_word or INIT_WORDS[config.concept]
             if init not in base.tokenizer.token_to_id:
@@ -408,6 +421,7 @@ class _FinetuneTask:
         self._prior = None
         self._prior_latents = None
         self._decoder_data = None
+        self._frozen_unet = None
 
     name = ""
     description = ""
@@ -457,6 +471,12 @@ class _FinetuneTask:
         self._data, self._prior, self._prior_latents = other.concept_data(), other.prior_data(), other._prior_latents
         self._decoder_data = other.decoder_data() if self.vae_rank and other.vae_rank else None
         return self
+
+    def frozen_unet(self):
+        """The base's U-Net as shipped, forward only (``prior_target="frozen"``), loaded once."""
+        if self._frozen_unet is None:
+            self._frozen_unet = TextToImageModel.load(self.config.base).unet.to(self.base.device).inference()
+        return self._frozen_unet
 
     def _frozen_decoder(self):
         """``with self._frozen_decoder() as vae:`` the VAE as shipped (its adapters, if any, switched off)."""
@@ -554,6 +574,8 @@ class _FinetuneTask:
         weights = to_device(weights, device)
         if c.min_snr_gamma is not None:
             weights = weights * min_snr_weights(t_dev, schedule.snr, c.min_snr_gamma, base.prediction_type)
+        if n_prior and self.prior_target == "frozen":  # the class half's target: what the frozen U-Net predicts
+            target[n_concept:] = self.frozen_unet()(x_t[n_concept:], t_dev[n_concept:], context[n_concept:])
         pred = base.unet(x_t, t_dev, context)
         loss, cache = mse_loss_forward(pred, target, weights)
         # 5. backward: the U-Net's trainable part; for textual inversion on to the token's row
@@ -609,7 +631,11 @@ class _FinetuneTask:
                                 help=f"the word whose row the new token starts from (default {INIT_WORDS})")
         parser.add_argument("--prior-weight", type=nonnegative_float, default=s, metavar="L",
                             help="lambda of the prior-preservation loss on class images from the frozen model; "
-                                 "0: none (default: the method's)")
+                                 "0: none (default: 2 for LoRA, 1 for DreamBooth, 0 for textual inversion)")
+        parser.add_argument("--prior-target", choices=("noise", "frozen"), default=s,
+                            help="the class images' target: the noise (DreamBooth's Eq. 2) or the frozen base "
+                                 "U-Net's prediction at the same noisy latent (default: frozen for LoRA, noise "
+                                 "for DreamBooth)")
         parser.add_argument("--prior-share", type=fraction, default=s, metavar="P",
                             help=f"share of each batch from the class images (default {d.prior_share})")
         parser.add_argument("--class-images", type=positive_int, default=s, metavar="N",
@@ -618,8 +644,8 @@ class _FinetuneTask:
                             help=f"classifier-free guidance of previews and evaluation (default {d.guidance_scale})")
         parser.add_argument("--vae-rank", type=nonnegative_int, default=s, metavar="R",
                             help="rank of the adapters on the VAE decoder's convolutions, trained beside the rest "
-                                 "to draw the concept from the encoder's latents (default: 8; 0 for "
-                                 "textual inversion; 0: the VAE as shipped)")
+                                 "to draw the concept from the encoder's latents (default: 8 for LoRA, 0 for "
+                                 "the others; 0: the VAE as shipped)")
         parser.add_argument("--vae-batch", type=positive_int, default=s, metavar="N",
                             help=f"images per step of the decoder's loss, half concept, half base (default "
                                  f"{d.vae_batch})")
@@ -633,8 +659,9 @@ class _FinetuneTask:
 class LoRAFinetuneTask(_FinetuneTask):
     name = "finetune-lora"
     method = "lora"
-    description = "LoRA adapters on the frozen U-Net's attention and ResNet convs learn a new concept from a few images"
-    train_defaults = dict(steps=900, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
+    description = ("LoRA adapters on the frozen U-Net's attention and ResNet convs (and on the VAE decoder's convs) "
+                   "learn a new concept from a few images")
+    train_defaults = dict(steps=800, batch_size=16, lr=3e-3, ema_decay=0.0, grad_clip=1.0,
                           checkpoint_every=100, sample_every=0)
 
 

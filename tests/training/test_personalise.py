@@ -116,10 +116,10 @@ def test_training_changes_only_what_the_method_trains():
                         if not np.array_equal(v, text_before[k])}
         row_changed = not np.array_equal(task.model.token_row, row_before)
         vae_changed = {k for k, v in task.base.vae.state_dict().items() if not np.array_equal(v, vae_before[k])}
-        if cls is TextualInversionTask:  # the VAE as shipped; LoRA and DreamBooth adapt its decoder
-            assert not vae_changed and not lora_layers(task.base.vae)
-        else:
+        if cls is LoRAFinetuneTask:  # LoRA adapts the decoder; the others keep the VAE as shipped
             assert vae_changed and all(k.startswith("decoder.") and ".lora_" in k for k in vae_changed)
+        else:
+            assert not vae_changed and not lora_layers(task.base.vae)
         if cls is LoRAFinetuneTask:  # the adapters and (train_token, the default) the new word's row
             assert unet_changed and all(".lora_" in k for k in unet_changed) and row_changed
         elif cls is TextualInversionTask:
@@ -310,7 +310,8 @@ def test_decoder_adapters_gradient_finite_differences():
 
 
 def test_vae_rank_of_a_run():
-    assert _vae_rank("lora", {"vae_rank": None}) == 8 and _vae_rank("dreambooth", {"vae_rank": None}) == 8
+    assert _vae_rank("lora", {"vae_rank": None}) == 8 and _vae_rank("dreambooth", {"vae_rank": None}) == 0
+    assert _vae_rank("dreambooth", {"vae_rank": 8}) == 8
     assert _vae_rank("textual-inversion", {"vae_rank": None}) == 0 and _vae_rank("lora", {"vae_rank": 4}) == 4
     assert _vae_rank("lora", {}) == 0  # a run saved before the decoder was adapted
     with pytest.raises(ValueError, match="vae_rank"):
@@ -326,3 +327,18 @@ def test_share_data_reuses_the_other_runs_data():
     assert second.concept_data() is first.concept_data() and second.prior_data() is first.prior_data()
     assert second.decoder_data() is first.decoder_data()
     Trainer(second, TrainConfig(steps=1, batch_size=4, warmup_steps=0, ema_decay=0.0), progress=False).train()
+
+
+def test_frozen_prior_target_is_the_base_unet():
+    """prior_target="frozen": the class half's target is the shipped U-Net's prediction, which the adapted
+    U-Net equals bit for bit before its first step (B = 0), so that half starts at zero loss."""
+    task = LoRAFinetuneTask(FinetuneConfig(concept="star", class_images=4, prior_target="frozen", vae_rank=0),
+                            np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    x_t, t = rng.standard_normal((2, 8, 8, 4)).astype(np.float32), np.array([5, 900])
+    context = task.base.encode_text(["a small red circle in the top left", ""])
+    np.testing.assert_array_equal(task.frozen_unet()(x_t, t, context), task.base.unet(x_t, t, context))
+    loss = task.loss_and_backward(4, np.random.default_rng(2))
+    assert np.isfinite(loss) and loss > 0
+    with pytest.raises(ValueError, match="prior_target"):
+        FinetuneConfig(prior_target="teacher")
