@@ -142,3 +142,36 @@ def randomize(module, rng, scale=0.3):
     for _, p in module.named_parameters():
         p += scale * rng.standard_normal(p.shape)
     return module
+
+
+#: Stable Diffusion's noise schedule (scaled_linear, 0.00085 -> 0.012 over 1000 steps)
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def tiny_text_to_image_model(captions, latent: bool = True, dtype=np.float32, prediction_type: str = "epsilon",
+                             scaling_factor: float | None = None):
+    """An untrained TextToImageModel small enough for finite differences: a word tokenizer over ``captions``,
+    a one-layer text encoder (width 8, float32), a 2-level U-Net on 4x4 samples and, with ``latent``, a 2-level
+    VAE (its ``scaling_factor`` when given), the U-Net and VAE in ``dtype``."""
+    from diffusion_np.models import AutoencoderKL, TextEncoder, TextEncoderConfig, UNet2DConditionModel, WordTokenizer
+    from diffusion_np.training.model import TextToImageModel
+
+    tokenizer = WordTokenizer.from_captions(list(captions), max_length=6)
+    text_encoder = TextEncoder(TextEncoderConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, max_position_embeddings=6,
+    ), rng=np.random.default_rng(1))  # fmt: skip
+    channels = 4 if latent else 3
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=channels, out_channels=channels, block_out_channels=(8, 8),
+        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
+        norm_num_groups=4, rng=np.random.default_rng(2), dtype=dtype,
+    )  # fmt: skip
+    vae = None
+    if latent:
+        extra = {} if scaling_factor is None else {"scaling_factor": scaling_factor}
+        vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
+                            rng=np.random.default_rng(3), dtype=dtype, **extra)  # fmt: skip
+    return TextToImageModel(unet, text_encoder, tokenizer, dict(SD_SCHEDULE, prediction_type=prediction_type), vae)

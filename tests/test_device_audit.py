@@ -145,27 +145,30 @@ def test_unet_text_to_image_training_step():
     assert counter.d2h <= 4, counter
 
 
+def _audited_steps(task, batch_size: int, steps: int = 1):
+    """``steps`` optimizer steps of ``task`` (zero_grad, loss_and_backward, AdamW) inside ``count_transfers``:
+    (the last loss, the counter)."""
+    optimizer = AdamW(task.model, lr=1e-3)
+    with count_transfers() as counter:
+        for _ in range(steps):
+            task.model.zero_grad()
+            loss = task.loss_and_backward(batch_size, np.random.default_rng(1))
+            optimizer.step()
+    assert isinstance(loss, float) and np.isfinite(loss)
+    return loss, counter
+
+
 def test_vae_training_step():
     task = ShapesVAETask(ShapesVAEConfig(preset="tiny"), np.random.default_rng(0))
     task.model.to("strict")
-    optimizer = AdamW(task.model, lr=1e-3)
-    with count_transfers() as counter:
-        task.model.zero_grad()
-        loss = task.loss_and_backward(2, np.random.default_rng(1))
-        optimizer.step()
-    assert isinstance(loss, float) and np.isfinite(loss)
+    _, counter = _audited_steps(task, 2)
     assert counter.d2h <= 1, counter
 
 
 def test_controlnet_training_step():
     task = ShapesControlNetTask(ShapesControlNetConfig(preset="tiny"), np.random.default_rng(0)).to("strict")
     task._control_pool()  # encoded once, before the steps (its deliberate copies are not a step's)
-    optimizer = AdamW(task.model, lr=1e-3)
-    with count_transfers() as counter:
-        task.model.zero_grad()
-        loss = task.loss_and_backward(2, np.random.default_rng(1))
-        optimizer.step()
-    assert isinstance(loss, float) and np.isfinite(loss)
+    _, counter = _audited_steps(task, 2)
     assert counter.d2h <= 3, counter  # the loss, the id range check of the text encoder's two embedding tables
 
 
@@ -173,13 +176,7 @@ def test_lcm_distillation_step():
     """Teacher (guided, 2B), target and student forwards, the student's backward, the target's EMA update."""
     task = LCMDistillTask(LCMDistillConfig(preset="tiny"), np.random.default_rng(0)).to("strict")
     task.teacher_task._latent_pool()  # encoded once, before the steps (its deliberate copies are not a step's)
-    optimizer = AdamW(task.model, lr=1e-3)
-    with count_transfers() as counter:
-        for _ in range(2):  # the second step updates the target network first
-            task.model.zero_grad()
-            loss = task.loss_and_backward(2, np.random.default_rng(1))
-            optimizer.step()
-    assert isinstance(loss, float) and np.isfinite(loss)
+    _, counter = _audited_steps(task, 2, steps=2)  # the second step updates the target network first
     assert counter.d2h <= 6, counter  # per step: the loss, the id range check of the two embedding tables
 
 
@@ -190,12 +187,7 @@ def test_personalisation_training_step(method):
     task.concept_data(), task.prior_data()  # inverted and generated once, before the steps
     if method == "lora":  # LoRA's decoder data and frozen U-Net (the class images' target), also made once
         task.decoder_data(), task.frozen_unet()
-    optimizer = AdamW(task.model, lr=1e-3)
-    with count_transfers() as counter:
-        task.model.zero_grad()
-        loss = task.loss_and_backward(4, np.random.default_rng(1))
-        optimizer.step()
-    assert isinstance(loss, float) and np.isfinite(loss)
+    _, counter = _audited_steps(task, 4)
     # the loss, the id range check of the text encoder's two embedding tables, min_snr_weights' one (3 without it);
     # LoRA: and the decoder's loss
     assert counter.d2h <= (5 if method == "lora" else 4), counter

@@ -430,8 +430,10 @@ class _FinetuneTask:
         return {WEIGHTS: self.model}
 
     def to(self, device: str) -> _FinetuneTask:
-        """Move the base's networks (VAE included) and the learned part to ``device`` ("numpy", "cupy", "strict")."""
-        for module in (*self.base.modules().values(), self.model):
+        """Move the base's networks (VAE included), the learned part and the frozen U-Net, once loaded, to
+        ``device`` ("numpy", "cupy", "strict")."""
+        frozen = () if self._frozen_unet is None else (self._frozen_unet,)
+        for module in (*self.base.modules().values(), self.model, *frozen):
             module.to(device)
         return self
 

@@ -5,33 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import tiny_text_to_image_model
 
 from benchmarks import edit as bench
-from diffusion_np.models import TextEncoder, TextEncoderConfig, UNet2DConditionModel, WordTokenizer
-from diffusion_np.models.vae import AutoencoderKL
 from diffusion_np.nn.attention import Attention
 from diffusion_np.pipelines.prompt_to_prompt import AttentionEdit, prompt_to_prompt, token_position
-from diffusion_np.training.model import TextToImageModel
 
-SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 CAPTIONS = ["a small red circle", "a small blue circle", "a large red square", "a large blue square"]
 
 
-def tiny_model() -> TextToImageModel:
-    tokenizer = WordTokenizer.from_captions(CAPTIONS, max_length=6)
-    text_encoder = TextEncoder(TextEncoderConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=6,
-    ), rng=np.random.default_rng(1))  # fmt: skip
-    unet = UNet2DConditionModel(
-        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4, rng=np.random.default_rng(2),
-    )  # fmt: skip
-    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
-                        rng=np.random.default_rng(3))  # fmt: skip
-    return TextToImageModel(unet, text_encoder, tokenizer, dict(SCHEDULE, prediction_type="epsilon"), vae)
+def tiny_model():
+    return tiny_text_to_image_model(CAPTIONS)
 
 
 def test_an_identity_hook_changes_nothing_and_the_default_path_keeps_its_backward():

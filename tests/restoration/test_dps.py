@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import tiny_text_to_image_model
 
 from diffusion_np.gradcheck import grad_rel_error, numerical_gradient
-from diffusion_np.models import TextEncoder, TextEncoderConfig, UNet2DConditionModel, WordTokenizer
-from diffusion_np.models.vae import AutoencoderKL
 from diffusion_np.restoration import (
     Blur,
     Downsample,
@@ -17,30 +16,12 @@ from diffusion_np.restoration import (
     make_degradation,
     measurement_gradient,
 )
-from diffusion_np.training.model import TextToImageModel
-
-SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 
 
-def tiny_model(latent: bool, dtype=np.float64, prediction_type: str = "epsilon") -> TextToImageModel:
-    tokenizer = WordTokenizer.from_captions(["a red circle", "a blue square"], max_length=6)
-    text_encoder = TextEncoder(TextEncoderConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=16, max_position_embeddings=6,
-    ), rng=np.random.default_rng(1))  # fmt: skip
-    channels = 4 if latent else 3
-    unet = UNet2DConditionModel(
-        sample_size=4, in_channels=channels, out_channels=channels, block_out_channels=(8, 8),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
-        norm_num_groups=4, rng=np.random.default_rng(2), dtype=dtype,
-    )  # fmt: skip
-    vae = None
-    if latent:
-        vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4,
-                            scaling_factor=0.5, rng=np.random.default_rng(3), dtype=dtype)  # fmt: skip
-    return TextToImageModel(unet, text_encoder, tokenizer, dict(SCHEDULE, prediction_type=prediction_type), vae)
+def tiny_model(latent: bool, dtype=np.float64, prediction_type: str = "epsilon"):
+    """The tiny model of tests/helpers.py over two captions, in float64 by default, VAE scaling 0.5."""
+    return tiny_text_to_image_model(["a red circle", "a blue square"], latent, dtype, prediction_type,
+                                    scaling_factor=0.5)
 
 
 @pytest.mark.parametrize("latent", [False, True], ids=["pixels", "latents"])
