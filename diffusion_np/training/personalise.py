@@ -27,7 +27,7 @@ One training step, for all three (the ``shapes`` task's step with a frozen base)
 
     1. B_c images of the concept, B_p class images (B_c + B_p = B, B_p = round(prior_share B));
        x_0 = scaling_factor * z, z ~ q(z | image) (the frozen VAE's encoder); with ``invert_steps``
-       (textual inversion's default) the concept images' means are replaced by latents the frozen
+       (textual inversion's and DreamBooth's default) the concept images' means are replaced by latents the frozen
        decoder turns into them (:func:`invert_decoder`), found once
        captions: the concept's own; "" with probability p (classifier-free guidance)
     2. c = text_encoder(tokenizer(captions))              (TI: with the trainable row in the table)
@@ -148,7 +148,8 @@ LORA_TARGETS = (*ATTENTION_TARGETS, "conv1", "conv2")
 #: which rounds differently from the fused path, and at scale 0 the images must be the base model's bit for bit).
 #: The shipped VAE never saw a star or orange: its encoder keeps them apart from the base shapes and colours
 #: (a star's latent is further from the circle's than a square's is), but its decoder draws them as those
-#: (2% of star reconstructions read as stars); adapters here teach it to draw what the encoder keeps apart
+#: (10% of the 60 star combinations' reconstructions read as stars); adapters here teach it to draw what the
+#: encoder keeps apart
 VAE_TARGETS = ("decoder.conv_in", "decoder.*conv1", "decoder.*conv2", "decoder.conv_out")
 #: the word a textual inversion's row starts from, per concept (diffusers' ``--initializer_token``)
 INIT_WORDS = {"star": "triangle", "orange": "red"}
@@ -384,8 +385,8 @@ class _FinetuneTask:
         base.vae.freeze()  # not a child of the bundle; invert_decoder runs its backward
         self.train_token = self.method == "textual-inversion" or (self.method == "lora" and config.train_token)
         # lambda of Eq. 2: none for textual inversion (no base prompt reaches its row), 1 for DreamBooth (the
-        # paper's), 2 for LoRA (its ResNet adapters touch every prompt: at 1 it drew 3% of the base prompts'
-        # small squares as stars; at 3 it learned the star less well)
+        # paper's), 2 for LoRA (its ResNet adapters touch every prompt: at 1, 3-6% of the base prompts failed,
+        # small squares drawn as stars; at 3 it learned the star less well)
         self.prior_weight = config.prior_weight if config.prior_weight is not None else \
             {"textual-inversion": 0.0, "dreambooth": 1.0, "lora": 2.0}[self.method]
         # the class images' target: the frozen U-Net's prediction for LoRA (it halved the base prompts LoRA
