@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from diffusion_np.backend import DEFAULT_DTYPE, asnumpy, device_of, to_device
+from diffusion_np.nn import validate
 from diffusion_np.nn.fast import parallel
 
 
@@ -251,7 +252,16 @@ class Module:
     # ------------------------------------------------------------------ calling
     @_one_blas_thread
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        # the inputs are checked here, where they come in; the calls are counted so that
+        # the layers this call makes skip their own checks (diffusion_np.nn.validate)
+        depth = validate.calls.depth
+        if depth == 0:
+            validate.check_call_inputs(self, args, kwargs)
+        validate.calls.depth = depth + 1
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            validate.calls.depth = depth
 
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")

@@ -106,3 +106,22 @@ def test_inference_mode_frees_a_unets_activations():
     out_infer, held_infer = held_after_forward()
     np.testing.assert_array_equal(out_infer, out_train)
     assert held_infer < 0.1 * held_train, (held_infer, held_train)
+
+
+def test_inputs_are_checked_where_they_come_in_not_in_every_inner_layer():
+    """The outermost call checks its floating inputs, named as in its forward; the layers it
+    calls take the previous layer's output unchecked (one pass over every activation fewer),
+    and the count of calls in progress comes back to 0 after an error."""
+    from diffusion_np.nn import validate
+
+    model = Tiny()
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="Tiny got a non-finite value .* in x"):  # Tiny.forward checks nothing itself
+        model(np.full((2, 3), np.nan, np.float32))
+    assert validate.calls.depth == 0
+    model.blocks[0].params["weight"][0, 0] = np.nan  # a NaN the model makes itself reaches its output
+    assert np.isnan(model(x)).all()
+    h = model.proj(x)
+    with pytest.raises(ValueError, match="Linear got a non-finite value"):  # the same layer, called directly
+        model.blocks[1](model.blocks[0](h))
+    assert validate.calls.depth == 0
