@@ -101,9 +101,11 @@ def test_group_norm_keeps_float32_and_shape():
 
 # ----------------------------------------------------------------------------- GroupNorm + SiLU, fused
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape,groups", [((2, 3, 4, 6), 3), ((1, 5, 5, 4), 1), ((3, 7, 6), 2), ((2, 6), 2)])
+@pytest.mark.parametrize("shape,groups", [((2, 3, 4, 6), 3), ((1, 5, 5, 4), 1), ((3, 7, 6), 2), ((2, 6), 2),
+                                          ((2, 16, 16, 8), 4), ((2, 6, 8, 96), 32)])
 def test_group_norm_silu_equals_the_two_ops(shape, groups, affine):
-    """Forward and every gradient equal GroupNorm then SiLU (float64, wide range of z)."""
+    """Forward and every gradient equal GroupNorm then SiLU (float64, wide range of z), with the
+    positions folded 4, 1, 1, 1, 128 and 16 to a row (``_fold``)."""
     rng = np.random.default_rng(3)
     x = 2.0 * rng.standard_normal(shape) + 0.5
     gamma, beta = _affine(rng, shape[-1]) if affine else (None, None)

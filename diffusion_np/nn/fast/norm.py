@@ -12,12 +12,41 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from diffusion_np.backend import get_xp
-from diffusion_np.nn.norm import GroupNormCache, _centre_and_rstd, _group_to_channel, group_norm_backward
+from diffusion_np.nn.norm import (
+    GroupNormCache,
+    _centre_and_rstd,
+    _group_norm_backward_factors,
+    _group_to_channel,
+    _sum_over_positions,
+    _sum_products_over_positions,
+    _tile_fold,
+    _unfold_sums,
+)
 
 
 class GroupNormSiLUCache(NamedTuple):
-    norm: GroupNormCache  # what group_norm_backward needs
-    dsilu: object  # (B, N, C) silu'(z) at the GroupNorm output z
+    norm: GroupNormCache  # what the backward needs; its xc folded: (B, N/fold, fold*C)
+    dsilu: object  # (B, N/fold, fold*C) silu'(z) at the GroupNorm output z
+    fold: int  # positions side by side on the last axis (:func:`_fold`)
+
+
+#: Per-channel factors are broadcast over rows of at least this many numbers (:func:`_fold`).
+FOLD_ROW = 1024
+
+
+def _fold(positions: int, channels: int) -> int:
+    """How many positions to put side by side on the last axis, (B, N, C) -> (B, N/k, k*C), a view.
+
+    Broadcasting a per-channel factor (B, 1, C) over (B, N, C) runs NumPy's inner loop
+    over the C channels only: at C = 32 a multiply took 26 us on a 512 KiB block, against
+    13 us for two arrays of the same shape. Folded to rows of ``k*C`` >= :data:`FOLD_ROW`
+    numbers (the factor tiled k times, (B, 1, k*C)) it took 16 us. k is a power of two
+    that divides N.
+    """
+    k = 1
+    while k * channels < FOLD_ROW and positions % (2 * k) == 0:
+        k *= 2
+    return k
 
 
 def group_norm_silu_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5, with_grad: bool = True):
@@ -32,33 +61,47 @@ def group_norm_silu_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5, 
     The 1/2 folds into GroupNorm's per-channel scale and shift, so h costs the
     same two passes as z; SiLU's input z and sigmoid are never stored: the
     backward needs only silu'(z), computed here (``with_grad=False`` skips it,
-    for inference).
+    for inference). Every pass runs on positions folded to long rows (:func:`_fold`).
 
     Shapes as :func:`group_norm_forward`; returns y and a :class:`GroupNormSiLUCache`.
     """
     xp = get_xp(x)
-    xc, rstd = _centre_and_rstd(x, num_groups, eps)  # (B, N, C), (B, G)
-    scale = _group_to_channel(rstd, x.shape[-1] // num_groups)  # (B, 1, C)
+    C = x.shape[-1]
+    fold = _fold(x.size // (x.shape[0] * C), C) if x.ndim >= 2 else 1
+    xc, rstd = _centre_and_rstd(x, num_groups, eps, fold)  # (B, N/fold, fold*C), (B, G)
+    scale = _group_to_channel(rstd, C // num_groups)  # (B, 1, C)
     if gamma is not None:
         scale = scale * gamma
-    h = xc * (scale * 0.5)  # z / 2, (B, N, C)
+    h = xc * _tile_fold(scale * 0.5, fold)  # z / 2
     if beta is not None:
-        h += beta * 0.5
+        h += _tile_fold((beta * 0.5)[None, None, :], fold)
     p = xp.tanh(h)
     p += 1.0  # 2 sigmoid(z)
     y = h * p  # silu(z)
     dsilu = None
-    if with_grad:
-        dsilu = 2.0 - p  # Python floats keep float32 float32
-        dsilu *= y
-        dsilu += p
+    if with_grad:  # silu'(z) = (p + y (2 - p)) / 2 = p (1 + 2h - y) / 2, in h's memory: no new array
+        dsilu = h
+        dsilu *= 2.0  # Python floats keep float32 float32
+        dsilu -= y
+        dsilu += 1.0
+        dsilu *= p
         dsilu *= 0.5  # silu'(z)
-    cache = GroupNormSiLUCache(GroupNormCache(xc, rstd, gamma, num_groups, beta is not None, tuple(x.shape)), dsilu)
-    return y.reshape(x.shape), cache
+    norm = GroupNormCache(xc, rstd, gamma, num_groups, beta is not None, tuple(x.shape))
+    return y.reshape(x.shape), GroupNormSiLUCache(norm, dsilu, fold)
 
 
 def group_norm_silu_backward(dout, cache: GroupNormSiLUCache):
-    """Gradients of :func:`group_norm_silu_forward`: dz = dout * silu'(z), then
-    :func:`group_norm_backward`. Returns (dx, dgamma, dbeta)."""
-    dz = dout.reshape(cache.dsilu.shape) * cache.dsilu  # (B, N, C)
-    return group_norm_backward(dz, cache.norm)
+    """Gradients of :func:`group_norm_silu_forward`: dz = dout * silu'(z), then GroupNorm's
+    backward (:func:`diffusion_np.nn.norm.group_norm_backward`) on the folded rows.
+    Returns (dx, dgamma, dbeta)."""
+    xc, rstd, gamma, num_groups, has_beta, shape = cache.norm
+    C, fold = shape[-1], cache.fold
+    dz = dout.reshape(xc.shape) * cache.dsilu  # (B, N/fold, fold*C)
+    sums = _unfold_sums(_sum_over_positions(dz), C), _unfold_sums(_sum_products_over_positions(dz, xc), C)
+    factors = _group_norm_backward_factors(*sums, rstd, gamma, num_groups, xc.shape[1] * fold, has_beta)
+    scale, centred, shift, dgamma, dbeta = factors  # the first three (B, C)
+    dx = dz
+    dx *= _tile_fold(scale[:, None, :], fold)  # dz is ours: the three passes in place
+    dx -= xc * _tile_fold(centred[:, None, :], fold)
+    dx -= _tile_fold(shift[:, None, :], fold)
+    return dx.reshape(shape), dgamma, dbeta
