@@ -271,7 +271,7 @@ def vae_step_case(rng):
     def np_step():
         opt.zero_grad()
         model.loss(x, beta=beta, recon="l1")
-        model.loss_backward()
+        model.loss_backward(input_grad=False)  # as the trainer, and as torch for tx (no requires_grad)
         opt.step()
 
     torch.manual_seed(0)

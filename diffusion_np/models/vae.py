@@ -622,10 +622,13 @@ class AutoencoderKL(Module):
         self._loss_cache = _LossCache(recon, recon_cache, kl_cache, float(beta), B)
         return total, {"recon": rec, "kl": kl}
 
-    def loss_backward(self):
+    def loss_backward(self, input_grad: bool = True):
         """Backward of the last :meth:`loss` (upstream gradient 1): adds every parameter
         gradient into ``grads`` and returns d loss / d x. x enters the loss twice, through
-        the encoder and as the reconstruction target; the returned gradient is the sum of both."""
+        the encoder and as the reconstruction target; the returned gradient is the sum of both.
+
+        ``input_grad=False`` (training, where x is data): returns None, and the encoder's first
+        convolution skips its input gradient (``Conv2d.input_grad``), 1% of a step."""
         cache = self._loss_cache
         if cache is None:
             raise RuntimeError("AutoencoderKL.loss_backward called without a preceding loss (or twice for one)")
@@ -638,7 +641,14 @@ class AutoencoderKL(Module):
         dmean, dlogvar = self._backward_to_posterior(dx_rec)
         dmean = dmean + dmean_kl  # mean was used twice: by z and by the KL
         dlogvar = dlogvar + dlogvar_kl  # so was logvar
-        dx = self.encode_backward(dmean, dlogvar)  # 1.
+        conv_in = self.encoder.conv_in
+        conv_in.input_grad = input_grad
+        try:
+            dx = self.encode_backward(dmean, dlogvar)  # 1.
+        finally:
+            conv_in.input_grad = True
+        if not input_grad:
+            return None
         dx -= dx_rec  # 4. x as the target: recon depends on x_rec - x
         return dx
 

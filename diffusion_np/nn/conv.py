@@ -234,12 +234,14 @@ def conv2d_forward(x, w, b=None, stride: int = 1, padding=0, method: str | None 
     return fast.conv.conv2d_fast_forward(x, w, b, stride, padding, method)
 
 
-def conv2d_backward(dout, cache: Conv2dCache):
+def conv2d_backward(dout, cache: Conv2dCache, input_grad: bool = True):
     """Gradients of :func:`conv2d_forward`: ``(dx, dw, db)``, db None without bias,
-    by the backward of the formulation that ran the forward (``cache.method``)."""
+    by the backward of the formulation that ran the forward (``cache.method``).
+    ``input_grad=False``: dx is None, and the fast formulations skip computing it."""
     if cache.method == "reference":
-        return conv2d_reference_backward(dout, cache)
-    return fast.conv.conv2d_fast_backward(dout, cache)
+        dx, dw, db = conv2d_reference_backward(dout, cache)
+        return (dx if input_grad else None), dw, db
+    return fast.conv.conv2d_fast_backward(dout, cache, input_grad)
 
 
 def _kernel2(layer, kernel_size) -> tuple:
@@ -260,7 +262,13 @@ class Conv2d(Module):
     ``padding`` is an int or (top, bottom, left, right). ``method``: "auto" (the
     fastest formulation for each input's shape, or the reference one in reference
     mode), "reference", or a formulation of :mod:`diffusion_np.nn.fast.conv` to force it.
+
+    ``input_grad``: set it False on a layer whose input is data (a model's first layer,
+    while it trains) and ``backward`` returns None for dx without computing it, as
+    PyTorch skips the gradient of an input that does not require one.
     """
+
+    input_grad = True
 
     def __init__(
         self,
@@ -296,7 +304,7 @@ class Conv2d(Module):
         return y
 
     def backward(self, dout):
-        dx, dw, db = conv2d_backward(dout, self._pop_cache())
+        dx, dw, db = conv2d_backward(dout, self._pop_cache(), self.input_grad)
         self.add_grad("weight", dw)
         if db is not None:
             self.add_grad("bias", db)

@@ -250,7 +250,7 @@ class ShapesVAETask:
         images, _, _ = self._dataset.sample(batch_size, rng)  # (B, 32, 32, 3), drawn from the trainer's rng
         images = to_device(images, device_of(self.model.quant_conv.weight))
         loss, _ = self.model.loss(images, beta=self.config.kl_weight, recon=self.config.recon, rng=rng)
-        self.model.loss_backward()
+        self.model.loss_backward(input_grad=False)  # the images are data: no gradient for them
         return float(asnumpy(loss))  # the one deliberate device -> host copy of a step
 
     def sample(self, sampler: str, steps: int, n: int, seed: int, progress: bool = False) -> np.ndarray:

@@ -311,6 +311,22 @@ def test_training_loss_matches_diffusers(vae_cases, name, recon, beta):
     assert _assert_all_grads_match(vae, c) <= 1.0
 
 
+def test_loss_backward_without_input_grad_gives_the_same_parameter_gradients(vae_cases):
+    """What training calls: no d loss / d x (the encoder's first conv skips it), the same
+    parameter gradients, and the first conv computes dx again afterwards."""
+    c = vae_cases[LOSS_CASES[0][0]]
+    grads = {}
+    for input_grad in (True, False):
+        vae = _tiny(vae_cases)
+        vae.loss(c["x"], beta=LOSS_CASES[0][2], recon=LOSS_CASES[0][1], noise=c["noise"])
+        dx = vae.loss_backward(input_grad=input_grad)
+        assert (dx is None) == (not input_grad)
+        assert vae.encoder.conv_in.input_grad
+        grads[input_grad] = [g.copy() for _, g in vae.named_grads()]
+    for full, skipped in zip(grads[True], grads[False]):
+        np.testing.assert_array_equal(full, skipped)
+
+
 @pytest.mark.crosscheck
 def test_every_gradient_entry_matches_diffusers_in_full():
     """The golden tests compare gradient summaries; this compares every entry (needs torch)."""

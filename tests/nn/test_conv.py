@@ -375,3 +375,28 @@ def test_conv2d_cupy_matches_numpy(x_shape, w_shape, stride, padding):
         dy = rng.standard_normal(y.shape)
         for g, g_gpu in zip(conv2d_backward(dy, cache), conv2d_backward(cupy.asarray(dy), cache_gpu)):
             np.testing.assert_allclose(cupy.asnumpy(g_gpu), g, rtol=1e-10, atol=1e-10, err_msg=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, (0, 1, 0, 1))])
+def test_a_layer_without_input_grad_gives_the_same_parameter_gradients_and_no_dx(method, stride, padding):
+    """``Conv2d.input_grad = False`` (a model's first layer, its input data): dx is None and
+    the weight and bias gradients are those of a full backward."""
+    if method == "matmul":
+        stride, padding = 1, 0
+    elif method in ("rows", "rows_stacked") and stride != 1:
+        pytest.skip("stride 1 only")
+    rng = np.random.default_rng(0)
+    kernel = 1 if method == "matmul" else 3
+    x = rng.standard_normal((3, 8, 8, 4))
+    grads = {}
+    for input_grad in (True, False):
+        layer = Conv2d(4, 5, kernel, stride=stride, padding=padding, rng=np.random.default_rng(1),
+                       method=method).to(dtype=np.float64)
+        layer.input_grad = input_grad
+        y = layer(x)
+        dx = layer.backward(np.ones_like(y))
+        assert (dx is None) == (not input_grad)
+        grads[input_grad] = (layer.grads["weight"], layer.grads["bias"])
+    for full, skipped in zip(grads[True], grads[False]):
+        np.testing.assert_array_equal(full, skipped)

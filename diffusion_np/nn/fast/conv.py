@@ -152,8 +152,9 @@ def conv2d_fast_forward(x, w, b, stride: int, padding: tuple, method: str):
     return y, Conv2dCache(method, saved, w, tuple(x.shape), stride, padding, b is not None)
 
 
-def conv2d_fast_backward(dout, cache: Conv2dCache):
-    """Gradients of :func:`conv2d_fast_forward`: ``(dx, dw, db)``, db None without bias.
+def conv2d_fast_backward(dout, cache: Conv2dCache, input_grad: bool = True):
+    """Gradients of :func:`conv2d_fast_forward`: ``(dx, dw, db)``, db None without bias,
+    dx None with ``input_grad=False`` (not computed).
 
     dx is a gather, never col2im: for stride 1 the flipped-kernel convolution of
     dout (:func:`_dx_gather`, itself run as the formulation :func:`_dx_method`
@@ -169,9 +170,13 @@ def conv2d_fast_backward(dout, cache: Conv2dCache):
     if method == "matmul":
         x2 = saved.reshape(-1, C_in)  # (B*H*W, C_in)
         dw = fast.matmul_tn(x2, dout2).reshape(w.shape)  # (C_in, N) @ (N, C_out)
-        dx = fast.matmul(dout2, w.reshape(C_in, C_out).T).reshape(x_shape)  # (N, C_out) @ (C_out, C_in)
+        dx = None
+        if input_grad:
+            dx = fast.matmul(dout2, w.reshape(C_in, C_out).T).reshape(x_shape)  # (N, C_out) @ (C_out, C_in)
         return dx, dw, db
-    if stride == 1:  # dx is a stride-1 convolution of dout (C_out -> C_in): its own formulation
+    if not input_grad:
+        dx = None
+    elif stride == 1:  # dx is a stride-1 convolution of dout (C_out -> C_in): its own formulation
         dx = _dx_gather(dout, w, stride, padding, H, W, _dx_method(dout.shape, w.shape, H, W))
     else:  # no dilated dout (3/4 zeros at stride 2): one small convolution per output phase
         dx = _dx_phases(dout, w, stride, padding, H, W)
