@@ -360,9 +360,10 @@ class Attention(Module):
         elif self.chunk_size is not None and x.shape[1] > self.chunk_size:
             out = sdpa_chunked_forward(q, k, v, mask=mask, chunk_size=self.chunk_size)  # (B, heads, N, d)
             sdpa_cache = None  # forward only: the probabilities were never kept
-        elif fast.splits_batch(q, k, v, nbytes=q.nbytes // q.shape[3] * k.shape[2]):  # the (B, heads, N, L) scores
+        elif fast.splits_batch(q, k, v, nbytes=(scores := q.nbytes // q.shape[3] * k.shape[2])):  # (B, heads, N, L)
             # blocks of the batch on the threads (nn/fast/parallel.py)
-            out, sdpa_cache = fast.parallel.forward_in_blocks(sdpa_forward, (q, k, v), (*q.shape[:3], v.shape[3]), mask)
+            out, sdpa_cache = fast.parallel.forward_in_blocks(sdpa_forward, (q, k, v), (*q.shape[:3], v.shape[3]), mask,
+                                                              nbytes=scores)
         else:
             out, sdpa_cache = sdpa_forward(q, k, v, mask=mask)  # (B, heads, N, d)
         y = self.to_out[0](_merge_heads(out))  # (B, N, heads*d) -> (B, N, query_dim)

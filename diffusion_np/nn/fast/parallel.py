@@ -298,13 +298,18 @@ def splits(arrays: tuple, min_per_block: int = 1, nbytes: int | None = None) -> 
     return worth_splitting(arrays[0].nbytes if nbytes is None else nbytes, MIN_SPLIT_BYTES)
 
 
-def forward_in_blocks(forward: Callable, arrays: tuple, out_shape: tuple, *args):
+def forward_in_blocks(forward: Callable, arrays: tuple, out_shape: tuple, *args, nbytes: int | None = None):
     """``y, cache = forward(*arrays, *args)`` computed per block of the batch (axis 0 of every
     array in ``arrays``) on the threads; ``y`` (``out_shape``, batch first) is assembled in place
-    and the cache is a :class:`BlockCaches`. ``args`` are passed to every block as they are."""
+    and the cache is a :class:`BlockCaches`. ``args`` are passed to every block as they are.
+
+    Blocks of about 2 MiB of ``nbytes`` (the op's largest array; the first array's where
+    None), at least one per thread (:func:`block_size`): GroupNorm + SiLU's passes then find
+    their block in the cache. With one block per thread instead, the VAE's training step
+    took 300 ms (median) on two threads against 265 ms (docs/performance.md, sixth round)."""
     B = arrays[0].shape[0]
     y = np.empty(out_shape, dtype=np.result_type(*arrays))
-    per_block = -(-B // _threads)  # one block per thread: these ops stream, they do not block for the cache
+    per_block = block_size(B, (arrays[0].nbytes if nbytes is None else nbytes) // B)
 
     def block(lo: int, hi: int):
         y_block, cache = forward(*(a[lo:hi] for a in arrays), *args)
