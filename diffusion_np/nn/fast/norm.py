@@ -93,15 +93,21 @@ def group_norm_silu_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5, 
 def group_norm_silu_backward(dout, cache: GroupNormSiLUCache):
     """Gradients of :func:`group_norm_silu_forward`: dz = dout * silu'(z), then GroupNorm's
     backward (:func:`diffusion_np.nn.norm.group_norm_backward`) on the folded rows.
-    Returns (dx, dgamma, dbeta)."""
+    Returns (dx, dgamma, dbeta).
+
+    The cache is spent: dz and dx are written over its silu'(z), and xc over itself (as a
+    Module's backward spends its cache), so no pass writes a new full-size array.
+    """
     xc, rstd, gamma, num_groups, has_beta, shape = cache.norm
     C, fold = shape[-1], cache.fold
-    dz = dout.reshape(xc.shape) * cache.dsilu  # (B, N/fold, fold*C)
+    dz = cache.dsilu  # (B, N/fold, fold*C)
+    dz *= dout.reshape(xc.shape)
     sums = _unfold_sums(_sum_over_positions(dz), C), _unfold_sums(_sum_products_over_positions(dz, xc), C)
     factors = _group_norm_backward_factors(*sums, rstd, gamma, num_groups, xc.shape[1] * fold, has_beta)
     scale, centred, shift, dgamma, dbeta = factors  # the first three (B, C)
     dx = dz
-    dx *= _tile_fold(scale[:, None, :], fold)  # dz is ours: the three passes in place
-    dx -= xc * _tile_fold(centred[:, None, :], fold)
+    dx *= _tile_fold(scale[:, None, :], fold)
+    xc *= _tile_fold(centred[:, None, :], fold)
+    dx -= xc
     dx -= _tile_fold(shift[:, None, :], fold)
     return dx.reshape(shape), dgamma, dbeta
