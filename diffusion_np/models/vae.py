@@ -62,7 +62,7 @@ import numpy as np
 from diffusion_np.backend import DEFAULT_DTYPE, device_of, get_xp, to_device
 from diffusion_np.models.config import VAEConfig, given_config
 from diffusion_np.models.resnet import ResnetBlock2D
-from diffusion_np.nn.attention import sdpa_backward, sdpa_forward
+from diffusion_np.nn.attention import sdpa_blocked_backward, sdpa_blocked_forward
 from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.losses import (
@@ -238,7 +238,7 @@ class VAEAttention(Module):
         q = self.to_q(h)[:, None]  # (B, HW, C) -> (B, 1, HW, C): one head
         k = self.to_k(h)[:, None]
         v = self.to_v(h)[:, None]
-        out, sdpa_cache = sdpa_forward(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C)
+        out, sdpa_cache = sdpa_blocked_forward(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C); threads where large
         out = self.to_out[0](out[:, 0])  # (B, HW, C)
         y = out.reshape(B, H, W, C) + x  # the residual connection
         if self.rescale_output_factor != 1.0:
@@ -252,7 +252,7 @@ class VAEAttention(Module):
         if self.rescale_output_factor != 1.0:
             dout = dout / self.rescale_output_factor
         dattn = self.to_out[0].backward(dout.reshape(B, H * W, C))  # (B, HW, C)
-        dq, dk, dv = sdpa_backward(dattn[:, None], sdpa_cache)  # each (B, 1, HW, C)
+        dq, dk, dv = sdpa_blocked_backward(dattn[:, None], sdpa_cache)  # each (B, 1, HW, C)
         # h fed the queries, the keys and the values: its gradient is the sum of the three
         dh = self.to_q.backward(dq[:, 0])
         dh += self.to_k.backward(dk[:, 0])

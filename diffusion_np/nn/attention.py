@@ -242,6 +242,23 @@ def sdpa_chunked_forward(q, k, v, mask=None, scale: float | None = None, chunk_s
 
 
 # --------------------------------------------------------------------------- heads
+def sdpa_blocked_forward(q, k, v, mask=None):
+    """:func:`sdpa_forward`, in blocks of the batch on the threads when the (B, heads, N, L)
+    scores are large enough (nn/fast/parallel.py); its cache goes to :func:`sdpa_blocked_backward`."""
+    scores = q.nbytes // q.shape[3] * k.shape[2]  # bytes of the (B, heads, N, L) scores
+    if fast.splits_batch(q, k, v, nbytes=scores):
+        return fast.parallel.forward_in_blocks(sdpa_forward, (q, k, v), (*q.shape[:3], v.shape[3]), mask,
+                                               nbytes=scores)
+    return sdpa_forward(q, k, v, mask=mask)
+
+
+def sdpa_blocked_backward(dout, cache):
+    """The gradients ``(dq, dk, dv)`` of :func:`sdpa_blocked_forward`, in blocks where it ran in blocks."""
+    if isinstance(cache, fast.parallel.BlockCaches):
+        return fast.parallel.backward_in_blocks(sdpa_backward, dout, cache, n_batch_grads=3)
+    return sdpa_backward(dout, cache)
+
+
 def _split_heads(x, heads: int):
     """(B, N, heads*d) -> (B, heads, N, d) (a view: no copy)."""
     B, N, inner = x.shape
@@ -360,12 +377,8 @@ class Attention(Module):
         elif self.chunk_size is not None and x.shape[1] > self.chunk_size:
             out = sdpa_chunked_forward(q, k, v, mask=mask, chunk_size=self.chunk_size)  # (B, heads, N, d)
             sdpa_cache = None  # forward only: the probabilities were never kept
-        elif fast.splits_batch(q, k, v, nbytes=(scores := q.nbytes // q.shape[3] * k.shape[2])):  # (B, heads, N, L)
-            # blocks of the batch on the threads (nn/fast/parallel.py)
-            out, sdpa_cache = fast.parallel.forward_in_blocks(sdpa_forward, (q, k, v), (*q.shape[:3], v.shape[3]), mask,
-                                                              nbytes=scores)
-        else:
-            out, sdpa_cache = sdpa_forward(q, k, v, mask=mask)  # (B, heads, N, d)
+        else:  # in blocks of the batch on the threads where large enough
+            out, sdpa_cache = sdpa_blocked_forward(q, k, v, mask=mask)  # (B, heads, N, d)
         y = self.to_out[0](_merge_heads(out))  # (B, N, heads*d) -> (B, N, query_dim)
         self._set_cache((sdpa_cache, self_attention))
         return y
@@ -379,11 +392,7 @@ class Attention(Module):
                 "chunk_size=None and attention_edit=None for training"
             )
         d_merged = self.to_out[0].backward(dout)  # (B, N, heads*d)
-        if isinstance(sdpa_cache, fast.parallel.BlockCaches):
-            dq, dk, dv = fast.parallel.backward_in_blocks(sdpa_backward, _split_heads(d_merged, self.heads),
-                                                          sdpa_cache, n_batch_grads=3)
-        else:
-            dq, dk, dv = sdpa_backward(_split_heads(d_merged, self.heads), sdpa_cache)
+        dq, dk, dv = sdpa_blocked_backward(_split_heads(d_merged, self.heads), sdpa_cache)
         dx = self.to_q.backward(_merge_heads(dq))  # (B, N, query_dim)
         dcontext = self.to_k.backward(_merge_heads(dk))  # (B, L, cross_attention_dim)
         dcontext += self.to_v.backward(_merge_heads(dv))
