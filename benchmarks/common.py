@@ -23,28 +23,6 @@ from contextlib import contextmanager
 import numpy as np
 
 
-def tune_malloc() -> bool:
-    """Raise glibc's mmap and trim thresholds to 256 MiB / 512 MiB (mallopt).
-
-    By default glibc hands every array above 128 KiB back to the OS when it is
-    freed, so the next step's arrays of the same size page-fault again: about 10%
-    of a NumPy training step on this machine, and half of a small attention
-    call. Raising the thresholds keeps freed memory for reuse; PyTorch's CPU
-    allocator benefits the same way, so both sides of a ratio run with it.
-    Returns False where there is no glibc (then nothing changes).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or platform.system() != "Linux":
-        return False
-    libc = ctypes.CDLL(name)
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
-    ok = libc.mallopt(M_MMAP_THRESHOLD, 256 * 2**20) == 1
-    return ok and libc.mallopt(M_TRIM_THRESHOLD, 512 * 2**20) == 1
-
-
 def blas_env() -> str:
     return "as-is" if ("OPENBLAS_CORETYPE" in os.environ or "OPENBLAS_L2_SIZE" in os.environ) else "unset"
 

@@ -13,7 +13,8 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import median_time, print_table, read_results, row, threads, tune_malloc, write_json
+from benchmarks.common import median_time, print_table, read_results, row, threads, write_json
+from diffusion_np.malloc import tune_malloc
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.attention import sdpa_backward, sdpa_forward
 from diffusion_np.nn.conv import conv2d_backward, conv2d_forward

@@ -65,7 +65,8 @@ import tracemalloc
 
 import numpy as np
 
-from benchmarks.common import print_table, read_results, row, threads, tune_malloc, write_json
+from benchmarks.common import print_table, read_results, row, threads, write_json
+from diffusion_np.malloc import tune_malloc
 
 # ----------------------------------------------------------------------------- configurations
 # The configurations come from diffusion_np.training.presets (the "full" presets of the

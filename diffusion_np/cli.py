@@ -39,6 +39,7 @@ from diffusion_np.gradcheck import gradcheck_report
 from diffusion_np.io.checkpoint import CheckpointError, load_checkpoint, writable_path
 from diffusion_np.io.diffusers import add_sample_arguments, sample_from_model
 from diffusion_np.io.lora import load_lora_weights, parse_lora_spec
+from diffusion_np.malloc import tune_malloc
 from diffusion_np.metrics.evaluate import evaluate_checkpoint, format_report, format_sweep, write_json
 from diffusion_np.pipelines.image_io import load_control_image, load_image, load_mask, save_image
 from diffusion_np.pretrained import PREFIX, PRETRAINED, resolve_checkpoint
@@ -736,6 +737,7 @@ def _restore(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()  # freed memory kept for the next step (diffusion_np/malloc.py): a choice for this process
     try:
         if args.command == "gradcheck":
             return 0 if gradcheck_report(seed=args.seed) < 1e-6 else 1
