@@ -70,15 +70,18 @@ def test_blocked_rows_equal_one_pass_in_float64(monkeypatch, split_everything, m
             np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stride,padding", [(1, 1), (2, (0, 1, 0, 1)), (2, 1)])
-def test_blocked_im2col_equals_one_pass_in_float64(monkeypatch, split_everything, stride, padding):
+@pytest.mark.parametrize("method,kernel,stride,padding", [("im2col", 3, 1, 1), ("im2col", 3, 2, (0, 1, 0, 1)),
+                                                         ("im2col", 3, 2, 1), ("matmul", 1, 1, 0)])
+def test_blocked_im2col_equals_one_pass_in_float64(monkeypatch, split_everything, method, kernel, stride, padding):
     """"im2col" with columns above the size it keeps (the VAE's stride-2 convolutions): built and
-    multiplied block by block, dw and db summed over the blocks; as the reference on 1 and 3 threads."""
+    multiplied block by block, dw and db summed over the blocks; as the reference on 1 and 3 threads.
+    A 1x1 "matmul" convolution, which keeps x too, still returns its bias gradient."""
     from diffusion_np.nn.fast import conv as fast_conv
 
     monkeypatch.setattr(fast_conv, "_MAX_SAVED_COLUMNS_BYTES", 0)
     rng = np.random.default_rng(1)
-    x, w, b = rng.standard_normal((5, 9, 8, 4)), rng.standard_normal((3, 3, 4, 6)), rng.standard_normal(6)
+    x, w, b = (rng.standard_normal((5, 9, 8, 4)), rng.standard_normal((kernel, kernel, 4, 6)),
+               rng.standard_normal(6))
     y_ref, cache = conv2d_forward(x, w, b, stride, padding, method="reference")
     dout = rng.standard_normal(y_ref.shape)
     grads_ref = conv2d_backward(dout, cache)
@@ -86,9 +89,10 @@ def test_blocked_im2col_equals_one_pass_in_float64(monkeypatch, split_everything
     monkeypatch.setattr(parallel, "block_size", lambda n_items, nbytes: real_block_size(n_items, nbytes, 1))
     for n in (1, 3):
         with parallel.threads(n):
-            y, cache = conv2d_forward(x, w, b, stride, padding, method="im2col")
+            y, cache = conv2d_forward(x, w, b, stride, padding, method=method)
             assert cache.saved is x
             grads = conv2d_backward(dout, cache)
+            assert grads[2] is not None
         np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
         for g, g_ref in zip(grads, grads_ref):
             np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12)

@@ -168,7 +168,8 @@ def conv2d_fast_backward(dout, cache: Conv2dCache, input_grad: bool = True):
     _, H, W, _ = x_shape
     _, Ho, Wo, _ = dout.shape
     dout2 = dout.reshape(-1, C_out)  # (B*Ho*Wo, C_out)
-    in_blocks = method in ("rows", "rows_stacked") or (saved.ndim == 4 and _im2col_in_blocks(saved, w.shape, Ho, Wo))
+    im2col_blocks = method == "im2col" and saved.ndim == 4 and _im2col_in_blocks(saved, w.shape, Ho, Wo)
+    in_blocks = method in ("rows", "rows_stacked") or im2col_blocks
     # the blocks sum db with their weight gradient, while each block of dout is in the cache
     db = _sum_rows(dout2) if has_bias and not in_blocks else None
     if method == "matmul":
@@ -186,7 +187,7 @@ def conv2d_fast_backward(dout, cache: Conv2dCache, input_grad: bool = True):
         dx = _dx_phases(dout, w, stride, padding, H, W)
     if method in ("rows", "rows_stacked"):
         dw, db = _dw_rows_blocked(saved, dout, w.shape, padding, method, has_bias)  # the forward's columns, rebuilt
-    elif in_blocks:  # "im2col" that kept x
+    elif im2col_blocks:  # "im2col" that kept x
         dw, db = _dw_im2col_blocked(saved, dout, w.shape, stride, padding, has_bias)  # rebuilt block by block
     else:
         cols = saved if saved.ndim == 2 else _im2col(_pad_hw(saved, *padding), kh, kw, stride, Ho, Wo)  # rebuilt
@@ -313,8 +314,14 @@ def _dw_rows_blocked(x, dout, w_shape: tuple, padding: tuple, method: str, with_
 
     macs = B * dout.shape[1] * Wo * kh * kw * C_in * C_out
     parts = parallel.run_blocks(block, B, parallel.block_size(B, Hp * Wo * kw * C_in * x.itemsize), macs)
+    return _add_block_parts(parts)
+
+
+def _add_block_parts(parts: list):
+    """The sums over the batch of a weight (and bias) gradient computed per block: each block's
+    ``(dw, db)`` partial sums, added in block order (db None stays None). Returns (dw, db)."""
     dw, db = parts[0]
-    for dw_part, db_part in parts[1:]:  # sums over the batch: the blocks' partial sums
+    for dw_part, db_part in parts[1:]:
         dw += dw_part
         if db is not None:
             db += db_part
@@ -331,7 +338,7 @@ def _im2col_in_blocks(x, w_shape: tuple, Ho: int, Wo: int) -> bool:
 def _im2col_blocked(x, w, b, stride: int, padding: tuple, Ho: int, Wo: int):
     """The "im2col" forward per block of images, as :func:`_rows_blocked`: a block's columns
     (about 2 MB) are built and multiplied while they are in the cache, and the blocks run
-    on the threads. The VAE's stride-2 convolution at 32x32: 3.2 ms one pass, 2.2 ms in blocks.
+    on the threads (docs/performance.md, sixth round).
 
     x (B, H, W, C_in), w (kh, kw, C_in, C_out), b (C_out,) or None -> y (B, Ho, Wo, C_out).
     """
@@ -364,11 +371,7 @@ def _dw_im2col_blocked(x, dout, w_shape: tuple, stride: int, padding: tuple, wit
 
     macs = B * Ho * Wo * kh * kw * C_in * C_out
     parts = parallel.run_blocks(block, B, parallel.block_size(B, Ho * Wo * kh * kw * C_in * x.itemsize), macs)
-    dw, db = parts[0]
-    for dw_part, db_part in parts[1:]:  # sums over the batch: the blocks' partial sums
-        dw += dw_part
-        if db is not None:
-            db += db_part
+    dw, db = _add_block_parts(parts)
     return dw.reshape(w_shape), db
 
 
