@@ -628,7 +628,7 @@ class AutoencoderKL(Module):
         the encoder and as the reconstruction target; the returned gradient is the sum of both.
 
         ``input_grad=False`` (training, where x is data): returns None, and the encoder's first
-        convolution skips its input gradient (``Conv2d.input_grad``), 1% of a step."""
+        convolution skips its input gradient (``Conv2d.input_grad``) for this backward."""
         cache = self._loss_cache
         if cache is None:
             raise RuntimeError("AutoencoderKL.loss_backward called without a preceding loss (or twice for one)")
@@ -642,12 +642,12 @@ class AutoencoderKL(Module):
         dmean = dmean + dmean_kl  # mean was used twice: by z and by the KL
         dlogvar = dlogvar + dlogvar_kl  # so was logvar
         conv_in = self.encoder.conv_in
-        conv_in.input_grad = input_grad
+        before, conv_in.input_grad = conv_in.input_grad, conv_in.input_grad and input_grad
         try:
             dx = self.encode_backward(dmean, dlogvar)  # 1.
         finally:
-            conv_in.input_grad = True
-        if not input_grad:
+            conv_in.input_grad = before
+        if dx is None:  # not asked for, or the first convolution was set not to compute it
             return None
         dx -= dx_rec  # 4. x as the target: recon depends on x_rec - x
         return dx

@@ -261,8 +261,9 @@ class Conv2d(Module):
     mode), "reference", or a formulation of :mod:`diffusion_np.nn.fast.conv` to force it.
 
     ``input_grad``: set it False on a layer whose input is data (a model's first layer,
-    while it trains) and ``backward`` returns None for dx without computing it, as
-    PyTorch skips the gradient of an input that does not require one.
+    while it trains) and ``backward`` returns None for dx, as PyTorch skips the gradient
+    of an input that does not require one. The fast formulations then do not compute it;
+    the reference one computes it and drops it.
     """
 
     input_grad = True

@@ -86,31 +86,21 @@ def _sum_products_over_positions(a, b):
     return get_xp(a).einsum("bnc,bnc->bc", a, b)
 
 
-def _unfold_sums(s, channels: int):
-    """Per-channel sums over positions folded ``k`` to a row, (B, k*C) -> (B, C)."""
-    return s.reshape(s.shape[0], -1, channels).sum(axis=1)
-
-
-def _tile_fold(v, fold: int):
-    """A per-channel factor (B, 1, C) for positions folded ``fold`` to a row: (B, 1, fold*C)."""
-    return v if fold == 1 else get_xp(v).tile(v, (1, 1, fold))
-
-
-def _centre_and_rstd(x, num_groups: int, eps: float, fold: int = 1):
-    """The statistics of GroupNorm: x (B, ..., C) -> centred xc (B, N, C) and rstd (B, G).
-
-    ``fold``: xc as (B, N/fold, fold*C) instead, ``fold`` positions side by side on the
-    last axis (a view of x; the fused op of nn/fast/norm.py uses it for longer inner loops).
-    """
-    C = x.shape[-1]
-    if x.ndim < 2 or C % num_groups != 0:
+def _check_groups(x, num_groups: int) -> None:
+    """x must be (B, ..., C) with C divisible by the number of groups."""
+    if x.ndim < 2 or x.shape[-1] % num_groups != 0:
         raise ValueError(
             f"group_norm: x must be (B, ..., C) with C divisible by num_groups={num_groups}, "
             f"got {tuple(x.shape)}"
         )
-    B = x.shape[0]
-    x3 = x.reshape(B, -1, fold * C)  # (B, H, W, C) -> (B, N, C): positions on one axis
-    N = x3.shape[1] * fold
+
+
+def _centre_and_rstd(x, num_groups: int, eps: float):
+    """The statistics of GroupNorm: x (B, ..., C) -> centred xc (B, N, C) and rstd (B, G)."""
+    _check_groups(x, num_groups)
+    B, C = x.shape[0], x.shape[-1]
+    x3 = x.reshape(B, -1, C)  # (B, H, W, C) -> (B, N, C): positions on one axis
+    N = x3.shape[1]
     cpg = C // num_groups  # channels per group
     n = N * cpg  # numbers sharing one (mu, var)
 
@@ -125,9 +115,9 @@ def _centre_and_rstd(x, num_groups: int, eps: float, fold: int = 1):
     # float64 was measured (up to 512x512 positions, per-channel offsets up to 100x
     # the std) to change the error of y by less than the float32 rounding of x itself,
     # already below PyTorch's, for 10-25% more time, so we do not.
-    mu = _per_channel_to_group(_unfold_sums(_sum_over_positions(x3), C), num_groups) / n  # (B, G)
-    xc = x3 - _tile_fold(_group_to_channel(mu, cpg), fold)  # (B, N, C) centred
-    var = _per_channel_to_group(_unfold_sums(_sum_products_over_positions(xc, xc), C), num_groups) / n  # (B, G)
+    mu = _per_channel_to_group(_sum_over_positions(x3), num_groups) / n  # (B, G)
+    xc = x3 - _group_to_channel(mu, cpg)  # (B, N, C) centred
+    var = _per_channel_to_group(_sum_products_over_positions(xc, xc), num_groups) / n  # (B, G)
     rstd = 1.0 / get_xp(x).sqrt(var + eps)  # (B, G); eps is a Python float: dtype stays
     return xc, rstd
 
@@ -171,6 +161,36 @@ def group_norm_forward(x, gamma, beta, num_groups: int, eps: float = 1e-5):
     return y.reshape(x.shape), cache
 
 
+def _group_norm_backward_factors(sum_dout, sum_dout_xc, rstd, gamma, num_groups: int, N: int, has_beta: bool):
+    """The per-(sample, channel) factors of GroupNorm's input gradient, from two per-channel sums
+    over the N positions: ``sum(dout)`` and ``sum(dout * xc)``, both (B, C).
+
+    Using x_hat = xc * rstd, dx = dout * scale - xc * xc_factor - shift with (all (B, C))::
+
+        scale     = rstd * gamma
+        xc_factor = rstd^2 * mean(dx_hat * x_hat)
+        shift     = rstd * mean(dx_hat)
+
+    Returns (scale, xc_factor, shift, dgamma, dbeta); dgamma/dbeta None without gamma/beta.
+    (The fused GroupNorm + SiLU of nn/fast/norm.py uses it too.)
+    """
+    C = sum_dout.shape[-1]
+    cpg = C // num_groups
+    n = N * cpg  # numbers sharing one (mu, var)
+    rstd_c = _group_to_channel(rstd, cpg)[:, 0, :]  # (B, C)
+    sum_dout_xhat = sum_dout_xc * rstd_c  # (B, C); x_hat = xc * rstd
+    dbeta = sum_dout.sum(axis=0) if has_beta else None  # (C,)
+    dgamma = sum_dout_xhat.sum(axis=0) if gamma is not None else None  # (C,)
+    if gamma is not None:  # dx_hat = gamma * dout, so its sums are gamma * the sums of dout
+        sum_dout, sum_dout_xhat = sum_dout * gamma, sum_dout_xhat * gamma
+    mean_dxhat = _per_channel_to_group(sum_dout, num_groups) / n  # (B, G)
+    mean_dxhat_xhat = _per_channel_to_group(sum_dout_xhat, num_groups) / n  # (B, G)
+    scale = rstd_c * gamma if gamma is not None else rstd_c
+    xc_factor = rstd_c * rstd_c * _group_to_channel(mean_dxhat_xhat, cpg)[:, 0, :]
+    shift = rstd_c * _group_to_channel(mean_dxhat, cpg)[:, 0, :]
+    return scale, xc_factor, shift, dgamma, dbeta
+
+
 def group_norm_backward(dout, cache: GroupNormCache):
     """Gradients of :func:`group_norm_forward`.
 
@@ -191,40 +211,12 @@ def group_norm_backward(dout, cache: GroupNormCache):
     B, N, C = xc.shape
     dout3 = dout.reshape(B, N, C)  # (B, N, C)
     sums = _sum_over_positions(dout3), _sum_products_over_positions(dout3, xc)  # (B, C) each
-    scale, centred, shift, dgamma, dbeta = _group_norm_backward_factors(*sums, rstd, gamma, num_groups, N, has_beta)
+    scale, xc_factor, shift, dgamma, dbeta = _group_norm_backward_factors(*sums, rstd, gamma, num_groups, N,
+                                                                          has_beta)  # (B, C) each, then (C,)
     dx = dout3 * scale[:, None, :]  # each full-size pass is one multiply or one subtract
-    dx -= xc * centred[:, None, :]
+    dx -= xc * xc_factor[:, None, :]
     dx -= shift[:, None, :]
     return dx.reshape(shape), dgamma, dbeta
-
-
-def _group_norm_backward_factors(sum_dout, sum_dout_xc, rstd, gamma, num_groups: int, N: int, has_beta: bool):
-    """The per-(sample, channel) factors of GroupNorm's input gradient, from two per-channel sums
-    over the N positions: ``sum(dout)`` and ``sum(dout * xc)``, both (B, C).
-
-    Using x_hat = xc * rstd, dx = dout * scale - xc * centred - shift with (all (B, C))::
-
-        scale   = rstd * gamma
-        centred = rstd^2 * mean(dx_hat * x_hat)
-        shift   = rstd * mean(dx_hat)
-
-    Returns (scale, centred, shift, dgamma, dbeta); dgamma/dbeta None without gamma/beta.
-    """
-    C = sum_dout.shape[-1]
-    cpg = C // num_groups
-    n = N * cpg  # numbers sharing one (mu, var)
-    rstd_c = _group_to_channel(rstd, cpg)[:, 0, :]  # (B, C)
-    sum_dout_xhat = sum_dout_xc * rstd_c  # (B, C); x_hat = xc * rstd
-    dbeta = sum_dout.sum(axis=0) if has_beta else None  # (C,)
-    dgamma = sum_dout_xhat.sum(axis=0) if gamma is not None else None  # (C,)
-    if gamma is not None:  # dx_hat = gamma * dout, so its sums are gamma * the sums of dout
-        sum_dout, sum_dout_xhat = sum_dout * gamma, sum_dout_xhat * gamma
-    mean_dxhat = _per_channel_to_group(sum_dout, num_groups) / n  # (B, G)
-    mean_dxhat_xhat = _per_channel_to_group(sum_dout_xhat, num_groups) / n  # (B, G)
-    scale = rstd_c * gamma if gamma is not None else rstd_c
-    centred = rstd_c * rstd_c * _group_to_channel(mean_dxhat_xhat, cpg)[:, 0, :]
-    shift = rstd_c * _group_to_channel(mean_dxhat, cpg)[:, 0, :]
-    return scale, centred, shift, dgamma, dbeta
 
 
 class _GroupNormThenSiLUCache(NamedTuple):  # GroupNorm(silu=True) on the reference path
@@ -288,7 +280,7 @@ class GroupNorm(Module):
     @staticmethod
     def _backward(dout, cache):
         if isinstance(cache, fast.norm.GroupNormSiLUCache):
-            return fast.norm.group_norm_silu_backward(dout, cache)
+            return fast.norm.group_norm_silu_backward(dout, cache, consume=True)  # the cache was popped
         if isinstance(cache, _GroupNormThenSiLUCache):
             return group_norm_backward(silu_backward(dout, cache.silu), cache.norm)
         return group_norm_backward(dout, cache)

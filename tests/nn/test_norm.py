@@ -161,6 +161,29 @@ def test_group_norm_silu_module_keeps_float32_and_matches_unfused():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_group_norm_silu_backward_leaves_its_cache_unless_told_to_consume_it():
+    """The op may run its backward twice on one cache; a Module's (``consume=True``) writes over
+    the cache it has popped and gives the same numbers; dout is never written; a float64 dout
+    on a float32 cache gives float64 gradients, as before the in-place passes."""
+    rng = np.random.default_rng(5)
+    x, dout = (rng.standard_normal((2, 4, 4, 8)).astype(np.float32) for _ in range(2))
+    gamma, beta = (a.astype(np.float32) for a in _affine(rng, 8))
+    _, cache = group_norm_silu_forward(x, gamma, beta, 4)
+    kept = [a.copy() for a in (cache.xc, cache.dsilu, dout)]
+    first, second = group_norm_silu_backward(dout, cache), group_norm_silu_backward(dout, cache)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(kept, (cache.xc, cache.dsilu, dout)):
+        np.testing.assert_array_equal(a, b)
+    consumed = group_norm_silu_backward(dout, cache, consume=True)
+    for a, b in zip(first, consumed):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    _, cache = group_norm_silu_forward(x, gamma, beta, 4)
+    dx64, _, _ = group_norm_silu_backward(dout.astype(np.float64), cache, consume=True)
+    assert dx64.dtype == np.float64 and cache.dsilu.dtype == np.float32
+    np.testing.assert_allclose(dx64, first[0], rtol=1e-5, atol=1e-5)
+
+
 def test_group_norm_silu_without_grad_keeps_no_derivative():
     _, cache = group_norm_silu_forward(np.ones((1, 2, 2, 4)), None, None, 2, with_grad=False)
     assert cache.dsilu is None
