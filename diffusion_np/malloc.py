@@ -4,11 +4,8 @@ A NumPy training step allocates the same arrays every step: activations, caches,
 gradients, a few MB each. By default glibc gives every block above 128 KiB back to
 the OS when it is freed, so the next step's arrays of the same size page-fault again,
 and each helper thread of :mod:`diffusion_np.nn.fast.parallel` gets its own arena,
-whose extra 64 MiB heaps are unmapped whenever they empty: the blocks' caches made
-5,500 page faults a VAE training step on two threads (18 ms of system time), 7 with
-one arena. Measured on a 2-core machine (benchmarks/train.py with and without
-``--default-malloc``): the shapes U-Net's step 2-4% faster on one thread and 8-14% on
-two, the VAE's 0-2% and 3%; PyTorch's steps gain 7-12% from the same settings.
+whose extra 64 MiB heaps are unmapped whenever they empty (after every backward) and
+faulted in again. What it costs and what this saves: docs/performance.md, sixth round.
 
 :func:`tune_malloc` raises the mmap and trim thresholds (256 MiB / 512 MiB) and keeps
 one arena for all threads. It is a choice for a whole process, so the library never

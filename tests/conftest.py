@@ -21,3 +21,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _keep_this_process_malloc(monkeypatch):
+    """The command tunes glibc's malloc for its whole process (diffusion_np/malloc.py); tests that
+    call it in-process leave pytest's malloc as it was (tests/test_malloc.py checks the call)."""
+    import diffusion_np.cli
+
+    monkeypatch.setattr(diffusion_np.cli, "tune_malloc", lambda: False)

@@ -66,7 +66,7 @@ from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
 from diffusion_np.nn.resample import avg_pool2x2_backward, avg_pool2x2_forward
-from diffusion_np.nn.validate import check_finite, check_image
+from diffusion_np.nn.validate import check_image, check_input_finite
 from diffusion_np.optim import Adam, LRScheduler, linear_warmup_cosine
 
 #: the shipped weights, inside the package (see the README.md beside them)
@@ -141,7 +141,7 @@ class DigitClassifier(Module):
                 f"DigitClassifier expects x of shape (B, S, S, 1) with S = 8, 16, 32, ... (square, 8 * 2^k), "
                 f"got {tuple(x.shape)}"
             )
-        check_finite(self, x)
+        check_input_finite(self, x)
         return k
 
     def _trunk(self, x):

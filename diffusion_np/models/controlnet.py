@@ -66,7 +66,7 @@ from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.embedding import TimestepEmbedding, Timesteps
 from diffusion_np.nn.module import BlockGrads, Module, ModuleList
-from diffusion_np.nn.validate import check_finite, check_image
+from diffusion_np.nn.validate import check_image, check_input_finite
 
 __all__ = ["ControlNetConditioningEmbedding", "ControlNetModel"]
 
@@ -302,7 +302,7 @@ class ControlNetModel(Module):
                 f"{f} (its conditioning embedding downsamples by {f}), {self.conditioning_channels} channel(s); "
                 f"got {tuple(controlnet_cond.shape)}"
             )
-        check_finite(self, controlnet_cond, "controlnet_cond")
+        check_input_finite(self, controlnet_cond, "controlnet_cond")
         return float(conditioning_scale)  # a Python float keeps float32 float32
 
     def __repr__(self) -> str:

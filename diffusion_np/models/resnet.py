@@ -38,7 +38,7 @@ from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import BlockGrads, Module
 from diffusion_np.nn.norm import GroupNorm
-from diffusion_np.nn.validate import check_features, check_finite, check_image
+from diffusion_np.nn.validate import check_features, check_image, check_input_finite
 
 
 class ResnetBlock2D(Module):
@@ -94,7 +94,7 @@ class ResnetBlock2D(Module):
 
     def forward(self, x, temb=None):
         check_image(self, x, self.in_channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         if temb is not None:
             if self.temb_channels is None:
                 raise ValueError(
@@ -107,7 +107,7 @@ class ResnetBlock2D(Module):
                     f"ResnetBlock2D expects temb of shape (B, {self.temb_channels}) with B={x.shape[0]} "
                     f"(the batch of x), got {tuple(temb.shape)}"
                 )
-            check_finite(self, temb, "temb")
+            check_input_finite(self, temb, "temb")
 
         # main branch, first half: h = conv1(silu(norm1(x)))
         h = self.norm1(x)  # GroupNorm, then SiLU (fused: silu=True), (B, H, W, C_in)

@@ -58,7 +58,7 @@ from diffusion_np.nn.embedding import Embedding
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module, ModuleList
 from diffusion_np.nn.norm import LayerNorm
-from diffusion_np.nn.validate import check_features, check_finite
+from diffusion_np.nn.validate import check_features, check_input_finite
 
 #: hidden_act name (transformers' ACT2FN) -> activation module; TextEncoderConfig accepts these names
 #: (its sizes and their checks are in models/config.py)
@@ -155,7 +155,7 @@ class CLIPAttention(Module):
         check_features(self, x, self.embed_dim, min_ndim=3)
         if x.ndim != 3:
             raise ValueError(f"CLIPAttention expects x of shape (B, L, {self.embed_dim}), got {tuple(x.shape)}")
-        check_finite(self, x)
+        check_input_finite(self, x)
         H = self.num_heads
         q = _split_heads(self.q_proj(x), H)  # (B, L, D) -> (B, H, L, d)
         k = _split_heads(self.k_proj(x), H)  # (B, L, D) -> (B, H, L, d)

@@ -20,7 +20,7 @@ from diffusion_np.nn.activation import SiLU
 from diffusion_np.nn.embedding import timestep_embedding
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module, ModuleList
-from diffusion_np.nn.validate import check_features, check_finite
+from diffusion_np.nn.validate import check_features, check_input_finite
 
 
 class ToyDenoiser(Module):
@@ -38,7 +38,7 @@ class ToyDenoiser(Module):
 
     def forward(self, x, t):
         check_features(self, x, self.dim, min_ndim=2)
-        check_finite(self, x)
+        check_input_finite(self, x)
         xp = get_xp(x)
         t = xp.asarray(np.broadcast_to(np.asarray(t), (x.shape[0],)) if np.ndim(t) == 0 else t)  # (B,)
         temb = timestep_embedding(t, self.time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)

@@ -42,7 +42,7 @@ from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import BlockGrads, Module, ModuleList
 from diffusion_np.nn.norm import GroupNorm, LayerNorm
-from diffusion_np.nn.validate import check_features, check_finite, check_image
+from diffusion_np.nn.validate import check_features, check_image, check_input_finite
 
 
 def _check_context(layer, context, cross_attention_dim: int, batch: int) -> None:
@@ -53,7 +53,7 @@ def _check_context(layer, context, cross_attention_dim: int, batch: int) -> None
             f"{type(layer).__name__} expects context (encoder_hidden_states) of shape "
             f"(B={batch}, L, {cross_attention_dim}), got {tuple(context.shape)}"
         )
-    check_finite(layer, context, "context")
+    check_input_finite(layer, context, "context")
 
 
 class FeedForward(Module):
@@ -209,7 +209,7 @@ class Transformer2DModel(Module):
 
     def forward(self, x, context):
         check_image(self, x, self.in_channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         B, H, W, C = x.shape
         _check_context(self, context, self.cross_attention_dim, B)
         h = self.norm(x)  # (B, H, W, C)

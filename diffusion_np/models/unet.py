@@ -55,7 +55,7 @@ from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.embedding import TimestepEmbedding, Timesteps
 from diffusion_np.nn.module import BlockGrads, Module, ModuleList
 from diffusion_np.nn.norm import GroupNorm
-from diffusion_np.nn.validate import check_features, check_finite, check_image
+from diffusion_np.nn.validate import check_features, check_image, check_input_finite
 
 
 class UNet2DConditionModel(Module):
@@ -302,7 +302,7 @@ def check_sample_and_context(model: Module, sample, encoder_hidden_states) -> No
     sides divisible by ``2 ** model.num_upsamplers``, text width ``model.cross_attention_dim``, finite."""
     name = type(model).__name__
     check_image(model, sample, model.in_channels, what="sample")
-    check_finite(model, sample, "sample")
+    check_input_finite(model, sample, "sample")
     B, H, W, _ = sample.shape
     factor = 2**model.num_upsamplers
     if H % factor or W % factor:
@@ -316,7 +316,7 @@ def check_sample_and_context(model: Module, sample, encoder_hidden_states) -> No
             f"{name} expects encoder_hidden_states of shape (B={B}, L, {model.cross_attention_dim}), "
             f"got {tuple(encoder_hidden_states.shape)}"
         )
-    check_finite(model, encoder_hidden_states, "encoder_hidden_states")
+    check_input_finite(model, encoder_hidden_states, "encoder_hidden_states")
 
 
 def skip_shapes(conv_in: Conv2d, down_blocks) -> list[tuple[int, int]]:

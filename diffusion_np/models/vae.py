@@ -76,7 +76,7 @@ from diffusion_np.nn.losses import (
 from diffusion_np.nn.module import Module, ModuleList
 from diffusion_np.nn.norm import GroupNorm
 from diffusion_np.nn.resample import Downsample2D, Upsample2D
-from diffusion_np.nn.validate import check_finite, check_float, check_image
+from diffusion_np.nn.validate import check_float, check_image, check_input_finite
 
 #: Stable Diffusion clamps the log-variance to this range (diffusers' DiagonalGaussianDistribution,
 #: CompVis' ldm/modules/distributions): exp(20) ~ 5e8 is already a meaningless variance, and
@@ -232,7 +232,7 @@ class VAEAttention(Module):
 
     def forward(self, x):
         check_image(self, x, self.channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, H * W, C)  # (B, H, W, C) -> (B, HW, C), channels-last: no copy
         q = self.to_q(h)[:, None]  # (B, HW, C) -> (B, 1, HW, C): one head
@@ -400,7 +400,7 @@ class Encoder(Module):
 
     def forward(self, x):
         check_image(self, x, self.in_channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         h = self.conv_in(x)  # (B, H, W, block_out_channels[0])
         for block in self.down_blocks:
             h = block(h)  # halves H and W at every level but the last
@@ -447,7 +447,7 @@ class Decoder(Module):
 
     def forward(self, z):
         check_image(self, z, self.in_channels, what="z")
-        check_finite(self, z, "z")
+        check_input_finite(self, z, "z")
         h = self.conv_in(z)  # (B, h, w, block_out_channels[-1])
         h = self.mid_block(h)
         for block in self.up_blocks:
@@ -560,7 +560,7 @@ class AutoencoderKL(Module):
     def decode(self, z):
         """The reconstruction ``decoder(post_quant_conv(z))``."""
         check_image(self, z, self.latent_channels, what="z")
-        check_finite(self, z, "z")
+        check_input_finite(self, z, "z")
         h = self.post_quant_conv(z) if self.use_post_quant_conv else z
         return self.decoder(h)
 
@@ -674,7 +674,7 @@ class AutoencoderKL(Module):
 
     def _check_image(self, x) -> None:
         check_image(self, x, self.in_channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         f = self.downscale
         if x.shape[1] % f or x.shape[2] % f:
             raise ValueError(

@@ -30,7 +30,7 @@ from diffusion_np.nn import fast
 from diffusion_np.nn.fast import activation as fast_activation
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite, check_float, check_size
+from diffusion_np.nn.validate import check_features, check_float, check_input_finite, check_size
 
 # ----------------------------------------------------------------------------- Sigmoid
 
@@ -256,7 +256,7 @@ class _Elementwise(Module):
 
     def forward(self, x):
         check_float(self, x)
-        check_finite(self, x)
+        check_input_finite(self, x)
         y, cache = self._forward(x)
         self._set_cache(cache)
         return y
@@ -322,7 +322,7 @@ class GEGLU(Module):
 
     def forward(self, x):
         check_features(self, x, self.dim_in, min_ndim=2)
-        check_finite(self, x)
+        check_input_finite(self, x)
         hg = self.proj(x)  # (..., dim_in) -> (..., 2 dim_out)
         if fast.splits_batch(hg):  # blocks of the batch on the threads (nn/fast/parallel.py)
             out, cache = fast.parallel.forward_in_blocks(geglu_forward, (hg,), (*hg.shape[:-1], self.dim_out))
@@ -356,7 +356,7 @@ class Dropout(Module):
 
     def forward(self, x):
         check_float(self, x)
-        check_finite(self, x)
+        check_input_finite(self, x)
         if not self.training or self.p == 0.0:
             self._set_cache(DropoutCache(None))
             return x

@@ -40,7 +40,7 @@ from diffusion_np.backend import DEFAULT_DTYPE, get_xp
 from diffusion_np.nn import fast
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import BlockGrads, Module, ModuleList
-from diffusion_np.nn.validate import check_features, check_finite, check_size
+from diffusion_np.nn.validate import check_features, check_input_finite, check_size
 
 
 # --------------------------------------------------------------------------- masks
@@ -279,7 +279,7 @@ def _check_tokens(layer, x, features: int, what: str) -> None:
         raise ValueError(
             f"{type(layer).__name__} expects {what} of shape (B, tokens, {features}), got {tuple(x.shape)}"
         )
-    check_finite(layer, x, what)
+    check_input_finite(layer, x, what)
 
 
 class Attention(Module):

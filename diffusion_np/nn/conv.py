@@ -40,7 +40,7 @@ import numpy as np
 from diffusion_np.backend import DEFAULT_DTYPE, get_xp
 from diffusion_np.nn import fast  # fast.conv: nn/fast/conv.py, which builds on this file (see nn/fast/__init__.py)
 from diffusion_np.nn.module import Module, init_uniform
-from diffusion_np.nn.validate import check_finite, check_image, check_size
+from diffusion_np.nn.validate import check_image, check_input_finite, check_size
 
 #: Every formulation :func:`conv2d_forward` accepts; all but "reference" are in nn/fast/conv.py.
 METHODS = ("reference", "im2col", "rows", "rows_stacked", "matmul")
@@ -109,11 +109,14 @@ def _windows(x, kh: int, kw: int):
     """Every kh x kw window of x (B, H, W, C), a view: ``windows[b, i, j, p, q] = x[b, i + p, j + q]``,
     (B, H - kh + 1, W - kw + 1, kh, kw, C). The window axes step like the image axes.
     (What ``sliding_window_view`` gives, axes in the weight's order, without its argument
-    checks: 26 us a call; the same code on NumPy and CuPy.)"""
+    checks, which cost more than the view; the same code on NumPy and CuPy.)"""
     B, H, W, C = x.shape
     s_b, s_h, s_w, s_c = x.strides
-    return get_xp(x).lib.stride_tricks.as_strided(x, (B, H - kh + 1, W - kw + 1, kh, kw, C),
-                                                  (s_b, s_h, s_w, s_h, s_w, s_c))
+    windows = get_xp(x).lib.stride_tricks.as_strided(x, (B, H - kh + 1, W - kw + 1, kh, kw, C),
+                                                     (s_b, s_h, s_w, s_h, s_w, s_c))
+    if isinstance(windows, np.ndarray):
+        windows.flags.writeable = False  # the windows overlap: a write would land in several
+    return windows
 
 
 def _im2col(x_pad, kh: int, kw: int, stride: int, Ho: int, Wo: int):
@@ -296,7 +299,7 @@ class Conv2d(Module):
 
     def forward(self, x):
         check_image(self, x, self.in_channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         y, cache = conv2d_forward(x, self.weight, self.params.get("bias"), self.stride, self.padding, self.method)
         self._set_cache(cache)
         return y

@@ -28,7 +28,7 @@ from diffusion_np.backend import DEFAULT_DTYPE, asnumpy, get_xp, scatter_add
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.linear import Linear
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite, check_number, check_size
+from diffusion_np.nn.validate import check_features, check_input_finite, check_number, check_size
 
 
 # --------------------------------------------------------------------------- timesteps
@@ -148,7 +148,7 @@ class TimestepEmbedding(Module):
 
     def forward(self, x):
         check_features(self, x, self.in_channels, min_ndim=2)
-        check_finite(self, x)
+        check_input_finite(self, x)
         h = self.linear_1(x)  # (B, in) -> (B, time_embed_dim)
         a, silu_cache = silu_forward(h)
         y = self.linear_2(a)  # (B, time_embed_dim) -> (B, time_embed_dim)

@@ -17,7 +17,7 @@ import numpy as np
 from diffusion_np.backend import DEFAULT_DTYPE
 from diffusion_np.nn import fast
 from diffusion_np.nn.module import Module, init_uniform
-from diffusion_np.nn.validate import check_features, check_finite, check_size
+from diffusion_np.nn.validate import check_features, check_input_finite, check_size
 
 
 class LinearCache(NamedTuple):
@@ -72,7 +72,7 @@ class Linear(Module):
 
     def forward(self, x):
         check_features(self, x, self.in_features, min_ndim=2)
-        check_finite(self, x)
+        check_input_finite(self, x)
         y, cache = linear_forward(x, self.weight, self.params.get("bias"))
         self._set_cache(cache)
         return y

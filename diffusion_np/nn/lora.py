@@ -60,7 +60,7 @@ from diffusion_np.nn.activation import Dropout
 from diffusion_np.nn.conv import Conv2d, _col2im_dx, conv2d_forward
 from diffusion_np.nn.linear import Linear, linear_forward
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite, check_image
+from diffusion_np.nn.validate import check_features, check_image, check_input_finite
 
 __all__ = [
     "ATTENTION_TARGETS",
@@ -305,7 +305,7 @@ class LoRALinear(_LoRALayer):
 
     def _base_forward(self, x):
         check_features(self, x, self.in_features, min_ndim=2)
-        check_finite(self, x)
+        check_input_finite(self, x)
         # the base Linear's own op, so an adapter at scale 0 gives the base layer's output bit for bit
         y, _ = linear_forward(x, self.weight, self.params.get("bias"))  # (..., in) -> (..., out)
         return y, None  # dx needs only W0: nothing of x is kept for the base
@@ -354,7 +354,7 @@ class LoRAConv2d(_LoRALayer):
 
     def _base_forward(self, x):
         check_image(self, x, self.in_channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         y, cache = conv2d_forward(x, self.weight, self.params.get("bias"), self.stride, self.padding, self.method)
         # only the input shape is kept: dx needs W0 and the geometry, not the forward's columns
         return y, tuple(x.shape)

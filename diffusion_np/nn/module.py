@@ -73,6 +73,10 @@ def _one_blas_thread(method):
 class Module:
     """Base class of every layer and model. See the module docstring."""
 
+    #: Names of ``forward`` arguments that may hold NaN or Inf on purpose (an attention mask's
+    #: -inf): the input check of the outermost call (``__call__``) leaves them out.
+    unchecked_inputs: tuple = ()
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "backward" in cls.__dict__:  # every backward, as every call (__call__ below)

@@ -43,7 +43,7 @@ from diffusion_np.backend import DEFAULT_DTYPE, get_xp
 from diffusion_np.nn import fast  # fast.norm: nn/fast/norm.py, which builds on this file (see nn/fast/__init__.py)
 from diffusion_np.nn.activation import silu_backward, silu_forward
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_features, check_finite, check_number, check_size
+from diffusion_np.nn.validate import check_features, check_input_finite, check_number, check_size
 
 # ----------------------------------------------------------------------------- GroupNorm
 
@@ -257,7 +257,7 @@ class GroupNorm(Module):
 
     def forward(self, x):
         check_features(self, x, self.num_channels, min_ndim=2)
-        check_finite(self, x)
+        check_input_finite(self, x)
         gamma, beta = self.params.get("weight"), self.params.get("bias")
         if fast.splits_batch(x):  # blocks of the batch on the threads (nn/fast/parallel.py)
             y, cache = fast.parallel.forward_in_blocks(self._forward, (x,), x.shape, gamma, beta)
@@ -391,7 +391,7 @@ class LayerNorm(Module):
 
     def forward(self, x):
         check_features(self, x, self.normalized_shape, min_ndim=1)
-        check_finite(self, x)
+        check_input_finite(self, x)
         gamma, beta = self.params.get("weight"), self.params.get("bias")
         if fast.splits_batch(x):  # blocks of the batch on the threads (nn/fast/parallel.py)
             y, cache = fast.parallel.forward_in_blocks(layer_norm_forward, (x,), x.shape, gamma, beta, self.eps)

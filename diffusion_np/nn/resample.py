@@ -45,7 +45,7 @@ from diffusion_np.nn import fast
 from diffusion_np.nn.conv import Conv2d
 from diffusion_np.nn.fast.resample import UpsampleConvCache, upsample_conv_backward, upsample_conv_forward
 from diffusion_np.nn.module import Module
-from diffusion_np.nn.validate import check_finite, check_image, check_size
+from diffusion_np.nn.validate import check_image, check_input_finite, check_size
 
 
 class ResampleCache(NamedTuple):
@@ -129,7 +129,7 @@ class Upsample2D(Module):
 
     def forward(self, x):
         check_image(self, x, self.channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         if self.use_conv and type(self.conv) is Conv2d and fast.runs_fused(self.method):
             y, cache = upsample_conv_forward(x, self.conv.weight, self.conv.params.get("bias"))
             self._set_cache(cache)
@@ -185,7 +185,7 @@ class Downsample2D(Module):
 
     def forward(self, x):
         check_image(self, x, self.channels)
-        check_finite(self, x)
+        check_input_finite(self, x)
         if self.use_conv:
             self._set_cache(ResampleCache(tuple(x.shape)))  # the conv keeps what its backward needs
             return self.conv(x)  # (B, Ho, Wo, C_out)

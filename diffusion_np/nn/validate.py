@@ -7,22 +7,22 @@ Each check names the layer, what it expected and what it got::
 
 :func:`check_finite` is one sum (a fast reduction with no temporary array), NaN/Inf
 exactly when an entry is, or when the sum overflows; only then is the exact
-elementwise test run. It runs where data comes in: ``Module.__call__`` checks the
-floating inputs of the outermost call (:func:`check_call_inputs`, named as in the
-layer's ``forward``), and the layers that call makes inside it skip their own checks
-(:data:`calls`): their inputs are the outputs of the layers before them. Run in every
-layer, the sums were 110 passes over the activations and 2.8% of a VAE training step
-(docs/performance.md, sixth round). A NaN that a model makes itself (a diverged
-weight) reaches its output, where the trainers' finite-loss check stops the run.
-It checks NumPy arrays only: on a GPU its answer would have to be copied to the
-host, a synchronisation in every call (see docs/performance.md, "Device rules").
+elementwise test run. A layer checks its input where data comes in:
+``Module.__call__`` checks the floating inputs of the outermost call
+(:func:`check_call_inputs`, named as in the layer's ``forward``), and a layer's own
+check (:func:`check_input_finite`) is skipped inside a call (:data:`calls`), where its
+input is the output of the layer before it. (Run in every layer, the sums were a few
+% of a training step: docs/performance.md, sixth round.) A NaN that a model makes
+itself (a diverged weight) reaches its output, where the trainers' finite-loss check
+stops the run. :func:`check_finite` itself always checks (losses, the diffusion
+functions). Both check NumPy arrays only: on a GPU the answer would have to be copied
+to the host, a synchronisation in every call (see docs/performance.md, "Device rules").
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import threading
 
 import numpy as np
@@ -77,10 +77,9 @@ calls = _Calls()
 
 
 def check_finite(layer, x, what: str = "x") -> None:
-    """ValueError if ``x`` holds NaN or Inf; nothing inside a Module call, whose inputs were
-    checked where the call began (see above), or for a device array."""
+    """ValueError if ``x`` holds NaN or Inf (NumPy arrays; device arrays are not checked, see above)."""
     xp = get_xp(x)
-    if xp is not np or calls.depth > 0:  # a device array: the `if` below would wait for the device
+    if xp is not np:  # the `if` below would wait for the device
         return
     with np.errstate(invalid="ignore", over="ignore"):  # inf + (-inf) in the sum is the case being looked for
         if bool(xp.isfinite(x.sum())):  # NaN and Inf propagate through a sum
@@ -89,19 +88,41 @@ def check_finite(layer, x, what: str = "x") -> None:
         raise ValueError(f"{_name(layer)} got a non-finite value (NaN or Inf) in {what}")
 
 
+def check_input_finite(layer, x, what: str = "x") -> None:
+    """A layer's check of its own input: :func:`check_finite`, except inside a Module call,
+    whose inputs were checked where the call began (``Module.__call__``)."""
+    if calls.depth == 0:
+        check_finite(layer, x, what)
+
+
 @functools.cache
-def _input_names(cls) -> tuple:
-    """The names of ``cls.forward``'s parameters after ``self`` (``*args`` counts as one)."""
-    return tuple(inspect.signature(cls.forward).parameters)[1:]
+def _signature(cls) -> inspect.Signature:
+    return inspect.signature(cls.forward)
 
 
 def check_call_inputs(layer, args: tuple, kwargs: dict) -> None:
-    """:func:`check_finite` on every floating NumPy array passed to ``layer``'s outermost call,
-    named as in its ``forward``; masks are left out (an attention mask holds -inf)."""
-    named = itertools.chain(zip(_input_names(type(layer)), args), kwargs.items())
-    for name, value in named:
-        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and "mask" not in name:
-            check_finite(layer, value, name)
+    """:func:`check_finite` on every floating NumPy array passed to ``layer``'s outermost call, and
+    on those in a list or tuple passed to it, named as in its ``forward`` (``*args`` entries as
+    ``args[i]``, list entries as ``name[i]``). A layer lists the inputs that may hold NaN or
+    Inf on purpose (an attention mask's -inf) in its ``unchecked_inputs``."""
+    try:
+        bound = _signature(type(layer)).bind(layer, *args, **kwargs)
+    except TypeError:  # the call does not fit forward's signature: forward raises its own error
+        return
+    unchecked = getattr(layer, "unchecked_inputs", ())
+    for name, value in list(bound.arguments.items())[1:]:  # after self
+        kind = _signature(type(layer)).parameters[name].kind
+        if name in unchecked:
+            continue
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            items = [(f"{name}[{key!r}]", v) for key, v in value.items()]
+        elif kind is inspect.Parameter.VAR_POSITIONAL or isinstance(value, (list, tuple)):
+            items = [(f"{name}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            items = [(name, value)]
+        for what, array in items:
+            if isinstance(array, np.ndarray) and array.dtype.kind == "f":
+                check_finite(layer, array, what)
 
 
 def check_number(layer, name: str, value, positive: bool = False) -> float:

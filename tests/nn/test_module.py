@@ -125,3 +125,40 @@ def test_inputs_are_checked_where_they_come_in_not_in_every_inner_layer():
     with pytest.raises(ValueError, match="Linear got a non-finite value"):  # the same layer, called directly
         model.blocks[1](model.blocks[0](h))
     assert validate.calls.depth == 0
+
+
+class _Inputs(Module):
+    """forward(x, *more, extras=None, mask=None): every kind of argument the input check names."""
+
+    unchecked_inputs = ("mask",)
+
+    def __init__(self, inner_check=None):
+        super().__init__()
+        self.proj = Linear(3, 3, rng=np.random.default_rng(0))
+        self.inner_check = inner_check
+
+    def forward(self, x, *more, extras=None, mask=None):
+        if self.inner_check is not None:
+            self.inner_check(x)
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("args,kwargs,named", [
+    ((np.ones((2, 3)), np.ones((2, 3)), np.full((2, 3), np.inf)), {}, r"in more\[1\]"),
+    ((np.ones((2, 3)),), {"extras": [np.ones(2), np.full(2, np.nan)]}, r"in extras\[1\]"),
+    ((np.ones((2, 3)),), {"extras": (np.ones(2), np.nan * np.ones(2))}, r"in extras\[1\]"),
+])
+def test_the_outermost_call_names_the_argument_that_holds_a_nan(args, kwargs, named):
+    with pytest.raises(ValueError, match=f"_Inputs got a non-finite value .* {named}"):
+        _Inputs()(*args, **kwargs)
+
+
+def test_inputs_a_layer_lists_as_unchecked_may_hold_inf_and_check_finite_always_checks():
+    from diffusion_np.nn import validate
+
+    x = np.ones((2, 3))
+    _Inputs()(x, mask=np.full((2, 2), -np.inf))  # an attention mask's -inf: listed, not checked
+    layer = _Inputs(inner_check=lambda x: validate.check_finite("a loss inside a call", x * np.nan))
+    with pytest.raises(ValueError, match="a loss inside a call got a non-finite value"):
+        layer(x)  # check_finite itself runs at any depth; only the layers' own input checks skip
+    assert validate.calls.depth == 0

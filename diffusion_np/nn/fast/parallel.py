@@ -305,8 +305,8 @@ def forward_in_blocks(forward: Callable, arrays: tuple, out_shape: tuple, *args,
 
     Blocks of about 2 MiB of ``nbytes`` (the op's largest array; the first array's where
     None), at least one per thread (:func:`block_size`): GroupNorm + SiLU's passes then find
-    their block in the cache. With one block per thread instead, the VAE's training step
-    took 300 ms (median) on two threads against 265 ms (docs/performance.md, sixth round)."""
+    their block in the cache, which one block per thread (half the batch) did not
+    (docs/performance.md, sixth round)."""
     B = arrays[0].shape[0]
     y = np.empty(out_shape, dtype=np.result_type(*arrays))
     per_block = block_size(B, (arrays[0].nbytes if nbytes is None else nbytes) // B)
