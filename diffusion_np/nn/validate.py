@@ -102,8 +102,8 @@ def _signature(cls) -> inspect.Signature:
 
 def check_call_inputs(layer, args: tuple, kwargs: dict) -> None:
     """:func:`check_finite` on every floating NumPy array passed to ``layer``'s outermost call, and
-    on those in a list or tuple passed to it, named as in its ``forward`` (``*args`` entries as
-    ``args[i]``, list entries as ``name[i]``). A layer lists the inputs that may hold NaN or
+    on those in a list or tuple passed to it, named as in its ``forward`` (the entries of a
+    ``*args``, a list or a tuple as ``name[i]``). A layer lists the inputs that may hold NaN or
     Inf on purpose (an attention mask's -inf) in its ``unchecked_inputs``."""
     try:
         bound = _signature(type(layer)).bind(layer, *args, **kwargs)
