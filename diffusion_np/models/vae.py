@@ -629,6 +629,8 @@ class AutoencoderKL(Module):
 
         ``input_grad=False`` (training, where x is data): returns None, and the encoder's first
         convolution skips its input gradient (``Conv2d.input_grad``) for this backward."""
+        if not isinstance(input_grad, bool):
+            raise TypeError(f"AutoencoderKL.loss_backward: input_grad must be True or False, got {input_grad!r}")
         cache = self._loss_cache
         if cache is None:
             raise RuntimeError("AutoencoderKL.loss_backward called without a preceding loss (or twice for one)")

@@ -105,13 +105,14 @@ def check_call_inputs(layer, args: tuple, kwargs: dict) -> None:
     on those in a list or tuple passed to it, named as in its ``forward`` (the entries of a
     ``*args``, a list or a tuple as ``name[i]``). A layer lists the inputs that may hold NaN or
     Inf on purpose (an attention mask's -inf) in its ``unchecked_inputs``."""
+    signature = _signature(type(layer))
     try:
-        bound = _signature(type(layer)).bind(layer, *args, **kwargs)
+        bound = signature.bind(layer, *args, **kwargs)
     except TypeError:  # the call does not fit forward's signature: forward raises its own error
         return
     unchecked = getattr(layer, "unchecked_inputs", ())
     for name, value in list(bound.arguments.items())[1:]:  # after self
-        kind = _signature(type(layer)).parameters[name].kind
+        kind = signature.parameters[name].kind
         if name in unchecked:
             continue
         if kind is inspect.Parameter.VAR_KEYWORD:

@@ -325,6 +325,8 @@ def test_loss_backward_without_input_grad_gives_the_same_parameter_gradients(vae
         grads[input_grad] = [g.copy() for _, g in vae.named_grads()]
     for full, skipped in zip(grads[True], grads[False]):
         np.testing.assert_array_equal(full, skipped)
+    with pytest.raises(TypeError, match="input_grad must be True or False, got 'no'"):
+        vae.loss_backward(input_grad="no")
     vae.encoder.conv_in.input_grad = False  # the user's own setting survives a loss_backward
     vae.loss(c["x"], beta=LOSS_CASES[0][2], recon=LOSS_CASES[0][1], noise=c["noise"])
     assert vae.loss_backward() is None and not vae.encoder.conv_in.input_grad
